@@ -1,0 +1,75 @@
+"""Error types of bloom-runtime.
+
+Every error the engine, the stores and the membridge client raise is a
+``BloomError``. The HTTP layer maps each subclass to one status in one place;
+driver and library exceptions never cross the public API (the original stays on
+``__cause__``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BloomError(Exception):
+    """Root of every error bloom-runtime raises on purpose."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.message, **self.details}
+
+
+class InvalidInput(BloomError):
+    """The caller sent something malformed or out of range (HTTP 400)."""
+
+
+class NotFound(BloomError):
+    """The named task, worker, lease or result does not exist (HTTP 404)."""
+
+
+class Conflict(BloomError):
+    """The entity is not in a state that allows the operation (HTTP 409)."""
+
+
+class StaleLease(Conflict):
+    """The caller named a lease or worker that is not the task's active one (HTTP 409)."""
+
+
+class NoCapacity(BloomError):
+    """No worker can take the task right now (HTTP 503)."""
+
+
+class StoreUnavailable(BloomError):
+    """The database cannot be reached or failed mid-transaction (HTTP 503)."""
+
+
+class SchemaTooNew(BloomError):
+    """The database was migrated by a newer bloom-runtime than this one."""
+
+
+class ConfigError(BloomError):
+    """A setting is missing or malformed (exit status 2 at start)."""
+
+
+class EngineTimeout(BloomError):
+    """An actor did not answer within the ask timeout (HTTP 503)."""
+
+
+class EngineStopped(BloomError):
+    """The engine is stopping or stopped and takes no new work (HTTP 503)."""
+
+
+class MembridgeError(BloomError):
+    """The membridge control plane or a worker agent failed (HTTP 502)."""
+
+
+class MembridgeUnavailable(MembridgeError):
+    """Membridge is known to be down: its circuit breaker is open (HTTP 503)."""
+
+
+class UnsafeURL(InvalidInput):
+    """An outgoing URL failed validation (scheme, credentials, allow-list)."""

@@ -1,0 +1,299 @@
+"""The one storage interface the engine uses.
+
+A ``Store`` hands out ``Transaction``s. Every write operation lives on the
+transaction so that an actor can group many operations into one commit; the
+``Store`` offers the same operations as one-shot helpers (one transaction each)
+and all the reads, which run on their own connections and never wait for a
+writer.
+
+Contract for every write operation:
+- it checks the current state with a conditional statement and raises
+  ``NotFound`` / ``Conflict`` / ``StaleLease`` / ``NoCapacity`` when the state
+  forbids it, **leaving nothing written** (so the surrounding transaction stays
+  usable for the next operation in the batch);
+- driver errors are translated to ``StoreUnavailable`` (connection problems) or
+  ``TransientConflict`` (deadlock / serialisation failure: retry the operation
+  in a new transaction), original on ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bloom_runtime.engine.errors import StoreUnavailable
+from bloom_runtime.engine.models import (
+    Artifact,
+    AuditEntry,
+    Completion,
+    CompletionOutcome,
+    Expiry,
+    Fence,
+    Lease,
+    LeaseGrant,
+    NewTask,
+    Page,
+    Result,
+    Task,
+    Worker,
+    WorkerUpsert,
+)
+
+# Task ids, worker ids and lease ids the stores are handed are already
+# validated; lists are bounded by the callers.
+MAX_PAGE = 1000
+
+RetryDelay = Callable[[int], int]
+"""Given the attempts a task has used, the ms to wait before it may be leased again."""
+
+
+class TransientConflict(StoreUnavailable):
+    """A deadlock or serialisation failure: the transaction was rolled back; retry it."""
+
+
+class Transaction(abc.ABC):
+    """One open database transaction. Obtain from ``Store.transaction()``."""
+
+    # --- tasks ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_task(self, new: NewTask, task_id: str, now: int) -> tuple[Task, bool]:
+        """Insert a queued task. With an idempotency key already used, return that
+        task instead and ``False``; otherwise the new task and ``True``."""
+
+    @abc.abstractmethod
+    def acquire_lease(
+        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int, lease_id: str, now: int
+    ) -> LeaseGrant:
+        """Lease a ``queued`` task to the first of ``worker_ids`` with free capacity.
+
+        Locks each candidate worker's row and counts its active leases before
+        granting, so ``max_concurrency`` holds across processes. Moves the task to
+        ``leased``, increments ``attempts``, sets ``lease_id``/``worker_id``,
+        inserts the lease (``expires_at = now + ttl``). Raises ``NotFound`` (task,
+        or a single named worker that does not exist), ``Conflict`` (task not
+        queued, or its ``not_before`` is in the future), ``NoCapacity`` (no
+        candidate has room)."""
+
+    @abc.abstractmethod
+    def claim_next(self, worker_id: str, ttl_seconds: int | None, lease_id: str, now: int) -> LeaseGrant | None:
+        """Lease the oldest ``queued`` task this worker can take, or ``None``.
+
+        A task can be taken when ``not_before`` is null or <= now and its
+        ``labels`` are all among the worker's labels. Skips rows other
+        transactions hold (``FOR UPDATE SKIP LOCKED`` on PostgreSQL). ``ttl_seconds``
+        None means the task's default (policy.timeout_sec + 30). Also records the
+        claim as the worker's heartbeat (``last_heartbeat = now``, status online,
+        source ``pull``). Returns ``None`` when the worker is at capacity. Raises
+        ``NotFound`` for an unknown worker."""
+
+    @abc.abstractmethod
+    def heartbeat(self, task_id: str, fence: Fence, now: int) -> tuple[Task, Lease]:
+        """Renew the task's active lease to ``now + ttl`` and move ``leased`` → ``running``.
+
+        Also sets the lease's and the worker's ``last_heartbeat``. Raises
+        ``NotFound`` (task), ``Conflict`` (task holds no lease), ``StaleLease``
+        (fence names another lease or worker)."""
+
+    @abc.abstractmethod
+    def complete(
+        self,
+        task_id: str,
+        fence: Fence,
+        completion: Completion,
+        result_id: str,
+        artifact_id: str,
+        retry_delay: RetryDelay,
+        now: int,
+    ) -> CompletionOutcome:
+        """Finish the task's active lease with a result, in one transaction.
+
+        Inserts the artifact (content = output, or the error message) and the
+        result, releases the lease, and moves the task: success → ``completed``;
+        error → ``queued`` with ``not_before = now + retry_delay(attempts)`` when
+        ``completion.retryable`` and attempts < max_attempts, else ``failed``.
+        Clears ``lease_id``/``worker_id`` unless completed (kept for the record).
+        Raises ``NotFound``, ``Conflict`` (no lease held), ``StaleLease``."""
+
+    @abc.abstractmethod
+    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+        """Mark an active lease ``failed`` (dispatch to its worker failed) and send
+        its task back to ``queued`` (attempts left) or ``failed``. Raises
+        ``NotFound`` / ``Conflict`` (lease not active)."""
+
+    @abc.abstractmethod
+    def requeue(self, task_id: str, now: int) -> Task:
+        """``failed``/``dead`` → ``queued`` with attempts reset to 0 and no ``not_before``."""
+
+    @abc.abstractmethod
+    def cancel(self, task_id: str, now: int) -> tuple[Task, Lease | None]:
+        """``queued``/``leased``/``running`` → ``cancelled``; its active lease is released."""
+
+    @abc.abstractmethod
+    def expire_due(self, now: int, limit: int) -> list[Expiry]:
+        """Expire up to ``limit`` active leases with ``expires_at <= now``.
+
+        Their tasks (``leased`` or ``running`` under that lease) go back to
+        ``queued`` while attempts < max_attempts, else to ``dead``; ``lease_id``
+        and ``worker_id`` are cleared. Returns what changed."""
+
+    # --- workers -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
+        """Create or update a worker by id; returns it and whether it was created.
+
+        On create, missing fields take defaults (node_id = id, status online,
+        capabilities default, registered_at = now). On update only non-None fields
+        change."""
+
+    @abc.abstractmethod
+    def remove_worker(self, worker_id: str) -> Worker:
+        """Delete a worker; raises ``NotFound``. Its leases stay and expire normally."""
+
+    @abc.abstractmethod
+    def touch_worker(self, worker_id: str, now: int) -> None:
+        """Record contact from a worker (``last_heartbeat = now``); a ``pull`` or
+        ``membridge`` worker that was offline comes back online."""
+
+    @abc.abstractmethod
+    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
+        """Set ``offline`` every non-offline worker with source ``pull`` or
+        ``membridge`` whose ``last_heartbeat`` is older than ``seen_before`` (or
+        null). Returns those changed."""
+
+    # --- audit and settings --------------------------------------------------
+
+    @abc.abstractmethod
+    def insert_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Insert audit entries (one multi-row statement)."""
+
+    @abc.abstractmethod
+    def set_settings(self, values: dict[str, str]) -> None:
+        """Upsert runtime settings by key."""
+
+    def savepoint(self) -> contextlib.AbstractContextManager[None]:
+        """Isolate one operation: on an exception, undo only what it wrote."""
+        return contextlib.nullcontext()
+
+
+class Store(abc.ABC):
+    """A database: its lifecycle, migrations, transactions and reads."""
+
+    kind: str  # "postgresql" or "sqlite"
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def open(self, wait_s: float = 10.0) -> None:
+        """Connect; raise ``StoreUnavailable`` within ``wait_s`` if the database cannot be reached."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every connection. Idempotent."""
+
+    @abc.abstractmethod
+    def migrate(self) -> list[str]:
+        """Apply pending migrations in order; return the names applied (empty: up to date).
+        Raises ``SchemaTooNew`` when the database has migrations this code does not know."""
+
+    @abc.abstractmethod
+    def check_schema(self) -> None:
+        """Raise ``SchemaTooNew`` if the database is ahead of this code, ``StoreUnavailable``
+        if it has pending migrations."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Run a trivial query; raise ``StoreUnavailable`` if it fails."""
+
+    @abc.abstractmethod
+    def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
+        """Open a write transaction: committed on normal exit, rolled back on exception."""
+
+    # --- one-shot writes (one transaction each) ------------------------------
+
+    def run(self, op: Callable[[Transaction], Any]) -> Any:
+        with self.transaction() as tx:
+            return op(tx)
+
+    # --- reads ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_task(self, task_id: str) -> Task:
+        """Raise ``NotFound`` if absent."""
+
+    @abc.abstractmethod
+    def get_task_by_idempotency_key(self, key: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    def list_tasks(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        """Newest first (created_at desc, id desc); ``cursor`` from a previous page's
+        ``next_cursor``; a malformed cursor raises ``InvalidInput``."""
+
+    @abc.abstractmethod
+    def get_lease(self, lease_id: str) -> Lease: ...
+
+    @abc.abstractmethod
+    def list_leases(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        """Newest first (started_at desc, id desc)."""
+
+    @abc.abstractmethod
+    def get_worker(self, worker_id: str) -> Worker:
+        """With ``active_leases`` counted from the leases table."""
+
+    @abc.abstractmethod
+    def list_workers(self, status: str | None = None) -> list[Worker]:
+        """Every worker (the fleet is small), ``active_leases`` counted, ordered by id."""
+
+    @abc.abstractmethod
+    def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
+        """Workers that may take a task needing ``labels``: online, claude_cli,
+        active leases < max_concurrency, every label present. Unordered."""
+
+    @abc.abstractmethod
+    def sticky_workers(self, context_id: str) -> set[str]:
+        """Ids of workers holding an active lease for a task of this context."""
+
+    @abc.abstractmethod
+    def list_artifacts(self, task_id: str | None, limit: int, cursor: str | None) -> Page:
+        """Newest first (created_at desc, id desc)."""
+
+    @abc.abstractmethod
+    def list_results(self, task_id: str | None, limit: int, cursor: str | None) -> Page:
+        """Newest first (completed_at desc, id desc)."""
+
+    @abc.abstractmethod
+    def get_result(self, task_id: str) -> Result:
+        """The latest result of the task; ``NotFound`` if none."""
+
+    @abc.abstractmethod
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
+        """Newest first (timestamp desc, id desc)."""
+
+    @abc.abstractmethod
+    def get_settings(self) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counts by status: ``{"tasks": {...}, "leases": {...}, "workers": {...}}``,
+        every known status present (0 when none)."""
+
+
+def artifact_content(completion: Completion) -> str | None:
+    """What an artifact stores for a completion: the output, else the error."""
+    return completion.output if completion.output is not None else completion.error_message
+
+
+__all__ = [
+    "Artifact",
+    "Result",
+    "Store",
+    "Transaction",
+    "TransientConflict",
+    "RetryDelay",
+    "artifact_content",
+    "MAX_PAGE",
+]
+

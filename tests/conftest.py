@@ -1,0 +1,112 @@
+"""Shared fixtures: a PostgreSQL server for the run, clean stores for each test.
+
+PostgreSQL comes from ``BLOOM_TEST_DATABASE_URL`` when set (the suite creates its
+own database there and drops it afterwards), otherwise from a throwaway cluster
+started from the installed binaries.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from bloom_runtime.sql.store import Store
+
+from .pgcluster import ClusterUnavailable, ThrowawayCluster
+
+TABLES = (
+    "llm_tasks",
+    "leases",
+    "workers",
+    "runtime_artifacts",
+    "llm_results",
+    "audit_logs",
+    "runtime_settings",
+    "users",
+)
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    url = os.environ.get("BLOOM_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    try:
+        cluster = ThrowawayCluster()
+        url = cluster.start()
+    except ClusterUnavailable as exc:
+        pytest.fail(f"PostgreSQL tests need a server: {exc}", pytrace=False)
+    try:
+        yield url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """A database this test run created (and drops), migrated once."""
+    name = f"bloom_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # name is ours, not input
+    url = _with_dbname(pg_server_url, name)
+    from bloom_runtime.sql.postgres import PostgresStore
+
+    store = PostgresStore(url, pool_min=1, pool_max=2)
+    store.open(wait_s=10)
+    store.migrate()
+    store.close()
+    try:
+        yield url
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def truncate_pg(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE " + ", ".join(TABLES))
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[Store]:
+    from bloom_runtime.sql.postgres import PostgresStore
+
+    truncate_pg(pg_url)
+    store = PostgresStore(pg_url, pool_min=2, pool_max=40)
+    store.open(wait_s=10)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path) -> Iterator[Store]:
+    from bloom_runtime.sql.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "bloom.db"))
+    store.open()
+    store.migrate()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request) -> Store:
+    """The same test against both stores."""
+    return request.getfixturevalue(f"{request.param}_store")
