@@ -18,6 +18,8 @@ from bloom_runtime.sql.store import Store
 
 from .pgcluster import ClusterUnavailable, ThrowawayCluster
 
+STORE_FIXTURE = {"sqlite": "sqlite_store", "postgres": "pg_store"}
+
 TABLES = (
     "llm_tasks",
     "leases",
@@ -31,11 +33,9 @@ TABLES = (
 
 
 def _with_dbname(url: str, dbname: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from urllib.parse import urlsplit, urlunsplit
 
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
+    return urlunsplit(urlsplit(url)._replace(path="/" + dbname))
 
 
 @pytest.fixture(scope="session")
@@ -109,4 +109,4 @@ def sqlite_store(tmp_path) -> Iterator[Store]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request) -> Store:
     """The same test against both stores."""
-    return request.getfixturevalue(f"{request.param}_store")
+    return request.getfixturevalue(STORE_FIXTURE[request.param])

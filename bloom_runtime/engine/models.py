@@ -7,10 +7,14 @@ epoch milliseconds.
 
 from __future__ import annotations
 
+import secrets
+import threading
+import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 TaskStatus = Literal["queued", "leased", "running", "completed", "failed", "dead", "cancelled"]
 LeaseStatus = Literal["active", "released", "expired", "failed"]
@@ -37,19 +41,56 @@ DEFAULT_MAX_ATTEMPTS = 3
 LEASE_GRACE_S = 30  # default lease TTL = policy.timeout_sec + this
 
 
+# --- field constraints (checked when a request is decoded or ``validate`` runs) ---
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
+# Context ids and slugs come from many clients: any printable text, bounded.
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+Labels = Annotated[list[Label], Meta(max_length=256)]
+Prompt = Annotated[str, Meta(min_length=1, max_length=1_048_576)]
+Hint = Annotated[str, Meta(max_length=65_536)]
+ShortText = Annotated[str, Meta(max_length=1024)]
+LongText = Annotated[str, Meta(max_length=4 * 1_048_576)]
+TimeoutSec = Annotated[int, Meta(ge=1, le=3600)]
+MaxAttempts = Annotated[int, Meta(ge=1, le=10)]
+MaxConcurrency = Annotated[int, Meta(ge=1, le=32)]
+TtlSeconds = Annotated[int, Meta(ge=1, le=86_400)]
+EpochMs = Annotated[int, Meta(ge=0, le=2**53)]
+MAX_TTL_SECONDS = 86_400
+
+
+_id_lock = threading.Lock()
+_id_last_ms = 0
+_id_seq = 0
+
+
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A UUIDv7: time-ordered, so ids sort in creation order within a process and
+    new rows land at the right edge of their indexes."""
+    global _id_last_ms, _id_seq
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _id_last_ms:
+            _id_last_ms, _id_seq = ms, secrets.randbits(10)
+        else:
+            _id_seq += 1
+            if _id_seq >= 1 << 12:  # counter exhausted: borrow the next millisecond
+                _id_last_ms, _id_seq = _id_last_ms + 1, 0
+        ms, seq = _id_last_ms, _id_seq
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | secrets.randbits(62)
+    return str(uuid.UUID(int=value))
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
-    timeout_sec: int = DEFAULT_TIMEOUT_SEC
-    budget: float = 0
+    timeout_sec: TimeoutSec = DEFAULT_TIMEOUT_SEC
+    budget: Annotated[float, Meta(ge=0, le=1e12)] = 0
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     claude_cli: bool = True
-    max_concurrency: int = 1
-    labels: list[str] = []
+    max_concurrency: MaxConcurrency = 1
+    labels: Labels = []
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,11 +151,6 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True):
         return self.capabilities.max_concurrency - self.active_leases
 
 
-class Metrics(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
-    duration_ms: float | None = None
-    tokens_used: int | None = None
-
-
 class Result(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     task_id: str
@@ -156,32 +192,32 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
 class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     """A validated request to create a task (ids and times assigned by the store caller)."""
 
-    context_id: str
-    agent_slug: str
-    prompt: str
-    context_hints: list[str] = []
+    context_id: Name
+    agent_slug: Name
+    prompt: Prompt
+    context_hints: Annotated[list[Hint], Meta(max_length=256)] = []
     policy: Policy = Policy()
     desired_format: DesiredFormat = "text"
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    labels: list[str] = []
-    idempotency_key: str | None = None
+    max_attempts: MaxAttempts = DEFAULT_MAX_ATTEMPTS
+    labels: Labels = []
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
 
 
 class WorkerUpsert(msgspec.Struct, frozen=True, kw_only=True):
     """Fields to create or update a worker by id; ``None`` keeps the stored value on update."""
 
-    id: str
-    node_id: str | None = None
-    url: str | None = None
+    id: Id
+    node_id: Name | None = None
+    url: Annotated[str, Meta(max_length=2048)] | None = None
     status: WorkerStatus | None = None
     capabilities: Capabilities | None = None
-    last_heartbeat: int | None = None
-    ip_addrs: list[str] | None = None
-    obs_count: int | None = None
-    db_sha: str | None = None
-    agent_version: str | None = None
-    os_info: str | None = None
-    install_method: str | None = None
+    last_heartbeat: EpochMs | None = None
+    ip_addrs: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=64)] | None = None
+    obs_count: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
+    db_sha: Annotated[str, Meta(max_length=128)] | None = None
+    agent_version: Annotated[str, Meta(max_length=128)] | None = None
+    os_info: Annotated[str, Meta(max_length=512)] | None = None
+    install_method: Annotated[str, Meta(max_length=128)] | None = None
     source: WorkerSource | None = None
 
 
@@ -189,19 +225,19 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     """A worker's report that a task finished."""
 
     status: ResultStatus
-    output: str | None = None
-    error_message: str | None = None
-    metrics: dict[str, Any] = {}
-    artifact_type: str | None = None
-    artifact_tags: list[str] = []
+    output: LongText | None = None
+    error_message: LongText | None = None
+    metrics: Annotated[dict[Annotated[str, Meta(max_length=64)], Any], Meta(max_length=64)] = {}
+    artifact_type: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    artifact_tags: Annotated[list[Annotated[str, Meta(max_length=128)]], Meta(max_length=256)] = []
     retryable: bool = True
 
 
 class Fence(msgspec.Struct, frozen=True, kw_only=True):
     """What a worker call names to prove it holds the active lease (either may be absent)."""
 
-    lease_id: str | None = None
-    worker_id: str | None = None
+    lease_id: Id | None = None
+    worker_id: Id | None = None
 
 
 class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):
@@ -227,3 +263,17 @@ class Expiry(msgspec.Struct, frozen=True, kw_only=True):
 class Page(msgspec.Struct, frozen=True, kw_only=True):
     items: list[Any]
     next_cursor: str | None
+
+
+def validate(value: msgspec.Struct) -> Any:
+    """Check a record built in Python against its field constraints.
+
+    Constraints run when msgspec decodes; embedding programs build records
+    directly, so the engine re-checks them here. Raises ``InvalidInput``.
+    """
+    from bloom_runtime.engine.errors import InvalidInput
+
+    try:
+        return msgspec.convert(msgspec.to_builtins(value), type(value))
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(str(exc)) from None

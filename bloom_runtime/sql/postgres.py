@@ -1,0 +1,1017 @@
+"""The PostgreSQL store: psycopg 3, a connection pool, every statement by name.
+
+Several engine processes may share one database, so every transition is a short
+transaction of conditional statements under row locks.
+
+Lock order (one operation takes its row locks in this order, never backwards):
+
+    task row  ->  worker rows (ascending id)  ->  lease rows
+
+- Every task transition (acquire_lease, heartbeat, complete, fail_lease, cancel)
+  starts with ``lock_task`` (``SELECT ... FOR UPDATE``); its later statements run
+  in a fresh READ COMMITTED snapshot taken after the lock, so they see everything
+  the previous holder committed. Lease rows are only written by a holder of their
+  task's lock, so the lease statements never wait.
+- acquire_lease: task -> candidate workers (``lock_workers``, ascending id, so two
+  acquirers with overlapping candidate lists cannot cross) -> lease insert.
+- heartbeat: task -> lease -> worker (the worker update runs last in its statement).
+- claim_next: worker -> tasks with ``FOR UPDATE SKIP LOCKED``. This is the one
+  operation that takes a worker before a task, and it is safe because it never
+  *waits* for a task lock: an edge worker->task cannot close a cycle.
+- expire_due: tasks with ``SKIP LOCKED`` (never waits) -> leases.
+- requeue: the task row only. mark_stale_workers_offline and lock_workers lock
+  workers in ascending id; set_settings locks settings keys in sorted order.
+- Worker capacity is exact because every lease insert for a worker happens under
+  that worker's row lock, and the count is taken in a statement after the lock.
+
+The order holds within one operation. A transaction that batches several
+operations holds earlier locks while taking later ones, so two processes batching
+the same rows in different orders can deadlock; PostgreSQL aborts one, which
+surfaces as ``TransientConflict`` (retry the batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg.errors
+from psycopg.adapt import Loader
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from bloom_runtime.engine.errors import (
+    BloomError,
+    ConfigError,
+    Conflict,
+    InvalidInput,
+    NoCapacity,
+    NotFound,
+    StaleLease,
+    StoreUnavailable,
+)
+from bloom_runtime.engine.models import (
+    CANCELLABLE,
+    DEFAULT_TIMEOUT_SEC,
+    HOLDING_LEASE,
+    LEASE_GRACE_S,
+    LEASE_STATUSES,
+    TASK_STATUSES,
+    WORKER_STATUSES,
+    Artifact,
+    AuditEntry,
+    Capabilities,
+    Completion,
+    CompletionOutcome,
+    Expiry,
+    Fence,
+    Lease,
+    LeaseGrant,
+    NewTask,
+    Page,
+    Policy,
+    Result,
+    Task,
+    Worker,
+    WorkerUpsert,
+)
+from bloom_runtime.sql import cursor as cursors
+from bloom_runtime.sql import migrate as migrations
+from bloom_runtime.sql.queries import load
+from bloom_runtime.sql.store import MAX_PAGE, RetryDelay, Store, Transaction, TransientConflict, artifact_content
+
+log = logging.getLogger(__name__)
+
+Q: dict[str, str] = load("postgres")
+
+NOTIFY_CHANNEL = "bloom_tasks"
+POOL_GETCONN_TIMEOUT_S = 10.0  # how long a caller waits for a free pooled connection
+OPEN_RETRY_INITIAL_S = 0.05  # first pause between connection attempts in open()
+OPEN_RETRY_MAX_S = 1.0
+# First page of a keyset listing: every real row sorts below this bound.
+_FIRST_PAGE = (2**63 - 1, "")
+DEFAULT_ARTIFACT_TYPE = "llm_output"
+
+# --- decoding rows into records -----------------------------------------------
+#
+# JSONB columns arrive as raw bytes (see _RawJsonbLoader) and are decoded straight
+# into their typed field by msgspec: one C call per field, no dict in between.
+
+class _StoredPolicy(msgspec.Struct):
+    """What a stored policy holds, without the request-time limits: reads stay lenient
+    (rows written by the first version, or before a limit changed, still load)."""
+
+    timeout_sec: int = DEFAULT_TIMEOUT_SEC
+    budget: float = 0
+
+
+class _StoredCapabilities(msgspec.Struct):
+    claude_cli: bool = True
+    max_concurrency: int = 1
+    labels: list[str] = []
+
+
+_strs = msgspec.json.Decoder(list[str]).decode
+_policy_dec = msgspec.json.Decoder(_StoredPolicy).decode
+_caps_dec = msgspec.json.Decoder(_StoredCapabilities).decode
+
+
+def _policy(raw: bytes) -> Policy:
+    p = _policy_dec(raw)
+    return Policy(timeout_sec=p.timeout_sec, budget=p.budget)
+
+
+def _caps(raw: bytes) -> Capabilities:
+    c = _caps_dec(raw)
+    return Capabilities(claude_cli=c.claude_cli, max_concurrency=c.max_concurrency, labels=c.labels)
+
+
+_obj = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(value: Any) -> str:
+    return _encode(value).decode()
+
+
+class _RawJsonbLoader(Loader):
+    """Hand JSONB over as bytes; the record builders decode it with its type."""
+
+    def load(self, data: Any) -> bytes:
+        return bytes(data)
+
+
+def _task(r: Sequence[Any], o: int = 0) -> Task:
+    return Task(
+        id=r[o],
+        context_id=r[o + 1],
+        agent_slug=r[o + 2],
+        prompt=r[o + 3],
+        context_hints=_strs(r[o + 4]),
+        policy=_policy(r[o + 5]),
+        desired_format=r[o + 6],
+        status=r[o + 7],
+        created_at=r[o + 8],
+        updated_at=r[o + 9],
+        lease_id=r[o + 10],
+        worker_id=r[o + 11],
+        attempts=r[o + 12],
+        max_attempts=r[o + 13],
+        labels=_strs(r[o + 14]),
+        not_before=r[o + 15],
+        idempotency_key=r[o + 16],
+    )
+
+
+_TASK_N = 17
+
+
+def _lease(r: Sequence[Any], o: int = 0) -> Lease:
+    return Lease(
+        id=r[o],
+        task_id=r[o + 1],
+        worker_id=r[o + 2],
+        started_at=r[o + 3],
+        expires_at=r[o + 4],
+        ttl_seconds=r[o + 5],
+        status=r[o + 6],
+        last_heartbeat=r[o + 7],
+        context_id=r[o + 8],
+    )
+
+
+_LEASE_N = 9
+
+
+def _worker(r: Sequence[Any], active: int, o: int = 0) -> Worker:
+    return Worker(
+        id=r[o],
+        node_id=r[o + 1],
+        url=r[o + 2],
+        status=r[o + 3],
+        capabilities=_caps(r[o + 4]),
+        last_heartbeat=r[o + 5],
+        ip_addrs=_strs(r[o + 6]),
+        obs_count=r[o + 7],
+        db_sha=r[o + 8],
+        registered_at=r[o + 9],
+        active_leases=active,
+        agent_version=r[o + 10],
+        os_info=r[o + 11],
+        install_method=r[o + 12],
+        source=r[o + 13],
+    )
+
+
+_WORKER_N = 14  # stored columns; the active-lease count follows them
+
+
+def _worker_row(r: Sequence[Any]) -> Worker:
+    return _worker(r, r[_WORKER_N])
+
+
+def _artifact(r: Sequence[Any], o: int = 0) -> Artifact:
+    return Artifact(
+        id=r[o],
+        task_id=r[o + 1],
+        job_id=r[o + 2],
+        type=r[o + 3],
+        created_at=r[o + 4],
+        finalized=r[o + 5],
+        url=r[o + 6],
+        entity_refs=_strs(r[o + 7]),
+        tags=_strs(r[o + 8]),
+        content=r[o + 9],
+    )
+
+
+_ARTIFACT_N = 10
+
+
+def _result(r: Sequence[Any], o: int = 0) -> Result:
+    return Result(
+        id=r[o],
+        task_id=r[o + 1],
+        worker_id=r[o + 2],
+        artifact_id=r[o + 3],
+        status=r[o + 4],
+        output=r[o + 5],
+        error_message=r[o + 6],
+        metrics=_obj(r[o + 7]),
+        completed_at=r[o + 8],
+    )
+
+
+_RESULT_N = 9
+
+
+def _audit(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(
+        id=r[0], timestamp=r[1], action=r[2], entity_type=r[3], entity_id=r[4], actor=r[5], detail=r[6]
+    )
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying what went wrong, without SQL text."""
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    text = primary or str(exc) or type(exc).__name__
+    # Connection errors repeat the target before the reason; the caller names it already.
+    for prefix in ("connection failed: ",):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if " failed: " in text and text.startswith("connection to server"):
+        text = text.split(" failed: ", 1)[1]
+    text = text.replace("FATAL:  ", "")
+    return " ".join(text.split())
+
+
+def _translate(exc: BaseException, where: str) -> BloomError:
+    """Map a driver error onto our taxonomy (the caller chains the original)."""
+    if isinstance(exc, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
+        return TransientConflict(f"PostgreSQL rolled the transaction back ({_reason(exc)}); retry it")
+    if isinstance(exc, PoolTimeout):
+        return StoreUnavailable(f"no PostgreSQL connection available at {where} in time")
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return StoreUnavailable(f"PostgreSQL at {where} is unavailable: {_reason(exc)}")
+    sqlstate = getattr(exc, "sqlstate", None)
+    return StoreUnavailable(
+        f"PostgreSQL at {where} failed: {_reason(exc)}" + (f" (sqlstate {sqlstate})" if sqlstate else "")
+    )
+
+
+def _translating(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Translate driver errors raised by a store or transaction method."""
+
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except psycopg.Error as exc:
+            raise _translate(exc, self._where) from exc
+        except msgspec.DecodeError as exc:
+            raise StoreUnavailable(f"PostgreSQL at {self._where} holds a malformed JSON value: {exc}") from exc
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__qualname__ = fn.__qualname__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _check_fence(task: Task, fence: Fence) -> None:
+    """The stale-lease rule shared by heartbeat and complete (NotFound checked before)."""
+    if task.status not in HOLDING_LEASE:
+        if fence.lease_id is not None:
+            # A late callback for a lease that has already ended.
+            raise StaleLease("lease is no longer active", task_id=task.id, lease_id=fence.lease_id)
+        raise Conflict(f"task is {task.status}, it holds no lease", task_id=task.id, status=task.status)
+    if fence.lease_id is not None and fence.lease_id != task.lease_id:
+        raise StaleLease("lease is not the task's active lease", task_id=task.id, lease_id=fence.lease_id)
+    if fence.worker_id is not None and fence.worker_id != task.worker_id:
+        raise StaleLease("worker does not hold the task's lease", task_id=task.id, worker_id=fence.worker_id)
+
+
+def _check_ttl(ttl_seconds: int) -> None:
+    # Checked here: a violated CHECK constraint would abort the whole transaction.
+    if ttl_seconds < 1:
+        raise InvalidInput("ttl_seconds must be at least 1", ttl_seconds=ttl_seconds)
+
+
+def _page_args(limit: int, cursor: str | None) -> dict[str, Any]:
+    if type(limit) is not int or not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+    after_at, after_id = cursors.decode(cursor) if cursor is not None else _FIRST_PAGE
+    return {"after_at": after_at, "after_id": after_id, "limit": limit + 1}
+
+
+def _page(items: list[Any], limit: int, key: Callable[[Any], int]) -> Page:
+    if len(items) > limit:
+        del items[limit:]
+        last = items[-1]
+        return Page(items=items, next_cursor=cursors.encode(key(last), last.id))
+    return Page(items=items, next_cursor=None)
+
+
+# --- transactions ---------------------------------------------------------------
+
+
+class PostgresTransaction(Transaction):
+    """Operations on one open transaction of one pooled connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any], where: str) -> None:
+        self._conn = conn
+        self._cur = conn.cursor()
+        self._where = where
+        # Set when a task became claimable: one NOTIFY goes out before commit.
+        self.notify = False
+
+    def _one(self, name: str, params: dict[str, Any]) -> Any:
+        return self._cur.execute(Q[name], params).fetchone()
+
+    def _all(self, name: str, params: dict[str, Any]) -> list[Any]:
+        return self._cur.execute(Q[name], params).fetchall()
+
+    def _lock_task(self, task_id: str) -> Task:
+        row = self._one("lock_task", {"id": task_id})
+        if row is None:
+            raise NotFound("task not found", task_id=task_id)
+        return _task(row)
+
+    # --- tasks ---------------------------------------------------------------
+
+    @_translating
+    def create_task(self, new: NewTask, task_id: str, now: int) -> tuple[Task, bool]:
+        row = self._one(
+            "create_task",
+            {
+                "id": task_id,
+                "context_id": new.context_id,
+                "agent_slug": new.agent_slug,
+                "prompt": new.prompt,
+                "context_hints": _json(new.context_hints),
+                "policy": _json(new.policy),
+                "desired_format": new.desired_format,
+                "now": now,
+                "max_attempts": new.max_attempts,
+                "labels": _json(new.labels),
+                "idempotency_key": new.idempotency_key,
+            },
+        )
+        if row is not None:
+            self.notify = True
+            return _task(row), True
+        # The key was used (by a committed task, or by one whose insert we just waited
+        # for: this fresh statement sees it), or the id exists.
+        if new.idempotency_key is not None:
+            row = self._one("get_task_by_idempotency_key", {"key": new.idempotency_key})
+            if row is not None:
+                return _task(row), False
+        raise Conflict("task id already exists", task_id=task_id)
+
+    @_translating
+    def acquire_lease(
+        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int, lease_id: str, now: int
+    ) -> LeaseGrant:
+        _check_ttl(ttl_seconds)
+        task = self._lock_task(task_id)
+        if task.status != "queued":
+            raise Conflict(f"task is {task.status}, not queued", task_id=task_id, status=task.status)
+        if task.not_before is not None and task.not_before > now:
+            raise Conflict("task is waiting for its retry backoff", task_id=task_id, not_before=task.not_before)
+        if task.attempts >= task.max_attempts:
+            raise Conflict("task has no attempts left", task_id=task_id)
+        ids = list(worker_ids)
+        locked = self._all("lock_workers", {"ids": ids})
+        if not locked:
+            if len(ids) == 1:
+                raise NotFound("worker not found", worker_id=ids[0])
+            raise NoCapacity("no worker can take the task", task_id=task_id)
+        row = self._one(
+            "grant_lease", {"ids": ids, "task_id": task_id, "lease_id": lease_id, "ttl": ttl_seconds, "now": now}
+        )
+        if row is None:
+            raise NoCapacity("no worker has free capacity", task_id=task_id)
+        o = _TASK_N + _LEASE_N
+        return LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
+
+    @_translating
+    def claim_next(self, worker_id: str, ttl_seconds: int | None, lease_id: str, now: int) -> LeaseGrant | None:
+        if ttl_seconds is not None:
+            _check_ttl(ttl_seconds)
+        wrow = self._one("claim_touch_worker", {"worker_id": worker_id, "now": now})
+        if wrow is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        row = self._one(
+            "claim_task",
+            {"worker_id": worker_id, "lease_id": lease_id, "ttl": ttl_seconds, "grace": LEASE_GRACE_S, "now": now},
+        )
+        if row is None:
+            return None
+        return LeaseGrant(
+            task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(wrow, row[_TASK_N + _LEASE_N])
+        )
+
+    @_translating
+    def heartbeat(self, task_id: str, fence: Fence, now: int) -> tuple[Task, Lease]:
+        task = self._lock_task(task_id)
+        _check_fence(task, fence)
+        row = self._one(
+            "renew_lease", {"task_id": task_id, "lease_id": task.lease_id, "worker_id": task.worker_id, "now": now}
+        )
+        if row is None:  # the task names a lease that is not active: nothing was written
+            raise Conflict("task's lease is not active", task_id=task_id, lease_id=task.lease_id)
+        return _task(row), _lease(row, _TASK_N)
+
+    @_translating
+    def complete(
+        self,
+        task_id: str,
+        fence: Fence,
+        completion: Completion,
+        result_id: str,
+        artifact_id: str,
+        retry_delay: RetryDelay,
+        now: int,
+    ) -> CompletionOutcome:
+        task = self._lock_task(task_id)
+        _check_fence(task, fence)
+        not_before = None
+        if completion.status == "success":
+            status = "completed"
+        elif completion.retryable and task.attempts < task.max_attempts:
+            status = "queued"
+            not_before = now + retry_delay(task.attempts)
+        else:
+            status = "failed"
+        keep = status == "completed"  # a completed task keeps who ran it, for the record
+        row = self._one(
+            "finish_task",
+            {
+                "task_id": task_id,
+                "lease_id": task.lease_id,
+                "status": status,
+                "not_before": not_before,
+                "keep_lease_id": task.lease_id if keep else None,
+                "keep_worker_id": task.worker_id if keep else None,
+                "artifact_id": artifact_id,
+                "artifact_type": completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
+                "tags": _json(completion.artifact_tags),
+                "content": artifact_content(completion),
+                "result_id": result_id,
+                "worker_id": task.worker_id,
+                "result_status": completion.status,
+                "output": completion.output,
+                "error_message": completion.error_message,
+                "metrics": _json(completion.metrics),
+                "now": now,
+            },
+        )
+        if status == "queued":
+            self.notify = True
+        o = _TASK_N + _ARTIFACT_N + _RESULT_N
+        return CompletionOutcome(
+            task=_task(row),
+            artifact=_artifact(row, _TASK_N),
+            result=_result(row, _TASK_N + _ARTIFACT_N),
+            lease=_lease(row, o) if row[o] is not None else None,
+        )
+
+    @_translating
+    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+        row = self._one("lease_task_id", {"id": lease_id})
+        if row is None:
+            raise NotFound("lease not found", lease_id=lease_id)
+        task = self._lock_task(row[0])
+        if task.lease_id != lease_id or task.status not in HOLDING_LEASE:
+            raise Conflict("lease is not active", lease_id=lease_id)
+        if task.attempts < task.max_attempts:
+            status, not_before = "queued", now + retry_delay(task.attempts)
+        else:
+            status, not_before = "failed", None
+        row = self._one(
+            "end_lease",
+            {
+                "task_id": task.id,
+                "lease_id": lease_id,
+                "lease_status": "failed",
+                "status": status,
+                "not_before": not_before,
+                "now": now,
+            },
+        )
+        if row[_TASK_N] is None:  # pragma: no cover - the task pointed at an inactive lease
+            raise StoreUnavailable("task and lease disagree", lease_id=lease_id)
+        if status == "queued":
+            self.notify = True
+        return _task(row), _lease(row, _TASK_N)
+
+    @_translating
+    def requeue(self, task_id: str, now: int) -> Task:
+        row = self._one("requeue_task", {"id": task_id, "now": now})
+        if row is None:
+            status = self._one("task_status", {"id": task_id})
+            if status is None:
+                raise NotFound("task not found", task_id=task_id)
+            raise Conflict(
+                f"task is {status[0]}, only failed or dead tasks can be requeued", task_id=task_id, status=status[0]
+            )
+        self.notify = True
+        return _task(row)
+
+    @_translating
+    def cancel(self, task_id: str, now: int) -> tuple[Task, Lease | None]:
+        task = self._lock_task(task_id)
+        if task.status not in CANCELLABLE:
+            raise Conflict(f"task is {task.status}, it cannot be cancelled", task_id=task_id, status=task.status)
+        row = self._one(
+            "end_lease",
+            {
+                "task_id": task_id,
+                "lease_id": task.lease_id,
+                "lease_status": "released",
+                "status": "cancelled",
+                "not_before": None,
+                "now": now,
+            },
+        )
+        return _task(row), (_lease(row, _TASK_N) if row[_TASK_N] is not None else None)
+
+    @_translating
+    def expire_due(self, now: int, limit: int) -> list[Expiry]:
+        if limit < 1:
+            return []
+        rows = self._all("expire_due", {"now": now, "limit": limit})
+        out = [Expiry(lease=_lease(r), task=_task(r, _LEASE_N)) for r in rows]
+        out.sort(key=lambda e: (e.lease.expires_at, e.lease.id))  # oldest expiry first
+        if any(e.task.status == "queued" for e in out):
+            self.notify = True
+        return out
+
+    # --- workers -------------------------------------------------------------
+
+    @_translating
+    def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
+        caps = upsert.capabilities
+        row = self._one(
+            "upsert_worker",
+            {
+                "id": upsert.id,
+                "node_id": upsert.node_id,
+                "url": upsert.url,
+                "status": upsert.status,
+                "capabilities": _json(caps) if caps is not None else None,
+                "capabilities_new": _json(caps if caps is not None else Capabilities()),
+                "last_heartbeat": upsert.last_heartbeat,
+                "ip_addrs": _json(upsert.ip_addrs) if upsert.ip_addrs is not None else None,
+                "obs_count": upsert.obs_count,
+                "db_sha": upsert.db_sha,
+                "now": now,
+                "agent_version": upsert.agent_version,
+                "os_info": upsert.os_info,
+                "install_method": upsert.install_method,
+                "source": upsert.source,
+            },
+        )
+        return _worker_row(row), bool(row[_WORKER_N + 1])
+
+    @_translating
+    def remove_worker(self, worker_id: str) -> Worker:
+        row = self._one("delete_worker", {"id": worker_id})
+        if row is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return _worker_row(row)
+
+    @_translating
+    def touch_worker(self, worker_id: str, now: int) -> None:
+        if self._one("touch_worker", {"id": worker_id, "now": now}) is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+
+    @_translating
+    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
+        rows = self._all("mark_stale_workers_offline", {"seen_before": seen_before})
+        return sorted((_worker_row(r) for r in rows), key=lambda w: w.id)
+
+    # --- audit and settings --------------------------------------------------
+
+    @_translating
+    def insert_audit(self, entries: Sequence[AuditEntry]) -> None:
+        if not entries:
+            return
+        self._cur.execute(
+            Q["insert_audit"],
+            {
+                "ids": [e.id for e in entries],
+                "timestamps": [e.timestamp for e in entries],
+                "actions": [e.action for e in entries],
+                "entity_types": [e.entity_type for e in entries],
+                "entity_ids": [e.entity_id for e in entries],
+                "actors": [e.actor for e in entries],
+                "details": [e.detail for e in entries],
+            },
+        )
+
+    @_translating
+    def set_settings(self, values: dict[str, str]) -> None:
+        if not values:
+            return
+        keys = sorted(values)
+        self._cur.execute(
+            Q["set_settings"],
+            {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000},
+        )
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested ``conn.transaction()``: an exception undoes only this block."""
+        try:
+            with self._conn.transaction():
+                yield
+        except psycopg.Error as exc:
+            raise _translate(exc, self._where) from exc
+
+
+# --- the store ---------------------------------------------------------------------
+
+
+def _parse_url(url: str) -> tuple[dict[str, Any], str]:
+    """Validate a PostgreSQL URL (or libpq ``key=value`` string); return its parameters
+    and a password-free label for messages."""
+    if "://" in url:
+        if url.split("://", 1)[0].lower() not in ("postgresql", "postgres"):
+            raise ConfigError("DATABASE_URL for PostgreSQL must start with postgresql:// or postgres://")
+    elif "=" not in url:
+        raise ConfigError("DATABASE_URL for PostgreSQL must look like postgresql://user@host:port/dbname")
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        raise ConfigError("DATABASE_URL is not a valid PostgreSQL URL") from None
+    port = params.get("port")
+    if port is not None and not all(p.isdigit() and 0 < int(p) < 65536 for p in str(port).split(",")):
+        raise ConfigError("DATABASE_URL has an invalid port")
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    where = f"{host}:{port or 5432}/{params.get('dbname') or params.get('user') or ''}"
+    return params, where
+
+
+class PostgresStore(Store):
+    """A ``Store`` on PostgreSQL through a psycopg connection pool."""
+
+    kind = "postgresql"
+
+    def __init__(
+        self, url: str, *, pool_min: int = 2, pool_max: int = 10, connect_timeout_s: float = 5.0
+    ) -> None:
+        if not 1 <= pool_min <= pool_max:
+            raise ConfigError("pool sizes must satisfy 1 <= pool_min <= pool_max")
+        self._params, self._where = _parse_url(url)
+        self._url = url
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        # libpq counts connect_timeout in whole seconds and treats anything below 2 as 2.
+        self._connect_timeout = max(2, int(round(connect_timeout_s)))
+        self._pool: ConnectionPool[Any] | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._where})"
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        conn.adapters.register_loader("jsonb", _RawJsonbLoader)
+
+    def _probe(self, deadline: float) -> None:
+        """Connect once directly until ``deadline``, so a failure can name its reason."""
+        pause = OPEN_RETRY_INITIAL_S
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                psycopg.connect(self._url, connect_timeout=self._connect_timeout).close()
+                return
+            except psycopg.Error as exc:
+                reason = _reason(exc)
+                permanent = any(
+                    s in reason
+                    for s in ("authentication failed", "does not exist", "no pg_hba.conf entry", "invalid")
+                )
+                if permanent or remaining <= pause:
+                    raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: {reason}") from exc
+            time.sleep(pause)  # backoff between attempts while the server may be starting
+            pause = min(pause * 2, OPEN_RETRY_MAX_S)
+
+    def open(self, wait_s: float = 10.0) -> None:
+        with self._lock:
+            if self._pool is not None:
+                return
+            deadline = time.monotonic() + wait_s
+            self._probe(deadline)
+            pool: ConnectionPool[Any] = ConnectionPool(
+                self._url,
+                min_size=self._pool_min,
+                max_size=self._pool_max,
+                open=False,
+                check=ConnectionPool.check_connection,
+                configure=self._configure,
+                # Autocommit: a read is one round trip; writes open `conn.transaction()`.
+                kwargs={"connect_timeout": self._connect_timeout, "autocommit": True},
+                timeout=POOL_GETCONN_TIMEOUT_S,
+                name="bloom-runtime",
+            )
+            try:
+                pool.open(wait=True, timeout=max(deadline - time.monotonic(), 1.0))
+            except PoolTimeout as exc:
+                pool.close()
+                raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: pool did not fill in time") from exc
+            self._pool = pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _conn(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the PostgreSQL store is not open")
+        return pool.connection()
+
+    @_translating
+    def migrate(self) -> list[str]:
+        applied: list[str] = []
+        with self._conn() as conn:
+            while True:
+                # One migration per transaction, each under the advisory lock; a second
+                # migrator waits here and then finds the work done.
+                with conn.transaction():
+                    conn.execute(Q["migrations_lock"])
+                    conn.execute(Q["create_schema_migrations"])
+                    done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
+                    todo = migrations.pending("postgres", done)
+                    if not todo:
+                        return applied
+                    step = todo[0]
+                    conn.execute(step.sql.encode(), prepare=False)
+                    conn.execute(Q["record_migration"], {"version": step.version, "now": time.time_ns() // 1_000_000})
+                log.info("applied migration %s", step.version)
+                applied.append(step.version)
+
+    @_translating
+    def check_schema(self) -> None:
+        with self._conn() as conn:
+            done: set[str] = set()
+            if conn.execute(Q["schema_migrations_exists"]).fetchone()[0]:
+                done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
+        todo = migrations.pending("postgres", done)
+        if todo:
+            raise StoreUnavailable(
+                f"database schema has {len(todo)} pending migration(s); run `bloom-runtime migrate`",
+                pending=[m.version for m in todo],
+            )
+
+    @_translating
+    def ping(self) -> None:
+        with self._conn() as conn:
+            conn.execute(Q["ping"]).fetchone()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PostgresTransaction]:
+        try:
+            with self._conn() as conn, conn.transaction():
+                tx = PostgresTransaction(conn, self._where)
+                yield tx
+                if tx.notify:
+                    conn.execute(Q["notify_tasks"])
+        except psycopg.Error as exc:
+            raise _translate(exc, self._where) from exc
+
+    def listen(self, callback: Callable[[], None], stop_event: threading.Event) -> None:
+        """Call ``callback()`` on every ``bloom_tasks`` notification until ``stop_event`` is set.
+
+        Blocks: run it on a thread of its own. See ``TaskListener``."""
+        TaskListener(self._url, callback, connect_timeout_s=self._connect_timeout).run(stop_event)
+
+    # --- reads ---------------------------------------------------------------
+
+    def _read_one(self, name: str, params: dict[str, Any]) -> Any:
+        with self._conn() as conn:
+            return conn.execute(Q[name], params).fetchone()
+
+    def _read_all(self, name: str, params: dict[str, Any]) -> list[Any]:
+        with self._conn() as conn:
+            return conn.execute(Q[name], params).fetchall()
+
+    @_translating
+    def get_task(self, task_id: str) -> Task:
+        row = self._read_one("get_task", {"id": task_id})
+        if row is None:
+            raise NotFound("task not found", task_id=task_id)
+        return _task(row)
+
+    @_translating
+    def get_task_by_idempotency_key(self, key: str) -> Task | None:
+        row = self._read_one("get_task_by_idempotency_key", {"key": key})
+        return _task(row) if row is not None else None
+
+    @_translating
+    def list_tasks(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        args = _page_args(limit, cursor)
+        if status is None:
+            rows = self._read_all("list_tasks", args)
+        else:
+            rows = self._read_all("list_tasks_by_status", {**args, "status": status})
+        return _page([_task(r) for r in rows], limit, lambda t: t.created_at)
+
+    @_translating
+    def get_lease(self, lease_id: str) -> Lease:
+        row = self._read_one("get_lease", {"id": lease_id})
+        if row is None:
+            raise NotFound("lease not found", lease_id=lease_id)
+        return _lease(row)
+
+    @_translating
+    def list_leases(self, status: str | None, limit: int, cursor: str | None) -> Page:
+        args = _page_args(limit, cursor)
+        if status is None:
+            rows = self._read_all("list_leases", args)
+        else:
+            rows = self._read_all("list_leases_by_status", {**args, "status": status})
+        return _page([_lease(r) for r in rows], limit, lambda lease: lease.started_at)
+
+    @_translating
+    def get_worker(self, worker_id: str) -> Worker:
+        row = self._read_one("get_worker", {"id": worker_id})
+        if row is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return _worker_row(row)
+
+    @_translating
+    def list_workers(self, status: str | None = None) -> list[Worker]:
+        if status is None:
+            rows = self._read_all("list_workers", {})
+        else:
+            rows = self._read_all("list_workers_by_status", {"status": status})
+        return [_worker_row(r) for r in rows]
+
+    @_translating
+    def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
+        rows = self._read_all("worker_candidates", {"labels": _json(list(labels))})
+        return [_worker_row(r) for r in rows]
+
+    @_translating
+    def sticky_workers(self, context_id: str) -> set[str]:
+        return {r[0] for r in self._read_all("sticky_workers", {"context_id": context_id})}
+
+    @_translating
+    def list_artifacts(self, task_id: str | None, limit: int, cursor: str | None) -> Page:
+        args = _page_args(limit, cursor)
+        if task_id is None:
+            rows = self._read_all("list_artifacts", args)
+        else:
+            rows = self._read_all("list_artifacts_by_task", {**args, "task_id": task_id})
+        return _page([_artifact(r) for r in rows], limit, lambda a: a.created_at)
+
+    @_translating
+    def list_results(self, task_id: str | None, limit: int, cursor: str | None) -> Page:
+        args = _page_args(limit, cursor)
+        if task_id is None:
+            rows = self._read_all("list_results", args)
+        else:
+            rows = self._read_all("list_results_by_task", {**args, "task_id": task_id})
+        return _page([_result(r) for r in rows], limit, lambda r: r.completed_at)
+
+    @_translating
+    def get_result(self, task_id: str) -> Result:
+        row = self._read_one("latest_result", {"task_id": task_id})
+        if row is None:
+            raise NotFound("no result for task", task_id=task_id)
+        return _result(row)
+
+    @_translating
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
+        args = _page_args(limit, cursor)
+        if entity_id is None:
+            rows = self._read_all("list_audit", args)
+        else:
+            rows = self._read_all("list_audit_by_entity", {**args, "entity_id": entity_id})
+        return _page([_audit(r) for r in rows], limit, lambda e: e.timestamp)
+
+    @_translating
+    def get_settings(self) -> dict[str, str]:
+        return dict(self._read_all("get_settings", {}))
+
+    @_translating
+    def stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {
+            "tasks": dict.fromkeys(TASK_STATUSES, 0),
+            "leases": dict.fromkeys(LEASE_STATUSES, 0),
+            "workers": dict.fromkeys(WORKER_STATUSES, 0),
+        }
+        for kind, status, count in self._read_all("stats", {}):
+            out[kind][status] = count
+        return out
+
+
+# --- cross-process wake-ups -----------------------------------------------------------
+
+
+class ListenBackoff:
+    """Reconnect delays of the listener: doubling from ``initial_s`` up to ``max_s``.
+
+    Tests shrink the constants instead of sleeping."""
+
+    initial_s = 0.1
+    max_s = 5.0
+
+    def __init__(self) -> None:
+        self._next = self.initial_s
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+    def next_s(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.max_s)
+        return delay
+
+
+class TaskListener:
+    """Hold a dedicated autocommit connection doing ``LISTEN bloom_tasks``; call
+    ``callback()`` on each notification (any process queued a task).
+
+    After every (re)connect it calls ``callback()`` once as well, since
+    notifications sent while disconnected are lost."""
+
+    POLL_S = 0.2  # how often the loop looks at the stop event while idle
+
+    def __init__(
+        self,
+        url: str,
+        callback: Callable[[], None],
+        *,
+        connect_timeout_s: int = 5,
+        backoff: ListenBackoff | None = None,
+    ) -> None:
+        _, self._where = _parse_url(url)
+        self._url = url
+        self._callback = callback
+        self._connect_timeout = max(2, int(connect_timeout_s))
+        self._backoff = backoff or ListenBackoff()
+        self.connected = threading.Event()  # set while LISTEN is active (tests wait on it)
+
+    def _fire(self) -> None:
+        try:
+            self._callback()
+        except Exception:  # a faulty callback must not stop the wake-ups
+            log.exception("task listener callback failed")
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Listen until ``stop_event`` is set; reconnect with backoff on errors."""
+        while not stop_event.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
+                    conn.execute(Q["listen_tasks"])
+                    self._backoff.reset()
+                    self._fire()
+                    self.connected.set()
+                    while not stop_event.is_set():
+                        for _ in conn.notifies(timeout=self.POLL_S):
+                            self._fire()
+                            if stop_event.is_set():
+                                break
+            except psycopg.Error as exc:
+                self.connected.clear()
+                delay = self._backoff.next_s()
+                log.warning("task listener lost PostgreSQL at %s (%s); retrying in %.1f s", self._where, _reason(exc), delay)
+                stop_event.wait(delay)
+            finally:
+                self.connected.clear()

@@ -1,0 +1,549 @@
+-- PostgreSQL statements of bloom-runtime, by name (see bloom_runtime/sql/queries.py).
+--
+-- Column orders are fixed: Python builds records by position.
+--   task   (17): id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+--                created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+--                not_before, idempotency_key
+--   lease   (9): id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+--   worker (15): id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
+--                registered_at, agent_version, os_info, install_method, source, active_leases (computed)
+-- Lock order (see postgres.py): task row -> worker rows (by id) -> lease rows.
+
+-- ---------------------------------------------------------------- migrations
+
+-- name: migrations_lock
+-- Serialise migrators across processes; released at commit.
+SELECT pg_advisory_xact_lock(7406113301)
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, applied_at bigint NOT NULL)
+
+-- name: schema_migrations_exists
+SELECT to_regclass('schema_migrations') IS NOT NULL
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, applied_at) VALUES (%(version)s, %(now)s)
+
+-- name: ping
+SELECT 1
+
+-- ---------------------------------------------------------------- notifications
+
+-- name: notify_tasks
+-- Wake claimers in every process; delivered at commit, once per transaction.
+SELECT pg_notify('bloom_tasks', '')
+
+-- name: listen_tasks
+LISTEN bloom_tasks
+
+-- ---------------------------------------------------------------- tasks
+
+-- name: create_task
+-- A used idempotency key (or task id) inserts nothing; the caller then finds out which.
+INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
+                       status, created_at, updated_at, attempts, max_attempts, labels, idempotency_key)
+VALUES (%(id)s, %(context_id)s, %(agent_slug)s, %(prompt)s, %(context_hints)s::jsonb, %(policy)s::jsonb,
+        %(desired_format)s, 'queued', %(now)s, %(now)s, 0, %(max_attempts)s, %(labels)s::jsonb,
+        %(idempotency_key)s)
+ON CONFLICT DO NOTHING
+RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+          not_before, idempotency_key
+
+-- name: get_task
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks WHERE id = %(id)s
+
+-- name: lock_task
+-- First step of every task transition: later statements run in a fresh snapshot
+-- taken after this lock, so they see everything its previous holder committed.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks WHERE id = %(id)s
+FOR UPDATE
+
+-- name: get_task_by_idempotency_key
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks WHERE idempotency_key = %(key)s
+
+-- name: task_status
+SELECT status FROM llm_tasks WHERE id = %(id)s
+
+-- name: list_tasks
+-- Keyset page, newest first; the first page passes the largest bigint as the bound.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE (created_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_tasks_by_status
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE status = %(status)s AND (created_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: requeue_task
+UPDATE llm_tasks
+SET status = 'queued', attempts = 0, not_before = NULL, lease_id = NULL, worker_id = NULL,
+    updated_at = %(now)s
+WHERE id = %(id)s AND status IN ('failed', 'dead')
+RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+          not_before, idempotency_key
+
+-- ---------------------------------------------------------------- leasing
+
+-- name: lock_workers
+-- Lock the candidate workers in id order: two acquirers never wait on each other in a cycle.
+SELECT id FROM workers WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR UPDATE
+
+-- name: grant_lease
+-- Runs after lock_task and lock_workers, so the active-lease counts are exact: every
+-- lease insert for a worker happens under that worker's row lock.
+WITH cand AS (
+    SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+           w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info,
+           w.install_method, w.source,
+           (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active,
+           array_position(%(ids)s::text[], w.id) AS pos
+    FROM workers w
+    WHERE w.id = ANY(%(ids)s::text[])
+), chosen AS (
+    SELECT * FROM cand
+    WHERE active < COALESCE((capabilities ->> 'max_concurrency')::int, 1)
+    ORDER BY pos
+    LIMIT 1
+), t AS (
+    UPDATE llm_tasks
+    SET status = 'leased', attempts = attempts + 1, lease_id = %(lease_id)s,
+        worker_id = chosen.id, updated_at = %(now)s
+    FROM chosen
+    WHERE llm_tasks.id = %(task_id)s
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+), l AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT %(lease_id)s, t.id, t.worker_id, %(now)s, %(now)s::bigint + %(ttl)s::bigint * 1000,
+           %(ttl)s, 'active', %(now)s, t.context_id
+    FROM t
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id,
+       c.id, c.node_id, c.url, c.status, c.capabilities, c.last_heartbeat, c.ip_addrs, c.obs_count,
+       c.db_sha, c.registered_at, c.agent_version, c.os_info, c.install_method, c.source,
+       c.active + 1
+FROM t, l, chosen c
+
+-- name: claim_touch_worker
+-- Lock the claiming worker (first lock of claim_next) and record the claim as its heartbeat.
+UPDATE workers SET last_heartbeat = %(now)s, status = 'online', source = 'pull'
+WHERE id = %(worker_id)s
+RETURNING id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
+          registered_at, agent_version, os_info, install_method, source
+
+-- name: claim_task
+-- Runs after claim_touch_worker holds the worker row, so the count is exact. Task rows
+-- are taken with SKIP LOCKED: claim_next never waits for a task lock.
+WITH w AS (
+    SELECT (SELECT count(*) FROM leases l
+            WHERE l.worker_id = %(worker_id)s AND l.status = 'active') AS active,
+           COALESCE((capabilities ->> 'max_concurrency')::int, 1) AS cap,
+           COALESCE(capabilities -> 'labels', '[]'::jsonb) AS labels
+    FROM workers WHERE id = %(worker_id)s
+), pick AS (
+    SELECT t.id
+    FROM llm_tasks t, w
+    WHERE t.status = 'queued'
+      AND w.active < w.cap
+      AND (t.not_before IS NULL OR t.not_before <= %(now)s)
+      AND t.attempts < t.max_attempts
+      AND t.labels <@ w.labels
+    ORDER BY t.created_at, t.id
+    LIMIT 1
+    FOR UPDATE OF t SKIP LOCKED
+), t AS (
+    UPDATE llm_tasks
+    SET status = 'leased', attempts = attempts + 1, lease_id = %(lease_id)s,
+        worker_id = %(worker_id)s, updated_at = %(now)s
+    FROM pick
+    WHERE llm_tasks.id = pick.id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+), l AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT %(lease_id)s, t.id, t.worker_id, %(now)s,
+           %(now)s::bigint + 1000::bigint * COALESCE(%(ttl)s::int, (t.policy ->> 'timeout_sec')::int + %(grace)s::int),
+           COALESCE(%(ttl)s::int, (t.policy ->> 'timeout_sec')::int + %(grace)s::int),
+           'active', %(now)s, t.context_id
+    FROM t
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id,
+       w.active + 1
+FROM t, l, w
+
+-- name: renew_lease
+-- Heartbeat after lock_task and the fence check. The worker row is updated last
+-- (an unreferenced data-modifying CTE runs after the main query): task -> lease -> worker.
+WITH l AS (
+    UPDATE leases
+    SET expires_at = %(now)s::bigint + ttl_seconds::bigint * 1000, last_heartbeat = %(now)s
+    WHERE id = %(lease_id)s AND status = 'active'
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+), t AS (
+    UPDATE llm_tasks SET status = 'running', updated_at = %(now)s
+    WHERE id = %(task_id)s AND lease_id = %(lease_id)s AND EXISTS (SELECT 1 FROM l)
+    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+              not_before, idempotency_key
+), w AS (
+    UPDATE workers SET last_heartbeat = %(now)s
+    WHERE id = %(worker_id)s AND EXISTS (SELECT 1 FROM l)
+    RETURNING 1
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM t, l
+
+-- name: finish_task
+-- complete() after lock_task and the fence check: release the lease, move the task,
+-- insert the artifact and the result, all in one statement.
+WITH l AS (
+    UPDATE leases SET status = 'released'
+    WHERE id = %(lease_id)s AND status = 'active'
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+), t AS (
+    UPDATE llm_tasks
+    SET status = %(status)s, not_before = COALESCE(%(not_before)s::bigint, not_before),
+        lease_id = %(keep_lease_id)s, worker_id = %(keep_worker_id)s, updated_at = %(now)s
+    WHERE id = %(task_id)s
+    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+              not_before, idempotency_key
+), a AS (
+    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
+                                   entity_refs, tags, content)
+    VALUES (%(artifact_id)s, %(task_id)s, NULL, %(artifact_type)s, %(now)s, true, NULL,
+            '[]'::jsonb, %(tags)s::jsonb, %(content)s)
+    RETURNING id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
+), r AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    VALUES (%(result_id)s, %(task_id)s, %(worker_id)s, %(artifact_id)s, %(result_status)s,
+            %(output)s, %(error_message)s, %(metrics)s::jsonb, %(now)s)
+    RETURNING id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+              completed_at
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       a.id, a.task_id, a.job_id, a.type, a.created_at, a.finalized, a.url, a.entity_refs, a.tags,
+       a.content,
+       r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
+       r.completed_at,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM t CROSS JOIN a CROSS JOIN r LEFT JOIN l ON true
+
+-- name: lease_task_id
+SELECT task_id FROM leases WHERE id = %(id)s
+
+-- name: end_lease
+-- fail_lease() and cancel() after lock_task: end the task's lease (if any) and move the task.
+WITH l AS (
+    UPDATE leases SET status = %(lease_status)s
+    WHERE id = %(lease_id)s AND status = 'active'
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+), t AS (
+    UPDATE llm_tasks
+    SET status = %(status)s, not_before = COALESCE(%(not_before)s::bigint, not_before),
+        lease_id = NULL, worker_id = NULL, updated_at = %(now)s
+    WHERE id = %(task_id)s
+    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+              not_before, idempotency_key
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM t LEFT JOIN l ON true
+
+-- name: expire_due
+-- Sweep: lock the tasks of due leases first (SKIP LOCKED: a task busy elsewhere is
+-- taken next sweep), then expire the leases and move the tasks. Conditions are repeated
+-- in the updates so a lease renewed or released meanwhile is left alone. An active lease
+-- its task does not point at (should not exist) is expired and reported with its task as is.
+WITH due AS (
+    SELECT l.id AS lease_id, t.id AS task_id
+    FROM leases l JOIN llm_tasks t ON t.id = l.task_id
+    WHERE l.status = 'active' AND l.expires_at <= %(now)s
+    ORDER BY l.expires_at
+    LIMIT %(limit)s
+    FOR UPDATE OF t SKIP LOCKED
+), el AS (
+    UPDATE leases SET status = 'expired'
+    FROM due
+    WHERE leases.id = due.lease_id AND leases.status = 'active' AND leases.expires_at <= %(now)s
+    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
+), et AS (
+    UPDATE llm_tasks
+    SET status = CASE WHEN llm_tasks.attempts < llm_tasks.max_attempts THEN 'queued' ELSE 'dead' END,
+        lease_id = NULL, worker_id = NULL, updated_at = %(now)s
+    FROM el
+    WHERE llm_tasks.id = el.task_id AND llm_tasks.lease_id = el.id
+      AND llm_tasks.status IN ('leased', 'running')
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+)
+SELECT el.id, el.task_id, el.worker_id, el.started_at, el.expires_at, el.ttl_seconds, el.status,
+       el.last_heartbeat, el.context_id,
+       et.id, et.context_id, et.agent_slug, et.prompt, et.context_hints, et.policy, et.desired_format,
+       et.status, et.created_at, et.updated_at, et.lease_id, et.worker_id, et.attempts,
+       et.max_attempts, et.labels, et.not_before, et.idempotency_key
+FROM el JOIN et ON et.id = el.task_id
+UNION ALL
+SELECT el.id, el.task_id, el.worker_id, el.started_at, el.expires_at, el.ttl_seconds, el.status,
+       el.last_heartbeat, el.context_id,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key
+FROM el JOIN llm_tasks t ON t.id = el.task_id
+WHERE NOT EXISTS (SELECT 1 FROM et WHERE et.id = el.task_id)
+
+-- ---------------------------------------------------------------- leases (reads)
+
+-- name: get_lease
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases WHERE id = %(id)s
+
+-- name: list_leases
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE (started_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY started_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_leases_by_status
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE status = %(status)s AND (started_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY started_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: sticky_workers
+SELECT DISTINCT worker_id FROM leases WHERE context_id = %(context_id)s AND status = 'active'
+
+-- ---------------------------------------------------------------- workers
+
+-- name: upsert_worker
+-- Insert with defaults, or update only the fields given (NULL keeps the stored value).
+-- xmax = 0 only on a freshly inserted row version.
+INSERT INTO workers AS w (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
+                          obs_count, db_sha, registered_at, agent_version, os_info,
+                          install_method, source)
+VALUES (%(id)s, COALESCE(%(node_id)s, %(id)s), %(url)s, COALESCE(%(status)s, 'online'),
+        %(capabilities_new)s::jsonb, %(last_heartbeat)s, COALESCE(%(ip_addrs)s::jsonb, '[]'::jsonb),
+        COALESCE(%(obs_count)s::int, 0), %(db_sha)s, %(now)s, %(agent_version)s, %(os_info)s,
+        %(install_method)s, COALESCE(%(source)s, 'api'))
+ON CONFLICT (id) DO UPDATE SET
+    node_id = COALESCE(%(node_id)s, w.node_id),
+    url = COALESCE(%(url)s, w.url),
+    status = COALESCE(%(status)s, w.status),
+    capabilities = COALESCE(%(capabilities)s::jsonb, w.capabilities),
+    last_heartbeat = COALESCE(%(last_heartbeat)s::bigint, w.last_heartbeat),
+    ip_addrs = COALESCE(%(ip_addrs)s::jsonb, w.ip_addrs),
+    obs_count = COALESCE(%(obs_count)s::int, w.obs_count),
+    db_sha = COALESCE(%(db_sha)s, w.db_sha),
+    agent_version = COALESCE(%(agent_version)s, w.agent_version),
+    os_info = COALESCE(%(os_info)s, w.os_info),
+    install_method = COALESCE(%(install_method)s, w.install_method),
+    source = COALESCE(%(source)s, w.source)
+RETURNING w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+          w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+          w.source,
+          (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active'),
+          (w.xmax = 0)
+
+-- name: delete_worker
+DELETE FROM workers w WHERE w.id = %(id)s
+RETURNING w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+          w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+          w.source,
+          (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+
+-- name: touch_worker
+UPDATE workers
+SET last_heartbeat = %(now)s,
+    status = CASE WHEN status = 'offline' AND source IN ('pull', 'membridge') THEN 'online' ELSE status END
+WHERE id = %(id)s
+RETURNING id
+
+-- name: mark_stale_workers_offline
+-- Lock the stale workers in id order (same order as lock_workers).
+UPDATE workers w SET status = 'offline'
+FROM (
+    SELECT id FROM workers
+    WHERE status <> 'offline' AND source IN ('pull', 'membridge')
+      AND (last_heartbeat IS NULL OR last_heartbeat < %(seen_before)s)
+    ORDER BY id
+    FOR UPDATE
+) s
+WHERE w.id = s.id
+RETURNING w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+          w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+          w.source,
+          (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+
+-- name: get_worker
+SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+       w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+       w.source,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+FROM workers w WHERE w.id = %(id)s
+
+-- name: list_workers
+SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+       w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+       w.source,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+FROM workers w ORDER BY w.id
+
+-- name: list_workers_by_status
+SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+       w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+       w.source,
+       (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active')
+FROM workers w WHERE w.status = %(status)s ORDER BY w.id
+
+-- name: worker_candidates
+SELECT * FROM (
+    SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+           w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+           w.source,
+           (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active
+    FROM workers w
+    WHERE w.status = 'online'
+      AND COALESCE((w.capabilities ->> 'claude_cli')::boolean, true)
+      AND COALESCE(w.capabilities -> 'labels', '[]'::jsonb) @> %(labels)s::jsonb
+) c
+WHERE c.active < COALESCE((c.capabilities ->> 'max_concurrency')::int, 1)
+
+-- ---------------------------------------------------------------- artifacts and results
+
+-- name: list_artifacts
+SELECT id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
+FROM runtime_artifacts
+WHERE (created_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_artifacts_by_task
+SELECT id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
+FROM runtime_artifacts
+WHERE task_id = %(task_id)s AND (created_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_results
+SELECT id, task_id, worker_id, artifact_id, status, output, error_message, metrics, completed_at
+FROM llm_results
+WHERE (completed_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY completed_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_results_by_task
+SELECT id, task_id, worker_id, artifact_id, status, output, error_message, metrics, completed_at
+FROM llm_results
+WHERE task_id = %(task_id)s AND (completed_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY completed_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: latest_result
+SELECT id, task_id, worker_id, artifact_id, status, output, error_message, metrics, completed_at
+FROM llm_results
+WHERE task_id = %(task_id)s
+ORDER BY completed_at DESC, id DESC
+LIMIT 1
+
+-- ---------------------------------------------------------------- audit and settings
+
+-- name: insert_audit
+-- One statement for the whole batch: the columns arrive as parallel arrays.
+INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+SELECT * FROM unnest(%(ids)s::text[], %(timestamps)s::bigint[], %(actions)s::text[],
+                     %(entity_types)s::text[], %(entity_ids)s::text[], %(actors)s::text[],
+                     %(details)s::text[])
+
+-- name: list_audit
+SELECT id, timestamp, action, entity_type, entity_id, actor, detail
+FROM audit_logs
+WHERE (timestamp, id) < (%(after_at)s, %(after_id)s)
+ORDER BY timestamp DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_audit_by_entity
+SELECT id, timestamp, action, entity_type, entity_id, actor, detail
+FROM audit_logs
+WHERE entity_id = %(entity_id)s AND (timestamp, id) < (%(after_at)s, %(after_id)s)
+ORDER BY timestamp DESC, id DESC
+LIMIT %(limit)s
+
+-- name: set_settings
+-- Keys in sorted order, so two writers lock them in the same order.
+INSERT INTO runtime_settings (key, value, updated_at)
+SELECT k, v, %(now)s FROM unnest(%(keys)s::text[], %(values)s::text[]) AS s(k, v) ORDER BY k
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+
+-- name: get_settings
+SELECT key, value FROM runtime_settings
+
+-- name: stats
+SELECT 'tasks', status, count(*) FROM llm_tasks GROUP BY status
+UNION ALL
+SELECT 'leases', status, count(*) FROM leases GROUP BY status
+UNION ALL
+SELECT 'workers', status, count(*) FROM workers GROUP BY status
