@@ -1,0 +1,94 @@
+"""AuditWriter: owns ``audit_logs``; writes entries in groups and answers callers after commit."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pykka
+
+from bloom_runtime.actors.base import Flush, JobHealth, Record, Tick
+from bloom_runtime.engine.clock import Clock
+from bloom_runtime.engine.errors import BloomError
+from bloom_runtime.sql.store import Store
+
+log = logging.getLogger(__name__)
+
+STOP_FLUSH_ATTEMPTS = 5
+
+
+class AuditWriter(pykka.ThreadingActor):
+    """Commits every pending entry in one transaction (or one each, with group commit off).
+
+    If the store is down, entries stay pending and the next tick tries again;
+    the callers waiting on them time out rather than hear a success that is not
+    durable.
+    """
+
+    def __init__(self, store: Store, clock: Clock, health: JobHealth, *, group_commit: bool = True, batch_max: int = 2000) -> None:
+        super().__init__()
+        self.store = store
+        self.clock = clock
+        self.health = health
+        self.group_commit = group_commit
+        self.batch_max = batch_max
+        self._pending: list[Record] = []
+        self._flush_scheduled = False
+        self.written = 0
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Record):
+            self._pending.append(message)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.actor_ref.tell(Flush())
+            return None
+        if isinstance(message, Flush):
+            self._flush_scheduled = False
+            self._flush()
+            return None
+        if isinstance(message, Tick):
+            self._flush()
+            return None
+        return None
+
+    def on_stop(self) -> None:
+        for _ in range(STOP_FLUSH_ATTEMPTS):
+            if not self._pending:
+                return
+            self._flush()
+        if self._pending:
+            lost = sum(len(r.entries) for r in self._pending)
+            log.error("audit: %d entries could not be written before stop", lost)
+
+    def pending_count(self) -> int:
+        return sum(len(r.entries) for r in self._pending)
+
+    def _flush(self) -> None:
+        while self._pending:
+            if self.group_commit:
+                batch, count = [], 0
+                while self._pending and (count == 0 or count + len(self._pending[0].entries) <= self.batch_max):
+                    rec = self._pending.pop(0)
+                    batch.append(rec)
+                    count += len(rec.entries)
+            else:
+                batch = [self._pending.pop(0)]
+            try:
+                with self.store.transaction() as tx:
+                    tx.insert_audit([e for rec in batch for e in rec.entries])
+            except BloomError as exc:
+                self._pending[:0] = batch
+                self.health.failed(exc)
+                log.warning("audit: write failed, %d entries pending: %s", self.pending_count(), exc)
+                return
+            except Exception as exc:
+                self._pending[:0] = batch
+                self.health.failed(exc)
+                log.exception("audit: write failed")
+                return
+            self.health.succeeded(self.clock.now_ms())
+            for rec in batch:
+                self.written += len(rec.entries)
+                if rec.reply is not None:
+                    rec.reply.set(rec.value)

@@ -1,0 +1,281 @@
+"""What the actors share: replies, group commit, periodic ticks and job health.
+
+Callers at the edge (the engine facade) send a message carrying a
+``pykka.ThreadingFuture`` and block on it with a timeout; actors never block on
+each other. A ``BatchingActor`` gathers the write messages waiting in its inbox
+and runs them in one transaction, then hands the audit entries and the replies
+to the ``AuditWriter``, which answers the callers once their entries are
+committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+from bloom_runtime.engine.clock import Clock
+from bloom_runtime.engine.errors import BloomError, StoreUnavailable
+from bloom_runtime.engine.models import AuditEntry, new_id
+from bloom_runtime.sql.store import Store, Transaction, TransientConflict
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_RETRIES = 3
+
+
+def audit(now: int, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None = None) -> AuditEntry:
+    return AuditEntry(
+        id=new_id(), timestamp=now, action=action, entity_type=entity_type, entity_id=entity_id, actor=actor, detail=detail
+    )
+
+
+@dataclass
+class Tick:
+    """Sent by a ``Ticker``; the actor runs its periodic job. ``reply`` (optional)
+    is answered when the job's work, audit entries included, is committed."""
+
+    reply: pykka.ThreadingFuture | None = None
+
+
+@dataclass
+class Flush:
+    """Sent by an actor to itself: run everything gathered so far."""
+
+
+@dataclass
+class Write:
+    """A write for a ``BatchingActor``: ``op`` runs inside the batch transaction and
+    returns ``(value, audit entries)``; ``reply`` receives the value once the
+    entries are committed, or the error."""
+
+    op: Callable[[Transaction], tuple[Any, list[AuditEntry]]]
+    reply: pykka.ThreadingFuture
+    after: Callable[[Any], None] | None = None  # runs on success, after commit
+
+
+@dataclass
+class Record:
+    """Audit entries for the ``AuditWriter``; ``reply`` (optional) gets ``value`` once they are committed."""
+
+    entries: list[AuditEntry]
+    reply: pykka.ThreadingFuture | None = None
+    value: Any = None
+
+
+@dataclass
+class JobHealth:
+    """The health of one periodic job, shared with ``/health`` and metrics."""
+
+    name: str
+    interval_s: float
+    last_success_ms: int | None = None
+    last_error: str | None = None
+    runs: int = 0
+    failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def succeeded(self, now_ms: int) -> None:
+        with self._lock:
+            self.runs += 1
+            self.last_success_ms = now_ms
+            self.last_error = None
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            self.runs += 1
+            self.failures += 1
+            self.last_error = type(error).__name__ + (f": {error}" if isinstance(error, BloomError) else "")
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "interval_s": self.interval_s,
+                "last_success": self.last_success_ms,
+                "last_error": self.last_error,
+                "runs": self.runs,
+                "failures": self.failures,
+            }
+
+
+class Ticker:
+    """Tells an actor ``Tick()`` every ``interval_s`` on a non-daemon thread.
+
+    It only sends messages, never touches the actor's state; ``stop`` returns
+    once the thread has ended.
+    """
+
+    def __init__(self, name: str, interval_s: float, target: Callable[[], pykka.ActorRef[Any] | None]) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self._target = target
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ticker-{name}", daemon=False)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            ref = self._target()
+            if ref is None:
+                continue
+            try:
+                ref.tell(Tick())
+            except pykka.ActorDeadError:
+                pass  # the engine's watchdog restarts it; the next tick reaches the new one
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class BatchingActor(pykka.ThreadingActor):
+    """Runs ``Write`` messages in groups: one transaction for all that are waiting."""
+
+    def __init__(self, store: Store, clock: Clock, audit_sink: Callable[[Record], None], batch_max: int) -> None:
+        super().__init__()
+        self.store = store
+        self.clock = clock
+        self._audit_sink = audit_sink
+        self._batch_max = batch_max
+        self._pending: list[Write] = []
+        self._flush_scheduled = False
+
+    def on_receive(self, message: Any) -> Any:
+        if not isinstance(message, (Write, Flush, Tick)):
+            planned = self.plan(message)
+            if planned is None:
+                log.warning("%s: unexpected message %s", type(self).__name__, type(message).__name__)
+                return None
+            message = planned
+        if isinstance(message, Write):
+            self._pending.append(message)
+            if len(self._pending) >= self._batch_max:
+                self._flush()
+            elif not self._flush_scheduled:
+                # Everything already in the inbox arrives before this Flush.
+                self._flush_scheduled = True
+                self.actor_ref.tell(Flush())
+            return None
+        if isinstance(message, Flush):
+            self._flush_scheduled = False
+            self._flush()
+            return None
+        if isinstance(message, Tick):
+            self._flush()
+            try:
+                self.on_tick(message.reply)
+            except Exception as exc:  # a periodic job must never stop the actor
+                log.exception("%s: periodic job failed", type(self).__name__)
+                _fail(message.reply, exc)
+            return None
+        return None
+
+    def plan(self, message: Any) -> Write | None:
+        """Turn one of this actor's command messages into a ``Write``; override."""
+        return None
+
+    def on_tick(self, reply: pykka.ThreadingFuture | None) -> None:
+        """Periodic job; override. Answer ``reply`` (if any) when done."""
+
+    def on_stop(self) -> None:
+        self._flush()
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        for w in self._pending:
+            _fail(w.reply, StoreUnavailable("actor failed"))
+        self._pending.clear()
+
+    # --- group commit --------------------------------------------------------
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Write]) -> None:
+        outcomes: list[tuple[Write, Any, list[AuditEntry]] | tuple[Write, BaseException, None]] = []
+        try:
+            with self.store.transaction() as tx:
+                for w in batch:
+                    try:
+                        value, entries = w.op(tx)
+                        outcomes.append((w, value, entries))
+                    except (BloomError,) as exc:
+                        if isinstance(exc, StoreUnavailable):
+                            raise
+                        outcomes.append((w, exc, None))
+        except StoreUnavailable as exc:
+            if len(batch) == 1 and not isinstance(exc, TransientConflict):
+                _fail(batch[0].reply, exc)
+                return
+            # One bad write or a deadlock must not fail its neighbours: go one by one.
+            for w in batch:
+                self._run_single(w)
+            return
+        except Exception as exc:
+            log.exception("%s: batch failed", type(self).__name__)
+            for w in batch:
+                _fail(w.reply, StoreUnavailable("internal error while writing"))
+            del exc
+            return
+        self._deliver(outcomes)
+
+    def _run_single(self, w: Write) -> None:
+        for attempt in range(TRANSIENT_RETRIES):
+            try:
+                with self.store.transaction() as tx:
+                    try:
+                        value, entries = w.op(tx)
+                    except BloomError as exc:
+                        if isinstance(exc, StoreUnavailable):
+                            raise
+                        outcome: Any = (w, exc, None)
+                    else:
+                        outcome = (w, value, entries)
+                self._deliver([outcome])
+                return
+            except TransientConflict:
+                time.sleep(0.005 * (attempt + 1))
+                continue
+            except StoreUnavailable as exc:
+                _fail(w.reply, exc)
+                return
+            except Exception:
+                log.exception("%s: write failed", type(self).__name__)
+                _fail(w.reply, StoreUnavailable("internal error while writing"))
+                return
+        _fail(w.reply, StoreUnavailable("database busy, retry"))
+
+    def _deliver(self, outcomes: list[Any]) -> None:
+        for w, value, entries in outcomes:
+            if entries is None:
+                _fail(w.reply, value)
+                continue
+            if w.after is not None:
+                try:
+                    w.after(value)
+                except Exception:
+                    log.exception("%s: after-commit hook failed", type(self).__name__)
+            if entries:
+                self._audit_sink(Record(entries, w.reply, value))
+            else:
+                w.reply.set(value)
+
+
+def _fail(reply: pykka.ThreadingFuture | None, exc: BaseException) -> None:
+    if reply is None:
+        return
+    try:
+        raise exc
+    except BaseException:
+        import sys
+
+        reply.set_exception(sys.exc_info())

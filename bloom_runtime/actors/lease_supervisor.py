@@ -1,0 +1,130 @@
+"""LeaseSupervisor: owns leases; grants, renews and fails them, and sweeps the expired."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from bloom_runtime.actors.base import BatchingActor, JobHealth, Record, Write, _fail, audit
+from bloom_runtime.actors.messages import AcquireLease, FailLease, Heartbeat
+from bloom_runtime.engine.clock import Clock
+from bloom_runtime.engine.models import Lease, LeaseGrant, Task, new_id
+from bloom_runtime.sql.store import RetryDelay, Store, Transaction
+
+log = logging.getLogger(__name__)
+
+ACTOR = "lease-supervisor"
+SWEEP_BATCH = 500  # leases expired per transaction; a big backlog takes several
+
+
+class LeaseSupervisor(BatchingActor):
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        audit_sink: Callable[[Record], None],
+        *,
+        health: JobHealth,
+        retry_delay: RetryDelay,
+        on_queued: Callable[[], None],
+        batch_max: int = 256,
+        fault: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(store, clock, audit_sink, batch_max)
+        self.health = health
+        self.retry_delay = retry_delay
+        self.on_queued = on_queued
+        self.expired_total = 0
+        self.dead_total = 0
+        self._fault = fault  # tests inject failures into the sweep through this
+
+    def plan(self, m: Any) -> Write | None:
+        now = self.clock.now_ms
+        if isinstance(m, AcquireLease):
+
+            def acquire(tx: Transaction) -> tuple[LeaseGrant, list]:
+                t = now()
+                grant = tx.acquire_lease(m.task_id, m.worker_ids, m.ttl_seconds, new_id(), t)
+                return grant, [
+                    audit(
+                        t, "task_leased", "task", grant.task.id, m.actor,
+                        f"lease={grant.lease.id} worker={grant.worker.id} ttl={grant.lease.ttl_seconds}s attempt={grant.task.attempts}",
+                    )
+                ]
+
+            return Write(acquire, m.reply)
+
+        if isinstance(m, Heartbeat):
+
+            def heartbeat(tx: Transaction) -> tuple[tuple[Task, Lease], list]:
+                t = now()
+                task, lease = tx.heartbeat(m.task_id, m.fence, t)
+                return (task, lease), [
+                    audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")
+                ]
+
+            return Write(heartbeat, m.reply)
+
+        if isinstance(m, FailLease):
+
+            def fail(tx: Transaction) -> tuple[tuple[Task, Lease], list]:
+                t = now()
+                task, lease = tx.fail_lease(m.lease_id, m.reason, self.retry_delay, t)
+                return (task, lease), [
+                    audit(t, "lease_failed", "lease", lease.id, m.actor, f"task={task.id}: {m.reason}"[:1000]),
+                    audit(t, "task_retry" if task.status == "queued" else "task_failed", "task", task.id, m.actor,
+                          f"attempts={task.attempts}/{task.max_attempts}"),
+                ]
+
+            return Write(fail, m.reply, after=lambda v: v[0].status == "queued" and self.on_queued())
+        return None
+
+    def on_tick(self, reply: Any = None) -> None:
+        try:
+            if self._fault is not None:
+                self._fault()
+            total = self.sweep(reply)
+        except Exception as exc:
+            self.health.failed(exc)
+            log.warning("lease sweep failed: %s", exc)
+            _fail(reply, exc)
+            return
+        self.health.succeeded(self.clock.now_ms())
+        if reply is not None and total == 0:
+            reply.set(0)
+
+    def sweep(self, reply: Any = None) -> int:
+        """Expire every lease past its deadline; returns how many.
+
+        ``reply``, when given, is answered with the count once the audit
+        entries of the whole sweep are committed."""
+        total = 0
+        entries: list = []
+        while True:
+            now = self.clock.now_ms()
+            with self.store.transaction() as tx:
+                expired = tx.expire_due(now, SWEEP_BATCH)
+            if not expired:
+                break
+            requeued = False
+            for e in expired:
+                entries.append(audit(now, "lease_expired", "lease", e.lease.id, ACTOR, f"task={e.task.id} worker={e.lease.worker_id}"))
+                if e.task.status == "queued":
+                    requeued = True
+                    entries.append(audit(now, "task_requeued", "task", e.task.id, ACTOR,
+                                         f"lease expired, attempts={e.task.attempts}/{e.task.max_attempts}"))
+                else:
+                    self.dead_total += 1
+                    entries.append(audit(now, "task_dead", "task", e.task.id, ACTOR,
+                                         f"lease expired, attempts={e.task.attempts}/{e.task.max_attempts}"))
+            self.expired_total += len(expired)
+            total += len(expired)
+            if requeued:
+                self.on_queued()
+            if len(expired) < SWEEP_BATCH:
+                break
+        if entries:
+            self._audit_sink(Record(entries, reply, total))
+        return total
+

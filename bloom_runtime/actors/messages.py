@@ -1,0 +1,108 @@
+"""Command messages the engine facade sends to the actors.
+
+Each carries the ``actor`` to record in the audit log (who acted) and a
+``reply`` future the facade waits on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pykka
+
+from bloom_runtime.engine.models import Completion, Fence, NewTask, WorkerUpsert
+
+
+@dataclass
+class CreateTask:
+    new: NewTask
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class CompleteTask:
+    task_id: str
+    fence: Fence
+    completion: Completion
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class RequeueTask:
+    task_id: str
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class CancelTask:
+    task_id: str
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class ClaimNext:
+    worker_id: str
+    ttl_seconds: int | None
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class AcquireLease:
+    task_id: str
+    worker_ids: Sequence[str]
+    ttl_seconds: int
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class Heartbeat:
+    task_id: str
+    fence: Fence
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class FailLease:
+    lease_id: str
+    reason: str
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class RegisterWorker:
+    upsert: WorkerUpsert
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class UpsertWorkers:
+    upserts: Sequence[WorkerUpsert]
+    actor: str
+    reply: pykka.ThreadingFuture | None = None
+
+
+@dataclass
+class RemoveWorker:
+    worker_id: str
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class PickWorkers:
+    """Ask the registry for candidate worker ids, best first."""
+
+    context_id: str
+    labels: Sequence[str]
+    reply: pykka.ThreadingFuture
+

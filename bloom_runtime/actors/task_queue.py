@@ -1,0 +1,95 @@
+"""TaskQueue: owns tasks, results and artifacts; wakes long-polling claimers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bloom_runtime.actors.base import BatchingActor, Record, Write, audit
+from bloom_runtime.actors.messages import CancelTask, ClaimNext, CompleteTask, CreateTask, RequeueTask
+from bloom_runtime.engine.clock import Clock
+from bloom_runtime.engine.models import CompletionOutcome, LeaseGrant, Task, new_id
+from bloom_runtime.sql.store import RetryDelay, Store, Transaction
+
+
+class TaskQueue(BatchingActor):
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        audit_sink: Callable[[Record], None],
+        *,
+        retry_delay: RetryDelay,
+        on_queued: Callable[[], None],
+        batch_max: int = 256,
+    ) -> None:
+        super().__init__(store, clock, audit_sink, batch_max)
+        self.retry_delay = retry_delay
+        self.on_queued = on_queued
+
+    def plan(self, m: Any) -> Write | None:
+        now = self.clock.now_ms
+        if isinstance(m, CreateTask):
+
+            def create(tx: Transaction) -> tuple[tuple[Task, bool], list]:
+                t = now()
+                task, created = tx.create_task(m.new, new_id(), t)
+                if not created:
+                    return (task, False), []
+                return (task, True), [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
+
+            return Write(create, m.reply, after=lambda v: v[1] and self.on_queued())
+
+        if isinstance(m, CompleteTask):
+
+            def complete(tx: Transaction) -> tuple[CompletionOutcome, list]:
+                t = now()
+                out = tx.complete(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay, t)
+                action = {"completed": "task_completed", "queued": "task_retry", "failed": "task_failed"}[out.task.status]
+                detail = f"result={out.result.status} attempts={out.task.attempts}/{out.task.max_attempts}"
+                if out.task.status == "queued":
+                    detail += f" not_before={out.task.not_before}"
+                entries = [audit(t, action, "task", m.task_id, m.actor, detail)]
+                if out.lease is not None:
+                    entries.append(audit(t, "lease_released", "lease", out.lease.id, m.actor, f"task={m.task_id}"))
+                return out, entries
+
+            return Write(complete, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued())
+
+        if isinstance(m, RequeueTask):
+
+            def requeue(tx: Transaction) -> tuple[Task, list]:
+                t = now()
+                task = tx.requeue(m.task_id, t)
+                return task, [audit(t, "task_requeued", "task", task.id, m.actor, "attempts reset")]
+
+            return Write(requeue, m.reply, after=lambda v: self.on_queued())
+
+        if isinstance(m, CancelTask):
+
+            def cancel(tx: Transaction) -> tuple[Task, list]:
+                t = now()
+                task, lease = tx.cancel(m.task_id, t)
+                entries = [audit(t, "task_cancelled", "task", task.id, m.actor)]
+                if lease is not None:
+                    entries.append(audit(t, "lease_released", "lease", lease.id, m.actor, f"task={task.id} cancelled"))
+                return task, entries
+
+            return Write(cancel, m.reply)
+
+        if isinstance(m, ClaimNext):
+
+            def claim(tx: Transaction) -> tuple[LeaseGrant | None, list]:
+                t = now()
+                grant = tx.claim_next(m.worker_id, m.ttl_seconds, new_id(), t)
+                if grant is None:
+                    return None, []
+                return grant, [
+                    audit(
+                        t, "task_leased", "task", grant.task.id, m.actor,
+                        f"lease={grant.lease.id} worker={grant.worker.id} attempt={grant.task.attempts} claimed",
+                    )
+                ]
+
+            return Write(claim, m.reply)
+        return None

@@ -1,0 +1,109 @@
+"""Client for worker agents (``POST {worker_url}/execute-task``).
+
+Same retry loop and breaker rules as the membridge client (``RetryingCaller``),
+but one breaker per worker base URL, so one dead node cannot make the others
+look down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import requests
+
+from .errors import MembridgeError
+from .membridge import (
+    AGENT_HEADER,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    MAX_BODY_BYTES,
+    Backoff,
+    BreakerRegistry,
+    BreakerState,
+    MembridgeResponse,
+    RetryingCaller,
+    key_header,
+    new_session,
+)
+from .urls import AllowList, join, validate_outgoing_url
+
+
+class AgentClient:
+    """Posts tasks to worker agents; thread-safe, one pooled session for all workers."""
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff: Backoff | None = None,
+        breaker_fail_max: int = 5,
+        breaker_reset_s: float = 30.0,
+        allowed: AllowList | None = None,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        breakers: BreakerRegistry | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self._allowed = allowed
+        self._owns_session = session is None
+        self.breakers = breakers or BreakerRegistry(fail_max=breaker_fail_max, reset_s=breaker_reset_s)
+        self._caller = RetryingCaller(
+            "worker agent", session or new_session(), timeout_s=timeout_s, retries=retries,
+            backoff=backoff, clock=clock, max_body_bytes=max_body_bytes,
+        )
+
+    def __repr__(self) -> str:
+        return f"AgentClient(workers={len(self.breakers)})"
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool if this client created it (idempotent)."""
+        if self._owns_session:
+            self._caller.session.close()
+
+    def post_execute_task(
+        self,
+        worker_url: str,
+        payload: Mapping[str, Any],
+        agent_key: str | None,
+        *,
+        timeout_s: float | None = None,
+        idempotent: bool = False,
+    ) -> MembridgeResponse:
+        """POST ``payload`` to ``{worker_url}/execute-task`` with ``X-MEMBRIDGE-AGENT``.
+
+        Returns any non-5xx answer (a 4xx means the worker refused). Raises
+        ``UnsafeURL`` for a bad worker URL, ``MembridgeUnavailable`` while that
+        worker's breaker is open and ``MembridgeError`` otherwise; errors carry
+        ``url`` (the validated base URL) in their details. The POST is retried
+        only when it provably never reached the worker (so a task is not started
+        twice), unless ``idempotent=True``.
+        """
+        base = validate_outgoing_url(worker_url, self._allowed)
+        try:
+            headers = key_header(AGENT_HEADER, agent_key, "membridge agent key")
+        except MembridgeError as exc:
+            raise self._caller.fail_early(exc) from None
+        return self._caller.call(
+            self.breakers.get(base), "POST", join(base, "execute-task"), label=f"POST {base}/execute-task",
+            headers=headers, json=dict(payload), timeout_s=timeout_s, idempotent=idempotent,
+            details={"url": base},
+        )
+
+    def breaker_state(self, worker_url: str) -> BreakerState:
+        """The breaker state for a worker URL (``closed`` for one never called)."""
+        return self.breakers.get(validate_outgoing_url(worker_url, self._allowed)).state
+
+    def state(self) -> dict[str, Any]:
+        """Counters over all workers plus each worker URL's breaker state."""
+        snapshot = self._caller.stats.snapshot()
+        snapshot["breakers"] = self.breakers.states()
+        return snapshot

@@ -1,0 +1,519 @@
+"""The engine: composition root and the typed facade callers use.
+
+``Engine.start(settings)`` opens the store, starts the actors dependency-first
+and their tickers; ``engine.stop()`` stops taking work, drains pending writes
+and audit entries, stops the actors in reverse order and closes the store.
+
+Writes go to the owning actor as a message with a reply future; the caller
+waits on it with the ask timeout. Reads go straight to the store, which is safe
+from any thread, so they never queue behind writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import pykka
+
+from bloom_runtime import __version__
+from bloom_runtime.actors.audit_writer import AuditWriter
+from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
+from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
+from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
+from bloom_runtime.actors.messages import (
+    AcquireLease,
+    CancelTask,
+    ClaimNext,
+    CompleteTask,
+    CreateTask,
+    FailLease,
+    Heartbeat,
+    PickWorkers,
+    RegisterWorker,
+    RemoveWorker,
+    RequeueTask,
+    UpsertWorkers,
+)
+from bloom_runtime.actors.task_queue import TaskQueue
+from bloom_runtime.actors.worker_registry import WorkerRegistry
+from bloom_runtime.engine.backoff import RetryBackoff
+from bloom_runtime.engine.clock import Clock, SystemClock
+from bloom_runtime.engine.errors import (
+    BloomError,
+    EngineStopped,
+    EngineTimeout,
+    InvalidInput,
+    NoCapacity,
+    StoreUnavailable,
+)
+from bloom_runtime.engine.models import (
+    MAX_TTL_SECONDS,
+    TASK_STATUSES,
+    Completion,
+    CompletionOutcome,
+    Fence,
+    Lease,
+    LeaseGrant,
+    NewTask,
+    Page,
+    Result,
+    Task,
+    Worker,
+    WorkerUpsert,
+    validate,
+)
+from bloom_runtime.engine.settings import Settings
+from bloom_runtime.engine.wakeup import ClaimWakeup
+from bloom_runtime.sql import store_from_url
+from bloom_runtime.sql.store import MAX_PAGE, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WATCHDOG_INTERVAL_S = 1.0
+AUDIT_RETRY_INTERVAL_S = 0.5
+MAX_CLAIM_WAIT_S = 30.0
+# A claimer re-checks at least this often, so tasks whose retry backoff ends
+# (not_before) are found without a notification.
+CLAIM_RECHECK_S = 1.0
+SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
+
+
+def check_limit(limit: int | None) -> int:
+    if limit is None:
+        return 100
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+    return limit
+
+
+def check_ttl(ttl_seconds: int | None) -> int | None:
+    if ttl_seconds is None:
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise InvalidInput(f"ttl_seconds must be an integer between 1 and {MAX_TTL_SECONDS}")
+    return ttl_seconds
+
+
+class _ActorSlot:
+    """Holds the current ref of one actor, so the watchdog can replace a dead one."""
+
+    def __init__(self, name: str, factory: Callable[[], pykka.ActorRef[Any]]) -> None:
+        self.name = name
+        self.factory = factory
+        self.ref: pykka.ActorRef[Any] = factory()
+        self.restarts = 0
+
+    def tell(self, message: Any) -> None:
+        try:
+            self.ref.tell(message)
+        except pykka.ActorDeadError:
+            raise EngineStopped(f"{self.name} is not running") from None
+
+
+class Engine:
+    """The runtime engine. Use ``Engine.start(settings)``; stop with ``stop()`` or a ``with`` block."""
+
+    def __init__(self, settings: Settings, store: Store, clock: Clock) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.started_at = time.monotonic()
+        self.started_ms = clock.now_ms()
+        self.version = __version__
+        self.retry_backoff = RetryBackoff(settings.retry_backoff_base_ms, settings.retry_backoff_cap_ms)
+        self.wakeup = ClaimWakeup()
+        self.jobs = {
+            "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
+            "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
+            "worker_liveness": JobHealth("worker_liveness", self._liveness_interval()),
+            "membridge_sync": JobHealth("membridge_sync", settings.membridge_sync_interval_s),
+        }
+        self.sweep_fault: Callable[[], None] | None = None  # tests inject sweep failures here
+        self._slots: dict[str, _ActorSlot] = {}
+        self._tickers: list[Ticker] = []
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
+        self._listener: Any = None
+        self.tasks = TaskService(self)
+        self.leases = LeaseService(self)
+        self.workers = WorkerService(self)
+        self.audit = AuditService(self)
+        self.membridge: Any = None  # set by the membridge wiring when configured
+
+    # --- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        settings: Settings | None = None,
+        *,
+        store: Store | None = None,
+        clock: Clock | None = None,
+        migrate: bool = True,
+    ) -> Engine:
+        """Open the store (migrating it unless told not to), start actors and timers."""
+        settings = settings or Settings.from_env()
+        if store is None:
+            store = store_from_url(
+                settings.database_url,
+                pool_min=settings.pool_min,
+                pool_max=settings.pool_max,
+                connect_timeout_s=settings.db_connect_timeout_s,
+            )
+            store.open(wait_s=settings.db_open_wait_s)
+        try:
+            if migrate:
+                store.migrate()
+            else:
+                store.check_schema()
+            engine = cls(settings, store, clock or SystemClock())
+            engine._start_actors()
+        except BaseException:
+            store.close()
+            raise
+        return engine
+
+    def _liveness_interval(self) -> float:
+        return max(0.05, min(5.0, self.settings.worker_offline_after_s / 4))
+
+    def _start_actors(self) -> None:
+        s = self.settings
+        store, clock = self.store, self.clock
+
+        self._slots["audit"] = _ActorSlot(
+            "audit-writer",
+            lambda: AuditWriter.start(
+                store, clock, self.jobs["audit_flush"], group_commit=s.audit_group_commit, batch_max=s.audit_batch_max
+            ),
+        )
+        sink = self._audit_sink
+        self._slots["registry"] = _ActorSlot(
+            "worker-registry",
+            lambda: WorkerRegistry.start(
+                store, clock, sink, health=self.jobs["worker_liveness"],
+                offline_after_ms=int(s.worker_offline_after_s * 1000), batch_max=s.write_batch_max,
+            ),
+        )
+        self._slots["queue"] = _ActorSlot(
+            "task-queue",
+            lambda: TaskQueue.start(
+                store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.notify, batch_max=s.write_batch_max
+            ),
+        )
+        self._slots["leases"] = _ActorSlot(
+            "lease-supervisor",
+            lambda: LeaseSupervisor.start(
+                store, clock, sink, health=self.jobs["lease_sweep"], retry_delay=self.retry_backoff,
+                on_queued=self.wakeup.notify, batch_max=s.write_batch_max, fault=self._sweep_fault,
+            ),
+        )
+        self._slots["membridge"] = _ActorSlot(
+            "membridge-syncer",
+            lambda: MembridgeSyncer.start(
+                clock, health=self.jobs["membridge_sync"], registry=lambda: self._slots["registry"],
+                audit_sink=sink, client=lambda: self.membridge, offline_after_ms=int(s.worker_offline_after_s * 1000),
+            ),
+        )
+        self._tickers = [
+            Ticker("lease-sweep", s.lease_sweep_interval_s, lambda: self._slots["leases"].ref),
+            Ticker("audit-flush", AUDIT_RETRY_INTERVAL_S, lambda: self._slots["audit"].ref),
+            Ticker("worker-liveness", self._liveness_interval(), lambda: self._slots["registry"].ref),
+            Ticker("membridge-sync", s.membridge_sync_interval_s, lambda: self._slots["membridge"].ref),
+        ]
+        for t in self._tickers:
+            t.start()
+        if hasattr(self.store, "listen"):
+            self._start_listener()
+        self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog", daemon=False)
+        self._watchdog.start()
+
+    def _start_listener(self) -> None:
+        """Wake claimers when another engine process queues a task (LISTEN/NOTIFY)."""
+        self._listener = threading.Thread(
+            target=self.store.listen,  # type: ignore[attr-defined]
+            args=(self.wakeup.notify, self._stopping),
+            name="task-listener",
+            daemon=False,
+        )
+        self._listener.start()
+
+    def _sweep_fault(self) -> None:
+        if self.sweep_fault is not None:
+            self.sweep_fault()
+
+    def _watch(self) -> None:
+        """Restart any actor that died, and log it."""
+        while not self._stopping.wait(WATCHDOG_INTERVAL_S):
+            for slot in self._slots.values():
+                if not slot.ref.is_alive() and not self._stopping.is_set():
+                    slot.restarts += 1
+                    log.error("actor %s died; restarting it (restart #%d)", slot.name, slot.restarts)
+                    try:
+                        slot.ref = slot.factory()
+                    except Exception:
+                        log.exception("could not restart %s", slot.name)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop taking work, drain writes and audit entries, stop actors, close the store. Idempotent."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._stopping.set()
+        self.wakeup.close()
+        for t in self._tickers:
+            t.stop()
+        if self._listener is not None:
+            self._listener.join()
+        if self._watchdog is not None:
+            self._watchdog.join()
+        # Producers first, the audit writer last, so it writes what they sent while stopping.
+        for name in ("membridge", "leases", "queue", "registry", "audit"):
+            slot = self._slots.get(name)
+            if slot is None:
+                continue
+            try:
+                slot.ref.stop(block=True, timeout=timeout_s)
+            except pykka.Timeout:
+                log.error("actor %s did not stop within %.0f s", slot.name, timeout_s)
+            except pykka.ActorDeadError:
+                pass
+        if self.membridge is not None and hasattr(self.membridge, "close"):
+            self.membridge.close()
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return not self._stopping.is_set()
+
+    # --- plumbing --------------------------------------------------------------
+
+    def _audit_sink(self, record: Record) -> None:
+        self._slots["audit"].ref.tell(record)
+
+    def call(self, slot: str, make: Callable[[pykka.ThreadingFuture], Any], timeout_s: float | None = None) -> Any:
+        """Send a command built around a fresh reply future; wait for the answer."""
+        if self._stopping.is_set():
+            raise EngineStopped("the engine is stopping")
+        reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
+        self._slots[slot].tell(make(reply))
+        try:
+            return reply.get(timeout=timeout_s or self.settings.ask_timeout_s)
+        except pykka.Timeout:
+            raise EngineTimeout(f"{self._slots[slot].name} did not answer in time") from None
+
+    def record(self, entries: list[Any], wait: bool = True) -> None:
+        """Write audit entries not tied to another write (e.g. configuration changes)."""
+        if not wait:
+            self._audit_sink(Record(entries))
+            return
+        reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
+        self._audit_sink(Record(entries, reply, None))
+        try:
+            reply.get(timeout=self.settings.ask_timeout_s)
+        except pykka.Timeout:
+            raise EngineTimeout("audit writer did not answer in time") from None
+
+    # --- health ----------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Liveness of the store, the actors and the periodic jobs."""
+        store_ok, store_error = True, None
+        try:
+            self.store.ping()
+        except BloomError as exc:
+            store_ok, store_error = False, exc.message
+        now = self.clock.now_ms()
+        sweep = self.jobs["lease_sweep"].snapshot()
+        limit_ms = SWEEP_UNHEALTHY_AFTER_INTERVALS * self.settings.lease_sweep_interval_s * 1000
+        # Judged on the engine clock; a sweep that never succeeded counts from start.
+        sweep_ok = (sweep["last_success"] or self.started_ms) >= now - limit_ms - 1000
+        actors = {slot.name: {"alive": slot.ref.is_alive(), "restarts": slot.restarts} for slot in self._slots.values()}
+        healthy = store_ok and sweep_ok and all(a["alive"] for a in actors.values()) and self.running
+        return {
+            "status": "ok" if healthy else "unhealthy",
+            "service": "bloom-runtime",
+            "version": self.version,
+            "uptime": round(time.monotonic() - self.started_at, 3),
+            "storage": self.store.kind,
+            "storage_ok": store_ok,
+            "storage_error": store_error,
+            "jobs": {name: job.snapshot() for name, job in self.jobs.items()},
+            "actors": actors,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats()
+
+
+class _Service:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+
+class TaskService(_Service):
+    """Tasks: create, read, complete, requeue, cancel; their results and artifacts."""
+
+    def create(self, new: NewTask, actor: str = "api") -> tuple[Task, bool]:
+        """Queue a task; returns it and whether it is new (False: its idempotency key was used before)."""
+        new = validate(new)
+        return self._engine.call("queue", lambda r: CreateTask(new, actor, r))
+
+    def get(self, task_id: str) -> Task:
+        return self._engine.store.get_task(task_id)
+
+    def list(self, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+        if status is not None and status not in TASK_STATUSES:
+            raise InvalidInput(f"unknown status {status!r}", allowed=list(TASK_STATUSES))
+        return self._engine.store.list_tasks(status, check_limit(limit), cursor)
+
+    def complete(self, task_id: str, completion: Completion, fence: Fence = Fence(), actor: str | None = None) -> CompletionOutcome:
+        """Record the result of the task's active lease (see DESIGN §5)."""
+        completion = validate(completion)
+        self._check_fence(fence)
+        return self._engine.call(
+            "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r)
+        )
+
+    def requeue(self, task_id: str, actor: str = "api") -> Task:
+        return self._engine.call("queue", lambda r: RequeueTask(task_id, actor, r))
+
+    def cancel(self, task_id: str, actor: str = "api") -> Task:
+        return self._engine.call("queue", lambda r: CancelTask(task_id, actor, r))
+
+    def result(self, task_id: str) -> Result:
+        self._engine.store.get_task(task_id)  # 404 for an unknown task, not just "no result"
+        return self._engine.store.get_result(task_id)
+
+    def results(self, task_id: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+        return self._engine.store.list_results(task_id, check_limit(limit), cursor)
+
+    def artifacts(self, task_id: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+        return self._engine.store.list_artifacts(task_id, check_limit(limit), cursor)
+
+    def _check_fence(self, fence: Fence) -> None:
+        if self._engine.settings.lease_fencing == "strict" and not fence.lease_id:
+            raise InvalidInput("lease_id is required (lease fencing is strict)")
+
+
+class LeaseService(_Service):
+    """Leases: acquire (push), claim (pull), heartbeat, fail; and the read side."""
+
+    def acquire(
+        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api"
+    ) -> LeaseGrant:
+        """Lease a queued task to ``worker_id`` or to the best worker ``pick`` finds.
+
+        Raises ``NotFound``, ``Conflict`` (not queued), ``NoCapacity``."""
+        engine = self._engine
+        ttl = check_ttl(ttl_seconds)
+        task = engine.store.get_task(task_id)
+        if ttl is None:
+            ttl = task.default_ttl_seconds
+        if worker_id is not None:
+            candidates: Sequence[str] = [worker_id]
+        else:
+            candidates = engine.call("registry", lambda r: PickWorkers(task.context_id, task.labels, r))
+            if not candidates:
+                raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
+        return engine.call("leases", lambda r: AcquireLease(task_id, list(candidates), ttl, actor, r))
+
+    def claim(
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None
+    ) -> LeaseGrant | None:
+        """Lease the oldest task this worker can take, waiting up to ``wait_seconds`` for one.
+
+        Counts as the worker's heartbeat. Returns ``None`` if nothing arrived in time."""
+        engine = self._engine
+        if isinstance(wait_seconds, bool) or not isinstance(wait_seconds, (int, float)) or not 0 <= wait_seconds <= MAX_CLAIM_WAIT_S:
+            raise InvalidInput(f"wait_seconds must be between 0 and {MAX_CLAIM_WAIT_S:g}")
+        ttl = check_ttl(ttl_seconds)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            seen = engine.wakeup.generation
+            grant = engine.call("queue", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r))
+            if grant is not None:
+                return grant
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not engine.running:
+                return None
+            engine.wakeup.wait(seen, min(remaining, CLAIM_RECHECK_S))
+
+    def heartbeat(self, task_id: str, fence: Fence = Fence(), actor: str | None = None) -> tuple[Task, Lease]:
+        """Renew the task's active lease (now + TTL) and move the task to running."""
+        fence = validate(fence)
+        self._engine.tasks._check_fence(fence)
+        return self._engine.call("leases", lambda r: Heartbeat(task_id, fence, actor or fence.worker_id or "api", r))
+
+    def fail(self, lease_id: str, reason: str, actor: str = "dispatch") -> tuple[Task, Lease]:
+        """Mark an active lease failed (its worker could not be reached) and requeue its task."""
+        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r))
+
+    def get(self, lease_id: str) -> Lease:
+        return self._engine.store.get_lease(lease_id)
+
+    def list(self, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+        from bloom_runtime.engine.models import LEASE_STATUSES
+
+        if status is not None and status not in LEASE_STATUSES:
+            raise InvalidInput(f"unknown status {status!r}", allowed=list(LEASE_STATUSES))
+        return self._engine.store.list_leases(status, check_limit(limit), cursor)
+
+    def sweep_now(self) -> int:
+        """Run the expiry sweep now; returns how many leases expired, once their audit entries are written."""
+        return self._engine.call("leases", lambda r: Tick(r))
+
+
+class WorkerService(_Service):
+    """The worker registry."""
+
+    def register(self, upsert: WorkerUpsert, actor: str = "api") -> tuple[Worker, bool]:
+        """Create or update a worker by id; returns it and whether it was created."""
+        upsert = validate(upsert)
+        return self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r))
+
+    def upsert_many(self, upserts: Sequence[WorkerUpsert], actor: str = "membridge-sync") -> list[tuple[Worker, bool]]:
+        return self._engine.call("registry", lambda r: UpsertWorkers(list(upserts), actor, r))
+
+    def get(self, worker_id: str) -> Worker:
+        return self._engine.store.get_worker(worker_id)
+
+    def list(self, status: str | None = None) -> list[Worker]:
+        from bloom_runtime.engine.models import WORKER_STATUSES
+
+        if status is not None and status not in WORKER_STATUSES:
+            raise InvalidInput(f"unknown status {status!r}", allowed=list(WORKER_STATUSES))
+        return self._engine.store.list_workers(status)
+
+    def remove(self, worker_id: str, actor: str = "api") -> Worker:
+        return self._engine.call("registry", lambda r: RemoveWorker(worker_id, actor, r))
+
+    def check_liveness_now(self) -> None:
+        """Offline the workers not seen for ``worker_offline_after``; returns once done and audited."""
+        self._engine.call("registry", lambda r: Tick(r))
+
+    def pick(self, context_id: str, labels: Sequence[str] = ()) -> list[str]:
+        """Worker ids that could take a task of this context and labels, best first."""
+        return self._engine.call("registry", lambda r: PickWorkers(context_id, list(labels), r))
+
+
+class AuditService(_Service):
+    def list(self, limit: int | None = None, cursor: str | None = None, entity_id: str | None = None) -> Page:
+        return self._engine.store.list_audit(check_limit(limit), cursor, entity_id)
+
+
+__all__ = ["Engine", "TaskService", "LeaseService", "WorkerService", "AuditService", "StoreUnavailable"]
