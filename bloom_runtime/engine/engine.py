@@ -175,9 +175,13 @@ class Engine:
             else:
                 store.check_schema()
             engine = cls(settings, store, clock or SystemClock())
-            engine._start_actors()
         except BaseException:
             store.close()
+            raise
+        try:
+            engine._start_actors()
+        except BaseException:
+            engine.stop()  # tears down whatever started, then closes the store
             raise
         return engine
 
@@ -452,6 +456,8 @@ class LeaseService(_Service):
             if remaining <= 0 or not engine.running:
                 return None
             engine.wakeup.wait(seen, min(remaining, CLAIM_RECHECK_S))
+            if not engine.running:
+                return None  # shutting down: the poll ends empty, not with an error
 
     def heartbeat(self, task_id: str, fence: Fence = Fence(), actor: str | None = None) -> tuple[Task, Lease]:
         """Renew the task's active lease (now + TTL) and move the task to running."""

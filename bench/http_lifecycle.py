@@ -1,0 +1,169 @@
+"""HTTP lifecycle benchmark: create → lease → heartbeat → complete, N times, C clients.
+
+Starts ``bloom-runtime serve`` itself (rate limit off) unless ``--url`` names a
+running one. Prints lifecycles/s, p50/p95/p99 per endpoint and the server's RSS
+before and after (read from /proc, only when this script started the server).
+
+    python bench/http_lifecycle.py -n 2000 -c 8 --database-url sqlite:///tmp/bench.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ENDPOINTS = ("create", "lease", "heartbeat", "complete")
+KEY = "bench-key-000001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def start_server(database_url: str, threads: int) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    env = dict(os.environ, RUNTIME_API_KEY=f"bench={KEY}", RATE_LIMIT_PER_S="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bloom_runtime.cli", "--log-level", "WARNING", "serve", "--port", str(port),
+         "--database-url", database_url, "--threads", str(threads)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/api/runtime"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("server exited during start")
+        try:
+            with requests.get(url + "/health", timeout=1) as r:
+                if r.status_code == 200:
+                    return proc, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("server did not become healthy within 30 s")
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def client(url: str, worker: str, count: int, timings: dict[str, list[float]], errors: list[str]) -> None:
+    with requests.Session() as s:
+        s.headers["X-Runtime-API-Key"] = KEY
+        with s.post(url + "/workers", json={"name": worker, "capabilities": {"max_concurrency": 32}}) as r:
+            r.raise_for_status()
+        local: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
+        for i in range(count):
+            steps = (
+                ("create", "/llm-tasks", {"context_id": worker, "agent_slug": "bench", "prompt": f"task {i}"}),
+            )
+            t0 = time.perf_counter()
+            with s.post(url + steps[0][1], json=steps[0][2]) as r:
+                ok = r.status_code == 201
+                task_id = r.json().get("id") if ok else None
+            local["create"].append(time.perf_counter() - t0)
+            if not ok:
+                errors.append(f"create {r.status_code}")
+                continue
+            for name, path, body in (
+                ("lease", f"/llm-tasks/{task_id}/lease", {"worker_id": worker}),
+                ("heartbeat", f"/llm-tasks/{task_id}/heartbeat", {"worker_id": worker}),
+                ("complete", f"/llm-tasks/{task_id}/complete",
+                 {"status": "success", "output": "ok", "metrics": {"tokens_used": None}, "worker_id": worker}),
+            ):
+                t0 = time.perf_counter()
+                with s.post(url + path, json=body) as r:
+                    status = r.status_code
+                local[name].append(time.perf_counter() - t0)
+                if status >= 300:
+                    errors.append(f"{name} {status}")
+                    break
+        for e in ENDPOINTS:
+            timings[e].extend(local[e])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=1000, help="lifecycles in total")
+    parser.add_argument("-c", type=int, default=1, help="concurrent clients")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file")
+    parser.add_argument("--url", help="base URL of a running server (…/api/runtime); key from BENCH_API_KEY")
+    parser.add_argument("--threads", type=int, default=64, help="server threads when started here")
+    args = parser.parse_args(argv)
+
+    proc = None
+    if args.url:
+        url = args.url.rstrip("/")
+        global KEY
+        KEY = os.environ.get("BENCH_API_KEY", KEY)
+    else:
+        db = args.database_url or "sqlite:///" + os.path.join(tempfile.mkdtemp(prefix="bloom-bench-"), "bench.db")
+        proc, url = start_server(db, args.threads)
+    try:
+        rss_before = rss_kib(proc.pid) if proc else None
+        timings: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
+        errors: list[str] = []
+        per_client = [args.n // args.c + (1 if i < args.n % args.c else 0) for i in range(args.c)]
+        tag = f"bench-{os.getpid()}-{int(time.time())}"
+        threads = [
+            threading.Thread(target=client, args=(url, f"{tag}-{i}", per_client[i], timings, errors))
+            for i in range(args.c)
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        rss_after = rss_kib(proc.pid) if proc else None
+
+        done = len(timings["complete"])
+        print(f"{done} lifecycles in {elapsed:.2f} s with {args.c} clients: {done / elapsed:.1f} lifecycles/s")
+        print(f"{'endpoint':<10} {'n':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+        for e in ENDPOINTS:
+            v = sorted(timings[e])
+            print(f"{e:<10} {len(v):>7} {percentile(v, 50) * 1000:>8.2f} {percentile(v, 95) * 1000:>8.2f} {percentile(v, 99) * 1000:>8.2f}")
+        if rss_before is not None and rss_after is not None:
+            print(f"server RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after")
+        if errors:
+            print(f"{len(errors)} errors, e.g. {statistics.mode(errors)}")
+        return 1 if errors else 0
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Tasks: create (idempotent), list, read, and the worker-side lease lifecycle calls."""
+
+from __future__ import annotations
+
+import falcon
+import msgspec
+
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.errors import InvalidInput
+from bloom_runtime.engine.models import Fence, NewTask
+from bloom_runtime.http import schemas
+from bloom_runtime.http.util import actor, body, path_id, query_int, query_str, send, send_page
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_LEN = 255
+
+
+class TaskCollection:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        new: NewTask = body(req, NewTask)
+        key = req.get_header(IDEMPOTENCY_HEADER)
+        if key is not None:
+            key = key.strip()
+            if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LEN:
+                raise InvalidInput(f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters")
+            if new.idempotency_key is not None and new.idempotency_key != key:
+                raise InvalidInput(f"{IDEMPOTENCY_HEADER} header and idempotency_key field differ")
+            new = msgspec.structs.replace(new, idempotency_key=key)
+        task, created = self.engine.tasks.create(new, actor=actor(req))
+        send(resp, task, 201 if created else 200)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = query_int(req, "limit")
+        page = self.engine.tasks.list(query_str(req, "status"), limit, query_str(req, "cursor"))
+        send_page(req, resp, page, limit)
+
+
+class TaskItem:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        send(resp, self.engine.tasks.get(path_id(task_id, "task")))
+
+
+class TaskLease:
+    """Push mode: lease a queued task to a named or picked worker."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        task_id = path_id(task_id, "task")
+        ask: schemas.LeaseRequest = body(req, schemas.LeaseRequest)
+        grant = self.engine.leases.acquire(task_id, ask.worker_id, ask.ttl_seconds, actor=actor(req))
+        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=grant.worker), 201)
+
+
+class TaskHeartbeat:
+    """The membridge agent sends no body: then the task's active lease is renewed."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        task_id = path_id(task_id, "task")
+        fence: Fence = body(req, Fence)
+        task, lease = self.engine.leases.heartbeat(task_id, fence, actor=fence.worker_id or actor(req))
+        send(resp, schemas.TaskLease(task=task, lease=lease))
+
+
+class TaskComplete:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        task_id = path_id(task_id, "task")
+        done: schemas.CompleteRequest = body(req, schemas.CompleteRequest)
+        out = self.engine.tasks.complete(task_id, done.completion(), done.fence(), actor=done.worker_id or actor(req))
+        send(resp, schemas.CompleteResponse(task=out.task, result=out.result, artifact=out.artifact))
+
+
+class TaskRequeue:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        send(resp, self.engine.tasks.requeue(path_id(task_id, "task"), actor=actor(req)))
+
+
+class TaskCancel:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        send(resp, self.engine.tasks.cancel(path_id(task_id, "task"), actor=actor(req)))
+
+
+class TaskResult:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        send(resp, self.engine.tasks.result(path_id(task_id, "task")))
+
+
+class TaskDispatch:
+    """Push a task to a worker agent's /execute-task: needs the membridge client (not wired yet)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        path_id(task_id, "task")
+        body(req, schemas.DispatchRequest)
+        send(resp, {"error": "dispatch not available: membridge not configured"}, 503)
+        resp.set_header("Retry-After", "60")

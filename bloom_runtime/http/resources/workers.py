@@ -1,0 +1,56 @@
+"""The worker registry, and pull-mode claims."""
+
+from __future__ import annotations
+
+import falcon
+
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.models import WorkerUpsert
+from bloom_runtime.http import schemas
+from bloom_runtime.http.util import actor, body, path_id, query_str, send
+
+
+class WorkerCollection:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        send(resp, self.engine.workers.list(query_str(req, "status")))
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        reg: schemas.WorkerRegistration = body(req, schemas.WorkerRegistration)
+        fields = {f: getattr(reg, f) for f in schemas.WorkerRegistration.__struct_fields__ if f != "name"}
+        worker, created = self.engine.workers.register(WorkerUpsert(id=reg.name, **fields), actor=actor(req))
+        send(resp, worker, 201 if created else 200)
+
+
+class WorkerItem:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
+        send(resp, self.engine.workers.get(path_id(worker_id, "worker")))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
+        send(resp, self.engine.workers.remove(path_id(worker_id, "worker"), actor=actor(req)))
+
+
+class WorkerClaim:
+    """Long poll: 200 {task, lease} as soon as a task is leased to this worker, 204 after the wait."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
+        worker_id = path_id(worker_id, "worker")
+        ask: schemas.ClaimRequest = body(req, schemas.ClaimRequest)
+        wait_s = ask.wait_seconds
+        if getattr(req.context, "short_poll", False):
+            # Over the long-poll budget: answer at once so threads stay free for heartbeats.
+            wait_s = 0
+            resp.set_header("Retry-After", "1")
+        grant = self.engine.leases.claim(worker_id, wait_s, ask.ttl_seconds, actor=worker_id)
+        if grant is None:
+            resp.status = 204
+            return
+        send(resp, schemas.TaskLease(task=grant.task, lease=grant.lease))

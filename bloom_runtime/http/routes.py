@@ -1,0 +1,181 @@
+"""The one table of routes: path, resource, and per method its body, responses and access.
+
+The app mounts resources from it, the middleware reads access rules from it and
+the OpenAPI document is generated from it, so the three cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bloom_runtime.engine.models import (
+    LEASE_STATUSES,
+    TASK_STATUSES,
+    WORKER_STATUSES,
+    Artifact,
+    AuditEntry,
+    Fence,
+    Lease,
+    NewTask,
+    Result,
+    Task,
+    Worker,
+)
+from bloom_runtime.http import schemas
+from bloom_runtime.http.resources import artifacts, audit, config, health, leases, membridge, stats, tasks, workers
+
+BASE = "/api/runtime"
+MEMBRIDGE_BASE = "/api/membridge"
+
+Access = Literal["open", "client", "admin"]
+# "worker" calls are rate limited per worker and named by it in the audit;
+# "long_poll" ones also draw on a separate concurrency budget.
+Kind = Literal["client", "worker", "long_poll"]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    schema: dict[str, Any]
+    description: str
+    where: Literal["query", "header"] = "query"
+
+
+@dataclass(frozen=True)
+class Op:
+    summary: str
+    responses: dict[int, tuple[Any, str]]  # status → (msgspec type or None, description)
+    body: type | None = None
+    body_optional: bool = False
+    params: tuple[Param, ...] = ()
+    access: Access = "client"
+    kind: Kind = "client"
+    content: str = "application/json"  # of the 2xx answer
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    make: Callable[[Any], object]  # AppContext → resource
+    ops: dict[str, Op] = field(default_factory=dict)
+
+
+def _status(values: tuple[str, ...]) -> Param:
+    return Param("status", {"type": "string", "enum": list(values)}, "only entries with this status")
+
+
+LIMIT = Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "page size")
+CURSOR = Param("cursor", {"type": "string", "maxLength": 512}, "from the previous page's Link rel=next")
+TASK_FILTER = Param("task_id", {"type": "string", "maxLength": 128}, "only entries of this task")
+PAGED = (LIMIT, CURSOR)
+IDEMPOTENCY = Param(
+    "Idempotency-Key", {"type": "string", "minLength": 1, "maxLength": 255},
+    "a retry with the same key returns the task created first (200) instead of a new one", "header",
+)
+NEXT_LINK = 'the page as an array; the next page in `Link: <…>; rel="next"`'
+
+ROUTES: tuple[Route, ...] = (
+    Route(f"{BASE}/health", lambda c: health.Health(c.engine), {
+        "GET": Op("Liveness, storage and membridge client state", {200: (schemas.Health, "healthy"), 503: (schemas.Health, "unhealthy")}, access="open"),
+    }),
+    Route(f"{BASE}/config", lambda c: config.Config(c.engine, c.settings), {
+        "GET": Op("Membridge configuration (key masked)", {200: (schemas.ConfigView, "configuration")}),
+        "POST": Op("Change the membridge configuration", {200: (schemas.ConfigView, "new configuration")}, body=schemas.ConfigUpdate, access="admin"),
+    }),
+    Route(f"{BASE}/test-connection", lambda c: config.TestConnection(c.engine), {
+        "POST": Op("GET membridge /health through the client", {200: (dict[str, Any], "membridge answered"), 503: (schemas.ErrorBody, "not configured or down")}),
+    }),
+    Route(f"{BASE}/workers", lambda c: workers.WorkerCollection(c.engine), {
+        "GET": Op("All workers, ordered by id", {200: (list[Worker], "workers")}, params=(_status(WORKER_STATUSES),)),
+        "POST": Op("Register or update a worker by name", {201: (Worker, "created"), 200: (Worker, "updated")}, body=schemas.WorkerRegistration),
+    }),
+    Route(f"{BASE}/workers/{{worker_id}}", lambda c: workers.WorkerItem(c.engine), {
+        "GET": Op("One worker", {200: (Worker, "the worker")}),
+        "DELETE": Op("Remove a worker (its leases expire normally)", {200: (Worker, "the removed worker")}, access="admin"),
+    }),
+    Route(f"{BASE}/workers/{{worker_id}}/claim", lambda c: workers.WorkerClaim(c.engine), {
+        "POST": Op("Pull mode: lease the next task this worker can take, waiting up to wait_seconds",
+                   {200: (schemas.TaskLease, "a task was leased"), 204: (None, "nothing arrived in time")},
+                   body=schemas.ClaimRequest, body_optional=True, kind="long_poll"),
+    }),
+    Route(f"{BASE}/llm-tasks", lambda c: tasks.TaskCollection(c.engine), {
+        "POST": Op("Queue a task", {201: (Task, "created"), 200: (Task, "idempotent retry: the task created first")}, body=NewTask, params=(IDEMPOTENCY,)),
+        "GET": Op("Tasks, newest first", {200: (list[Task], NEXT_LINK)}, params=(_status(TASK_STATUSES), *PAGED)),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}", lambda c: tasks.TaskItem(c.engine), {
+        "GET": Op("One task", {200: (Task, "the task")}),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/lease", lambda c: tasks.TaskLease(c.engine), {
+        "POST": Op("Push mode: lease a queued task to a named or the best worker",
+                   {201: (schemas.LeaseResponse, "leased")}, body=schemas.LeaseRequest, body_optional=True),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: tasks.TaskHeartbeat(c.engine), {
+        "POST": Op("Renew the active lease; the task moves to running (empty body allowed)",
+                   {200: (schemas.TaskLease, "renewed")}, body=Fence, body_optional=True, kind="worker"),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/complete", lambda c: tasks.TaskComplete(c.engine), {
+        "POST": Op("Record the result of the active lease", {200: (schemas.CompleteResponse, "recorded")},
+                   body=schemas.CompleteRequest, kind="worker"),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/requeue", lambda c: tasks.TaskRequeue(c.engine), {
+        "POST": Op("failed/dead → queued, attempts reset", {200: (Task, "requeued")}),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/cancel", lambda c: tasks.TaskCancel(c.engine), {
+        "POST": Op("queued/leased/running → cancelled", {200: (Task, "cancelled")}),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/result", lambda c: tasks.TaskResult(c.engine), {
+        "GET": Op("The task's latest result", {200: (Result, "the result")}),
+    }),
+    Route(f"{BASE}/llm-tasks/{{task_id}}/dispatch", lambda c: tasks.TaskDispatch(c.engine), {
+        "POST": Op("Lease and POST the task to the worker's /execute-task",
+                   {200: (schemas.LeaseResponse, "dispatched"), 503: (schemas.ErrorBody, "membridge not configured")},
+                   body=schemas.DispatchRequest, body_optional=True),
+    }),
+    Route(f"{BASE}/leases", lambda c: leases.Leases(c.engine), {
+        "GET": Op("Leases, newest first", {200: (list[Lease], NEXT_LINK)}, params=(_status(LEASE_STATUSES), *PAGED)),
+    }),
+    Route(f"{BASE}/artifacts", lambda c: artifacts.Artifacts(c.engine), {
+        "GET": Op("Artifacts, newest first", {200: (list[Artifact], NEXT_LINK)}, params=(TASK_FILTER, *PAGED)),
+    }),
+    Route(f"{BASE}/runs", lambda c: artifacts.Runs(c.engine), {
+        "GET": Op("Results, newest first", {200: (list[Result], NEXT_LINK)}, params=(TASK_FILTER, *PAGED)),
+    }),
+    Route(f"{BASE}/audit", lambda c: audit.Audit(c.engine), {
+        "GET": Op("Audit log, newest first", {200: (list[AuditEntry], NEXT_LINK)},
+                  params=(Param("entity_id", {"type": "string", "maxLength": 128}, "only entries about this entity"), *PAGED)),
+    }),
+    Route(f"{BASE}/stats", lambda c: stats.Stats(c.engine), {
+        "GET": Op("Counts by status", {200: (schemas.Stats, "counts")}),
+    }),
+    Route(f"{BASE}/metrics", lambda c: c.metrics_resource, {
+        "GET": Op("Prometheus metrics", {200: (None, "text exposition format")}, content="text/plain"),
+    }),
+    Route(f"{BASE}/openapi.json", lambda c: c.openapi_resource, {
+        "GET": Op("This document", {200: (dict[str, Any], "OpenAPI 3.1")}),
+    }),
+    # --- membridge pass-through (stubbed until the client is wired) -------------
+    Route(f"{MEMBRIDGE_BASE}/health", lambda c: membridge.MembridgeRead(c.engine), {
+        "GET": Op("Membridge /health", {200: (dict[str, Any], "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+    }),
+    Route(f"{MEMBRIDGE_BASE}/projects", lambda c: membridge.MembridgeRead(c.engine), {
+        "GET": Op("Membridge projects", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+    }),
+    Route(f"{MEMBRIDGE_BASE}/projects/{{cid}}/leadership", lambda c: membridge.MembridgeRead(c.engine), {
+        "GET": Op("A project's leadership", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+    }),
+    Route(f"{MEMBRIDGE_BASE}/projects/{{cid}}/nodes", lambda c: membridge.MembridgeRead(c.engine), {
+        "GET": Op("A project's nodes", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+    }),
+    Route(f"{MEMBRIDGE_BASE}/projects/{{cid}}/leadership/select", lambda c: membridge.MembridgeWrite(c.engine), {
+        "POST": Op("Select a project's leader", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")},
+                   body=dict[str, Any], body_optional=True, access="admin"),
+    }),
+)
+
+OPS: dict[tuple[str, str], Op] = {(r.path, m): op for r in ROUTES for m, op in r.ops.items()}
+
+
+def op_for(template: str | None, method: str) -> Op | None:
+    return OPS.get((template, method)) if template else None

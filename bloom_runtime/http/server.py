@@ -1,0 +1,162 @@
+"""``bloom-runtime serve``: the app under waitress, with a draining shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from waitress.server import create_server
+
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.settings import Settings, is_loopback, parse_api_keys
+from bloom_runtime.http.app import create_app
+
+log = logging.getLogger("bloom_runtime.http.server")
+
+DRAIN_TIMEOUT_S = 10.0  # in-flight requests get this long to finish on shutdown
+SHORT_DRAIN_S = 2.0  # before the engine stops: short requests finish while it still takes work
+POLL_S = 0.02
+# Waitress buffers a whole body before the app runs; cap it well above the app's own
+# limit so the app answers 413 as JSON for anything plausible.
+WAITRESS_BODY_FACTOR = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``serve``; each falls back to the environment variable of the same name."""
+    parser.add_argument("--host", help="address to bind (HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (PORT, default 5000; 0 picks a free one)")
+    parser.add_argument("--threads", type=int, help="waitress threads (THREADS, default 64); long polls hold one each")
+    parser.add_argument("--database-url", help="postgresql://… or sqlite:///path (DATABASE_URL)")
+    parser.add_argument("--lease-fencing", choices=["lenient", "strict"], help="strict: heartbeat/complete must name the lease (LEASE_FENCING)")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body (MAX_BODY_BYTES, default 2 MiB)")
+    parser.add_argument("--max-in-flight", type=int, help="requests in flight before 503 (MAX_IN_FLIGHT)")
+    parser.add_argument("--rate-limit-per-s", type=float, help="tokens per second per key; 0 disables (RATE_LIMIT_PER_S)")
+    parser.add_argument("--rate-limit-burst", type=int, help="bucket size (RATE_LIMIT_BURST)")
+    parser.add_argument("--lease-sweep-interval", type=float, help="seconds between expiry sweeps (LEASE_SWEEP_INTERVAL)")
+    parser.add_argument("--public-url", help="base URL workers call back (RUNTIME_PUBLIC_URL)")
+    parser.add_argument(
+        "--insecure-no-auth", action="store_true", default=None,
+        help="allow a non-loopback bind with no RUNTIME_API_KEY (INSECURE_NO_AUTH)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    import os
+
+    insecure = args.insecure_no_auth or os.environ.get("INSECURE_NO_AUTH", "").strip().lower() in ("1", "true", "yes")
+    return Settings.from_env(
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        database_url=args.database_url,
+        lease_fencing=args.lease_fencing,
+        max_body_bytes=args.max_body_bytes,
+        max_in_flight=args.max_in_flight,
+        rate_limit_per_s=args.rate_limit_per_s,
+        rate_limit_burst=args.rate_limit_burst,
+        lease_sweep_interval_s=args.lease_sweep_interval,
+        public_url=args.public_url,
+        insecure_no_auth=insecure or None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not settings.auth_enabled and not is_loopback(settings.host) and not settings.insecure_no_auth:
+        print(
+            f"bloom-runtime: refusing to serve on {settings.host} without RUNTIME_API_KEY (use --insecure-no-auth to override)",
+            file=sys.stderr,
+        )
+        return 2
+    engine = Engine.start(settings)
+    try:
+        return _serve(engine, settings)
+    finally:
+        engine.stop()
+
+
+def _serve(engine: Engine, settings: Settings) -> int:
+    holder: dict[str, Any] = {}
+
+    def backlog() -> int:
+        server = holder.get("server")
+        return len(server.task_dispatcher.queue) if server is not None else 0
+
+    app = create_app(engine, settings, backlog=backlog)
+    server = create_server(
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        max_request_body_size=settings.max_body_bytes * WAITRESS_BODY_FACTOR,
+        connection_limit=max(100, settings.threads * 4),
+        channel_timeout=60,  # longer than the longest long poll (30 s)
+        clear_untrusted_proxy_headers=True,
+        ident="bloom-runtime",
+    )
+    holder["server"] = server
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    loop = threading.Thread(target=server.run, name="waitress-loop", daemon=False)
+    loop.start()
+    host, port = server.effective_host, server.effective_port
+    shown = f"[{host}]" if ":" in str(host) else host
+    print(f"bloom-runtime listening on http://{shown}:{port} ({engine.store.kind})", flush=True)
+    try:
+        stop.wait()
+        log.info("signal %s: draining", received[0] if received else "?")
+        _drain(server, app.context.shedder, engine)
+    except BaseException:
+        # Never leave the (non-daemon) loop thread serving with a stopped engine.
+        from waitress import wasyncore
+
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+        raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        loop.join(timeout=DRAIN_TIMEOUT_S)
+    log.info("stopped")
+    return 0
+
+
+def _wait(condition: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _drain(server: Any, shedder: Any, engine: Engine) -> None:
+    """Stop accepting, let requests finish, drain the engine, close every connection."""
+    from waitress import wasyncore
+
+    def stop_accepting() -> None:
+        server.accepting = False
+        try:
+            wasyncore.dispatcher.close(server)  # the listening socket only
+        except OSError:
+            pass
+
+    server.trigger.pull_trigger(stop_accepting)
+    shedder.draining = True  # keep-alive connections get 503 + Connection: close
+    # Short requests finish while the engine still takes work; long polls end when it stops.
+    _wait(lambda: shedder.in_flight == 0, SHORT_DRAIN_S)
+    engine.stop()  # wakes long polls (they answer 204), writes pending audit entries
+    dispatcher = server.task_dispatcher
+    _wait(lambda: shedder.busy == 0 and not dispatcher.queue and dispatcher.active_count == 0, DRAIN_TIMEOUT_S)
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+    dispatcher.shutdown(timeout=DRAIN_TIMEOUT_S)

@@ -1,0 +1,131 @@
+"""Auth matrix, admin operations, rate limit, load shedding."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from bloom_runtime.engine.settings import parse_api_keys
+from bloom_runtime.http.routes import ROUTES
+
+from .conftest import ADMIN_KEY, CLIENT_KEY, new_task, snapshot, wait_for
+
+API = "/api/runtime"
+HEADER = "X-Runtime-API-Key"
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{task_id}", "t-1").replace("{worker_id}", "w-1").replace("{cid}", "p-1")
+
+
+ALL_OPS = [(m, r.path) for r in ROUTES for m in r.ops]
+
+
+@pytest.mark.parametrize("method,path", ALL_OPS)
+def test_every_route_needs_a_key_except_health(keyed, method, path):
+    before = snapshot(keyed.engine)
+    wrong = "x" * len(CLIENT_KEY)  # same length as a real key
+    for headers in ({}, {HEADER: wrong}, {HEADER: ""}):
+        r = keyed.simulate_request(method, _concrete(path), headers=headers, json={} if method == "POST" else None)
+        if path == f"{API}/health":
+            assert r.status_code == 200
+        else:
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.json["error"] and r.headers.get("www-authenticate")
+    assert snapshot(keyed.engine) == before
+
+
+ADMIN_OPS = [(m, r.path) for r in ROUTES for m, op in r.ops.items() if op.access == "admin"]
+
+
+@pytest.mark.parametrize("method,path", ADMIN_OPS)
+def test_admin_routes_refuse_client_keys(keyed, method, path):
+    keyed.simulate_post(f"{API}/workers", json={"name": "w-1"}, headers={HEADER: CLIENT_KEY})
+    before = snapshot(keyed.engine)
+    r = keyed.simulate_request(method, _concrete(path), headers={HEADER: CLIENT_KEY}, json={})
+    assert r.status_code == 403 and r.json["error"]
+    assert snapshot(keyed.engine) == before
+    r = keyed.simulate_request(method, _concrete(path), headers={HEADER: ADMIN_KEY}, json={})
+    assert r.status_code not in (401, 403)
+
+
+def test_key_name_is_the_audit_actor_and_admin_unset_means_any_key_is_admin(make_client):
+    c = make_client(api_keys=parse_api_keys(f"ops={CLIENT_KEY}"), headers={HEADER: CLIENT_KEY})
+    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
+    entries = c.simulate_get(f"{API}/audit", params={"entity_id": task["id"]}).json
+    assert [e["actor"] for e in entries] == ["ops"]
+    c.simulate_post(f"{API}/workers", json={"name": "w-1"})
+    assert c.simulate_delete(f"{API}/workers/w-1").status_code == 200
+
+
+def test_config_masks_key_and_audits_change(keyed):
+    admin = {HEADER: ADMIN_KEY}
+    r = keyed.simulate_post(f"{API}/config", json={"membridge_server_url": "http://membridge.local:8000", "admin_key": "supersecretvalue1234"}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert r.json == {"membridge_server_url": "http://membridge.local:8000", "admin_key": "****1234", "configured": True}
+    assert "supersecret" not in keyed.simulate_get(f"{API}/config", headers=admin).text
+    entry = keyed.simulate_get(f"{API}/audit", headers=admin).json[0]
+    assert entry["action"] == "config_updated" and entry["actor"] == "root" and "supersecret" not in entry["detail"]
+    r = keyed.simulate_post(f"{API}/config", json={"membridge_server_url": "http://user:pw@evil"}, headers=admin)
+    assert r.status_code == 400
+
+
+def test_rate_limit_429_with_headers(make_client):
+    c = make_client(rate_limit_per_s=0.001, rate_limit_burst=3)
+    codes = [c.simulate_get(f"{API}/stats").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = c.simulate_get(f"{API}/stats")
+    assert r.status_code == 429 and r.json["error"]
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["ratelimit-limit"] == "3" and r.headers["ratelimit-remaining"] == "0" and r.headers["ratelimit-reset"]
+
+
+def test_default_rate_limit_lets_a_fleet_heartbeat_and_claim(make_client):
+    """64 workers sharing one key: a minute of heartbeats (every 10 s) and claims all pass."""
+    c = make_client(api_keys=parse_api_keys(f"fleet={CLIENT_KEY}"), headers={HEADER: CLIENT_KEY})
+    for i in range(64):
+        c.simulate_post(f"{API}/workers", json={"name": f"w{i}"})
+    for _ in range(6):
+        for i in range(64):
+            assert c.simulate_post(f"{API}/workers/w{i}/claim", json={"wait_seconds": 0}).status_code == 204
+            assert c.simulate_post(f"{API}/llm-tasks/t{i}/heartbeat").status_code == 404  # not throttled
+
+
+def test_load_shedding_503_at_once(make_client):
+    c = make_client(max_in_flight=2)
+    shedder = c.app.context.shedder
+    shedder.backlog = lambda: 5  # the server reports a deep queue
+    r = c.simulate_get(f"{API}/stats")
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json["error"]
+    shedder.backlog = lambda: 0
+    assert c.simulate_get(f"{API}/stats").status_code == 200
+    assert shedder.in_flight == 0
+
+
+def test_long_polls_have_their_own_budget(make_client):
+    c = make_client(threads=6, max_in_flight=4)  # long-poll budget: 2
+    shedder = c.app.context.shedder
+    assert shedder.long_poll_budget == 2
+    c.simulate_post(f"{API}/workers", json={"name": "w1"})
+    started = threading.Barrier(3)
+    results: list[int] = []
+
+    def poll() -> None:
+        started.wait()
+        results.append(c.simulate_post(f"{API}/workers/w1/claim", json={"wait_seconds": 2}).status_code)
+
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for t in threads:
+        t.start()
+    started.wait()
+    wait_for(lambda: shedder.long_polls == 2)
+    # Budget spent: a third claim is answered at once (short poll), heartbeats still pass.
+    r = c.simulate_post(f"{API}/workers/w1/claim", json={"wait_seconds": 30})
+    assert r.status_code == 204 and r.headers["retry-after"] == "1"
+    assert c.simulate_get(f"{API}/stats").status_code == 200
+    c.simulate_post(f"{API}/llm-tasks", json=new_task())
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200, 204]
+    assert shedder.busy == 0
