@@ -27,6 +27,7 @@ from bloom_runtime.sql.store import Store, Transaction, TransientConflict
 log = logging.getLogger(__name__)
 
 TRANSIENT_RETRIES = 3
+TRANSIENT_PAUSE_S = 0.005  # grows linearly per retry after a deadlock
 
 
 def audit(now: int, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None = None) -> AuditEntry:
@@ -57,6 +58,7 @@ class Write:
     op: Callable[[Transaction], tuple[Any, list[AuditEntry]]]
     reply: pykka.ThreadingFuture
     after: Callable[[Any], None] | None = None  # runs on success, after commit
+    key: str = ""  # the task it locks first; a batch runs in key order so batches cannot deadlock on tasks
 
 
 @dataclass
@@ -137,11 +139,22 @@ class Ticker:
 
 
 class BatchingActor(pykka.ThreadingActor):
-    """Runs ``Write`` messages in groups: one transaction for all that are waiting."""
+    """Runs ``Write`` messages in groups: one transaction for all that are waiting,
+    audit entries included."""
 
-    def __init__(self, store: Store, clock: Clock, audit_sink: Callable[[Record], None], batch_max: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        audit_sink: Callable[[Record], None],
+        batch_max: int,
+        inline_audit: bool = True,
+    ) -> None:
         super().__init__()
         self.store = store
+        # With group commit, a batch's audit entries go into its own transaction;
+        # without, each goes through the AuditWriter in a transaction of its own.
+        self.inline_audit = inline_audit
         self.clock = clock
         self._audit_sink = audit_sink
         self._batch_max = batch_max
@@ -200,18 +213,27 @@ class BatchingActor(pykka.ThreadingActor):
             batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
             self._run_batch(batch)
 
+    def _attempt(self, batch: list[Write]) -> list[tuple[Write, Any, list[AuditEntry] | None]]:
+        """Run the batch in one transaction; domain refusals are outcomes, not failures."""
+        outcomes: list[tuple[Write, Any, list[AuditEntry] | None]] = []
+        with self.store.transaction() as tx:
+            for w in sorted(batch, key=_lock_order):
+                try:
+                    value, entries = w.op(tx)
+                except BloomError as exc:
+                    if isinstance(exc, StoreUnavailable):
+                        raise
+                    outcomes.append((w, exc, None))
+                    continue
+                outcomes.append((w, value, entries))
+            if self.inline_audit:
+                # The entries commit with the changes they record: neither exists without the other.
+                tx.insert_audit([e for _, _, entries in outcomes if entries for e in entries])
+        return outcomes
+
     def _run_batch(self, batch: list[Write]) -> None:
-        outcomes: list[tuple[Write, Any, list[AuditEntry]] | tuple[Write, BaseException, None]] = []
         try:
-            with self.store.transaction() as tx:
-                for w in batch:
-                    try:
-                        value, entries = w.op(tx)
-                        outcomes.append((w, value, entries))
-                    except (BloomError,) as exc:
-                        if isinstance(exc, StoreUnavailable):
-                            raise
-                        outcomes.append((w, exc, None))
+            outcomes = self._attempt(batch)
         except StoreUnavailable as exc:
             if len(batch) == 1 and not isinstance(exc, TransientConflict):
                 _fail(batch[0].reply, exc)
@@ -220,30 +242,19 @@ class BatchingActor(pykka.ThreadingActor):
             for w in batch:
                 self._run_single(w)
             return
-        except Exception as exc:
+        except Exception:
             log.exception("%s: batch failed", type(self).__name__)
             for w in batch:
                 _fail(w.reply, StoreUnavailable("internal error while writing"))
-            del exc
             return
         self._deliver(outcomes)
 
     def _run_single(self, w: Write) -> None:
         for attempt in range(TRANSIENT_RETRIES):
             try:
-                with self.store.transaction() as tx:
-                    try:
-                        value, entries = w.op(tx)
-                    except BloomError as exc:
-                        if isinstance(exc, StoreUnavailable):
-                            raise
-                        outcome: Any = (w, exc, None)
-                    else:
-                        outcome = (w, value, entries)
-                self._deliver([outcome])
-                return
+                outcomes = self._attempt([w])
             except TransientConflict:
-                time.sleep(0.005 * (attempt + 1))
+                time.sleep(TRANSIENT_PAUSE_S * (attempt + 1))
                 continue
             except StoreUnavailable as exc:
                 _fail(w.reply, exc)
@@ -252,9 +263,11 @@ class BatchingActor(pykka.ThreadingActor):
                 log.exception("%s: write failed", type(self).__name__)
                 _fail(w.reply, StoreUnavailable("internal error while writing"))
                 return
+            self._deliver(outcomes)
+            return
         _fail(w.reply, StoreUnavailable("database busy, retry"))
 
-    def _deliver(self, outcomes: list[Any]) -> None:
+    def _deliver(self, outcomes: list[tuple[Write, Any, list[AuditEntry] | None]]) -> None:
         for w, value, entries in outcomes:
             if entries is None:
                 _fail(w.reply, value)
@@ -264,10 +277,14 @@ class BatchingActor(pykka.ThreadingActor):
                     w.after(value)
                 except Exception:
                     log.exception("%s: after-commit hook failed", type(self).__name__)
-            if entries:
+            if entries and not self.inline_audit:
                 self._audit_sink(Record(entries, w.reply, value))
             else:
                 w.reply.set(value)
+
+
+def _lock_order(w: Write) -> str:
+    return w.key
 
 
 def _fail(reply: pykka.ThreadingFuture | None, exc: BaseException) -> None:

@@ -1,4 +1,4 @@
-"""LeaseSupervisor: owns leases; grants, renews and fails them, and sweeps the expired."""
+"""LeaseSupervisor: owns leases; grants (acquire, claim), renews and fails them, and sweeps the expired."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bloom_runtime.actors.base import BatchingActor, JobHealth, Record, Write, _fail, audit
-from bloom_runtime.actors.messages import AcquireLease, FailLease, Heartbeat
+from bloom_runtime.actors.messages import AcquireLease, ClaimNext, FailLease, Heartbeat
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import Lease, LeaseGrant, Task, new_id
+from bloom_runtime.engine.models import AuditEntry, Expiry, Lease, LeaseGrant, Task, new_id
 from bloom_runtime.sql.store import RetryDelay, Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ class LeaseSupervisor(BatchingActor):
         retry_delay: RetryDelay,
         on_queued: Callable[[], None],
         batch_max: int = 256,
+        inline_audit: bool = True,
         fault: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(store, clock, audit_sink, batch_max)
+        super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.health = health
         self.retry_delay = retry_delay
         self.on_queued = on_queued
@@ -53,7 +54,7 @@ class LeaseSupervisor(BatchingActor):
                     )
                 ]
 
-            return Write(acquire, m.reply)
+            return Write(acquire, m.reply, key=m.task_id)
 
         if isinstance(m, Heartbeat):
 
@@ -64,7 +65,7 @@ class LeaseSupervisor(BatchingActor):
                     audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")
                 ]
 
-            return Write(heartbeat, m.reply)
+            return Write(heartbeat, m.reply, key=m.task_id)
 
         if isinstance(m, FailLease):
 
@@ -78,53 +79,69 @@ class LeaseSupervisor(BatchingActor):
                 ]
 
             return Write(fail, m.reply, after=lambda v: v[0].status == "queued" and self.on_queued())
+
+        if isinstance(m, ClaimNext):
+
+            def claim(tx: Transaction) -> tuple[LeaseGrant | None, list]:
+                t = now()
+                grant = tx.claim_next(m.worker_id, m.ttl_seconds, new_id(), t)
+                if grant is None:
+                    return None, []
+                return grant, [
+                    audit(
+                        t, "task_leased", "task", grant.task.id, m.actor,
+                        f"lease={grant.lease.id} worker={grant.worker.id} attempt={grant.task.attempts} claimed",
+                    )
+                ]
+
+            return Write(claim, m.reply)
         return None
 
     def on_tick(self, reply: Any = None) -> None:
         try:
             if self._fault is not None:
                 self._fault()
-            total = self.sweep(reply)
+            total, pending = self.sweep()
         except Exception as exc:
             self.health.failed(exc)
             log.warning("lease sweep failed: %s", exc)
             _fail(reply, exc)
             return
         self.health.succeeded(self.clock.now_ms())
-        if reply is not None and total == 0:
-            reply.set(0)
+        if pending:
+            self._audit_sink(Record(pending, reply, total))
+        elif reply is not None:
+            reply.set(total)
 
-    def sweep(self, reply: Any = None) -> int:
-        """Expire every lease past its deadline; returns how many.
+    def sweep(self) -> tuple[int, list[AuditEntry]]:
+        """Expire every lease past its deadline, in transactions of ``SWEEP_BATCH``.
 
-        ``reply``, when given, is answered with the count once the audit
-        entries of the whole sweep are committed."""
+        Returns how many expired and the audit entries still to be written
+        (none when they were committed with the expiries)."""
         total = 0
-        entries: list = []
+        pending: list[AuditEntry] = []
         while True:
             now = self.clock.now_ms()
             with self.store.transaction() as tx:
                 expired = tx.expire_due(now, SWEEP_BATCH)
-            if not expired:
-                break
-            requeued = False
-            for e in expired:
-                entries.append(audit(now, "lease_expired", "lease", e.lease.id, ACTOR, f"task={e.task.id} worker={e.lease.worker_id}"))
-                if e.task.status == "queued":
-                    requeued = True
-                    entries.append(audit(now, "task_requeued", "task", e.task.id, ACTOR,
-                                         f"lease expired, attempts={e.task.attempts}/{e.task.max_attempts}"))
+                entries = [entry for e in expired for entry in self._expiry_entries(now, e)]
+                if self.inline_audit:
+                    tx.insert_audit(entries)
                 else:
-                    self.dead_total += 1
-                    entries.append(audit(now, "task_dead", "task", e.task.id, ACTOR,
-                                         f"lease expired, attempts={e.task.attempts}/{e.task.max_attempts}"))
+                    pending += entries
             self.expired_total += len(expired)
+            self.dead_total += sum(1 for e in expired if e.task.status == "dead")
             total += len(expired)
-            if requeued:
+            if any(e.task.status == "queued" for e in expired):
                 self.on_queued()
             if len(expired) < SWEEP_BATCH:
-                break
-        if entries:
-            self._audit_sink(Record(entries, reply, total))
-        return total
+                return total, pending
 
+    @staticmethod
+    def _expiry_entries(now: int, e: Expiry) -> list[AuditEntry]:
+        attempts = f"lease expired, attempts={e.task.attempts}/{e.task.max_attempts}"
+        action = "task_requeued" if e.task.status == "queued" else "task_dead"
+        return [
+            audit(now, "lease_expired", "lease", e.lease.id, ACTOR, f"task={e.task.id} worker={e.lease.worker_id}"),
+            audit(now, action, "task", e.task.id, ACTOR, attempts),
+        ]

@@ -105,4 +105,5 @@ class PickWorkers:
     context_id: str
     labels: Sequence[str]
     reply: pykka.ThreadingFuture
+    fresh: bool = False  # reload the routing snapshot first
 

@@ -1,4 +1,4 @@
-"""TaskQueue: owns tasks, results and artifacts; wakes long-polling claimers."""
+"""TaskQueue: owns tasks, results and artifacts; wakes long-polling claimers when tasks queue."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bloom_runtime.actors.base import BatchingActor, Record, Write, audit
-from bloom_runtime.actors.messages import CancelTask, ClaimNext, CompleteTask, CreateTask, RequeueTask
+from bloom_runtime.actors.messages import CancelTask, CompleteTask, CreateTask, RequeueTask
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import CompletionOutcome, LeaseGrant, Task, new_id
+from bloom_runtime.engine.models import CompletionOutcome, Task, new_id
 from bloom_runtime.sql.store import RetryDelay, Store, Transaction
 
 
@@ -22,8 +22,9 @@ class TaskQueue(BatchingActor):
         retry_delay: RetryDelay,
         on_queued: Callable[[], None],
         batch_max: int = 256,
+        inline_audit: bool = True,
     ) -> None:
-        super().__init__(store, clock, audit_sink, batch_max)
+        super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.retry_delay = retry_delay
         self.on_queued = on_queued
 
@@ -54,7 +55,7 @@ class TaskQueue(BatchingActor):
                     entries.append(audit(t, "lease_released", "lease", out.lease.id, m.actor, f"task={m.task_id}"))
                 return out, entries
 
-            return Write(complete, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued())
+            return Write(complete, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued(), key=m.task_id)
 
         if isinstance(m, RequeueTask):
 
@@ -63,7 +64,7 @@ class TaskQueue(BatchingActor):
                 task = tx.requeue(m.task_id, t)
                 return task, [audit(t, "task_requeued", "task", task.id, m.actor, "attempts reset")]
 
-            return Write(requeue, m.reply, after=lambda v: self.on_queued())
+            return Write(requeue, m.reply, after=lambda v: self.on_queued(), key=m.task_id)
 
         if isinstance(m, CancelTask):
 
@@ -75,21 +76,6 @@ class TaskQueue(BatchingActor):
                     entries.append(audit(t, "lease_released", "lease", lease.id, m.actor, f"task={task.id} cancelled"))
                 return task, entries
 
-            return Write(cancel, m.reply)
+            return Write(cancel, m.reply, key=m.task_id)
 
-        if isinstance(m, ClaimNext):
-
-            def claim(tx: Transaction) -> tuple[LeaseGrant | None, list]:
-                t = now()
-                grant = tx.claim_next(m.worker_id, m.ttl_seconds, new_id(), t)
-                if grant is None:
-                    return None, []
-                return grant, [
-                    audit(
-                        t, "task_leased", "task", grant.task.id, m.actor,
-                        f"lease={grant.lease.id} worker={grant.worker.id} attempt={grant.task.attempts} claimed",
-                    )
-                ]
-
-            return Write(claim, m.reply)
         return None

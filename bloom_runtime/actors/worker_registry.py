@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,15 +16,36 @@ from bloom_runtime.sql.store import Store, Transaction
 log = logging.getLogger(__name__)
 
 
-def rank(candidates: Sequence[Worker], sticky: set[str]) -> list[Worker]:
+ROUTING_REFRESH_S = 1.0  # how stale the routing snapshot may get before a pick reloads it
+PICK_CANDIDATES = 3  # candidates handed to the lease transaction, which re-checks each
+
+
+def rank(candidates: Sequence[Worker], sticky: set[str], active: dict[str, int] | None = None) -> list[Worker]:
     """Best first: sticky to the context, then most free capacity, then freshest heartbeat."""
-    return sorted(
-        candidates,
-        key=lambda w: (w.id not in sticky, -w.free_capacity, -(w.last_heartbeat or 0), w.id),
+    counts = active or {}
+
+    def free(w: Worker) -> int:
+        return w.capabilities.max_concurrency - counts.get(w.id, w.active_leases)
+
+    return sorted(candidates, key=lambda w: (w.id not in sticky, -free(w), -(w.last_heartbeat or 0), w.id))
+
+
+def can_take(w: Worker, labels: Sequence[str], active: int) -> bool:
+    caps = w.capabilities
+    return (
+        w.status == "online"
+        and caps.claude_cli
+        and active < caps.max_concurrency
+        and all(label in caps.labels for label in labels)
     )
 
 
 class WorkerRegistry(BatchingActor):
+    """Routes from a snapshot of the fleet (workers, their active leases, the contexts they
+    hold) reloaded every ``ROUTING_REFRESH_S`` and after any registry change; between
+    reloads each pick counts itself against the worker it chose. The lease transaction
+    re-checks capacity, so a stale snapshot costs a retry, never a wrong grant."""
+
     def __init__(
         self,
         store: Store,
@@ -33,27 +55,54 @@ class WorkerRegistry(BatchingActor):
         health: JobHealth,
         offline_after_ms: int,
         batch_max: int = 256,
+        inline_audit: bool = True,
     ) -> None:
-        super().__init__(store, clock, audit_sink, batch_max)
+        super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.health = health
         self.offline_after_ms = offline_after_ms
+        self._workers: list[Worker] = []
+        self._active: dict[str, int] = {}
+        self._contexts: dict[str, set[str]] = {}
+        self._loaded_at = float("-inf")
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, PickWorkers):
             try:
-                message.reply.set(self.pick(message.context_id, message.labels))
+                message.reply.set(self.pick(message.context_id, message.labels, fresh=message.fresh))
             except Exception as exc:
                 _fail(message.reply, exc)
             return None
         return super().on_receive(message)
 
-    def pick(self, context_id: str, labels: Sequence[str]) -> list[str]:
-        """Ids of the workers that can take a task, best first (the lease transaction re-checks)."""
-        candidates = self.store.worker_candidates(labels)
-        if not candidates:
-            return []
-        sticky = self.store.sticky_workers(context_id) if len(candidates) > 1 else set()
-        return [w.id for w in rank(candidates, sticky)]
+    def _reload(self) -> None:
+        self._workers = self.store.list_workers()
+        self._active = {w.id: w.active_leases for w in self._workers}
+        self._contexts = {}
+        for context_id, worker_id in self.store.active_lease_owners():
+            self._contexts.setdefault(context_id, set()).add(worker_id)
+        self._loaded_at = time.monotonic()
+
+    def pick(self, context_id: str, labels: Sequence[str], fresh: bool = False) -> list[str]:
+        """Ids of up to ``PICK_CANDIDATES`` workers that can take the task, best first."""
+        reloaded = fresh or time.monotonic() - self._loaded_at > ROUTING_REFRESH_S
+        if reloaded:
+            self._reload()
+        ranked = self._rank(context_id, labels)
+        if not ranked and not reloaded:
+            self._reload()  # "no capacity" is worth one fresh look before it is said
+            ranked = self._rank(context_id, labels)
+        if ranked:
+            chosen = ranked[0].id
+            self._active[chosen] = self._active.get(chosen, 0) + 1
+            self._contexts.setdefault(context_id, set()).add(chosen)
+        return [w.id for w in ranked[:PICK_CANDIDATES]]
+
+    def _rank(self, context_id: str, labels: Sequence[str]) -> list[Worker]:
+        candidates = [w for w in self._workers if can_take(w, labels, self._active.get(w.id, 0))]
+        return rank(candidates, self._contexts.get(context_id, set()), self._active)
+
+    def _changed(self, value: Any) -> None:
+        self._loaded_at = float("-inf")
 
     def plan(self, m: Any) -> Write | None:
         now = self.clock.now_ms
@@ -65,7 +114,7 @@ class WorkerRegistry(BatchingActor):
                 action = "worker_registered" if created else "worker_updated"
                 return (worker, created), [audit(t, action, "worker", worker.id, m.actor, f"status={worker.status}")]
 
-            return Write(register, m.reply)
+            return Write(register, m.reply, after=self._changed)
 
         if isinstance(m, UpsertWorkers):
 
@@ -79,7 +128,7 @@ class WorkerRegistry(BatchingActor):
                         entries.append(audit(t, "worker_registered", "worker", worker.id, m.actor, f"status={worker.status}"))
                 return out, entries
 
-            return Write(upsert_many, m.reply or _discard())
+            return Write(upsert_many, m.reply or _discard(), after=self._changed)
 
         if isinstance(m, RemoveWorker):
 
@@ -88,7 +137,7 @@ class WorkerRegistry(BatchingActor):
                 worker = tx.remove_worker(m.worker_id)
                 return worker, [audit(t, "worker_removed", "worker", worker.id, m.actor)]
 
-            return Write(remove, m.reply)
+            return Write(remove, m.reply, after=self._changed)
         return None
 
     def on_tick(self, reply: Any = None) -> None:
@@ -96,19 +145,27 @@ class WorkerRegistry(BatchingActor):
             now = self.clock.now_ms()
             with self.store.transaction() as tx:
                 changed = tx.mark_stale_workers_offline(now - self.offline_after_ms, now)
+                entries = [audit(now, "worker_offline", "worker", w.id, "worker-registry", "not seen") for w in changed]
+                if self.inline_audit:
+                    tx.insert_audit(entries)
         except Exception as exc:
             self.health.failed(exc)
             log.warning("worker liveness check failed: %s", exc)
             _fail(reply, exc)
             return
         self.health.succeeded(now)
+        if changed:
+            self._changed(None)
         if not changed:
             if reply is not None:
                 reply.set(0)
             return
         log.info("workers offline (not seen for %d s): %s", self.offline_after_ms // 1000, ", ".join(w.id for w in changed))
-        entries = [audit(now, "worker_offline", "worker", w.id, "worker-registry", "not seen") for w in changed]
-        self._audit_sink(Record(entries, reply, len(changed)))
+        if self.inline_audit:
+            if reply is not None:
+                reply.set(len(changed))
+        else:
+            self._audit_sink(Record(entries, reply, len(changed)))
 
 
 def _discard() -> Any:

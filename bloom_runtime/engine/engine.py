@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from bloom_runtime.actors.task_queue import TaskQueue
 from bloom_runtime.actors.worker_registry import WorkerRegistry
 from bloom_runtime.engine.backoff import RetryBackoff
 from bloom_runtime.engine.clock import Clock, SystemClock
+from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
@@ -64,9 +66,11 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    new_id,
     validate,
 )
 from bloom_runtime.engine.settings import Settings
+from bloom_runtime.engine.stats_cache import StatsCache
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.sql import store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
@@ -128,6 +132,7 @@ class Engine:
         self.version = __version__
         self.retry_backoff = RetryBackoff(settings.retry_backoff_base_ms, settings.retry_backoff_cap_ms)
         self.wakeup = ClaimWakeup()
+        self._stats = StatsCache(store.stats)
         self.jobs = {
             "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
             "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
@@ -136,6 +141,7 @@ class Engine:
         }
         self.sweep_fault: Callable[[], None] | None = None  # tests inject sweep failures here
         self._slots: dict[str, _ActorSlot] = {}
+        self._shards: dict[str, list[str]] = {"queue": [], "leases": []}
         self._tickers: list[Ticker] = []
         self._stopping = threading.Event()
         self._stopped = False
@@ -146,7 +152,8 @@ class Engine:
         self.leases = LeaseService(self)
         self.workers = WorkerService(self)
         self.audit = AuditService(self)
-        self.membridge: Any = None  # set by the membridge wiring when configured
+        # Membridge config (read from the store), clients, test-connection, pass-through, dispatch; no network I/O here.
+        self.membridge: MembridgeService = MembridgeService(self)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -204,21 +211,33 @@ class Engine:
             lambda: WorkerRegistry.start(
                 store, clock, sink, health=self.jobs["worker_liveness"],
                 offline_after_ms=int(s.worker_offline_after_s * 1000), batch_max=s.write_batch_max,
+                inline_audit=s.audit_group_commit,
             ),
         )
-        self._slots["queue"] = _ActorSlot(
-            "task-queue",
-            lambda: TaskQueue.start(
-                store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.notify, batch_max=s.write_batch_max
-            ),
-        )
-        self._slots["leases"] = _ActorSlot(
-            "lease-supervisor",
-            lambda: LeaseSupervisor.start(
-                store, clock, sink, health=self.jobs["lease_sweep"], retry_delay=self.retry_backoff,
-                on_queued=self.wakeup.notify, batch_max=s.write_batch_max, fault=self._sweep_fault,
-            ),
-        )
+        # Task writes are spread over shards by task id, so several transactions run at
+        # once; lease grants (acquire, claim, fail) and the sweep stay on shard 0, the only
+        # writer that locks worker rows, so shards cannot deadlock on them.
+        shards = s.actor_shards if s.actor_shards > 0 else (4 if store.kind == "postgresql" else 1)
+        for i in range(shards):
+            name = "queue" if i == 0 else f"queue.{i}"
+            self._slots[name] = _ActorSlot(
+                f"task-queue-{i}",
+                lambda: TaskQueue.start(
+                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.notify,
+                    batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+                ),
+            )
+            lname = "leases" if i == 0 else f"leases.{i}"
+            self._slots[lname] = _ActorSlot(
+                f"lease-supervisor-{i}",
+                lambda: LeaseSupervisor.start(
+                    store, clock, sink, health=self.jobs["lease_sweep"], retry_delay=self.retry_backoff,
+                    on_queued=self.wakeup.notify, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+                    fault=self._sweep_fault,
+                ),
+            )
+            self._shards["queue"].append(name)
+            self._shards["leases"].append(lname)
         self._slots["membridge"] = _ActorSlot(
             "membridge-syncer",
             lambda: MembridgeSyncer.start(
@@ -280,7 +299,8 @@ class Engine:
         if self._watchdog is not None:
             self._watchdog.join()
         # Producers first, the audit writer last, so it writes what they sent while stopping.
-        for name in ("membridge", "leases", "queue", "registry", "audit"):
+        order = ["membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
+        for name in order:
             slot = self._slots.get(name)
             if slot is None:
                 continue
@@ -309,10 +329,21 @@ class Engine:
     def _audit_sink(self, record: Record) -> None:
         self._slots["audit"].ref.tell(record)
 
-    def call(self, slot: str, make: Callable[[pykka.ThreadingFuture], Any], timeout_s: float | None = None) -> Any:
-        """Send a command built around a fresh reply future; wait for the answer."""
+    def call(
+        self,
+        slot: str,
+        make: Callable[[pykka.ThreadingFuture], Any],
+        timeout_s: float | None = None,
+        key: str | None = None,
+    ) -> Any:
+        """Send a command built around a fresh reply future; wait for the answer.
+
+        ``key`` (a task id) picks the shard of a sharded actor; without it, shard 0."""
         if self._stopping.is_set():
             raise EngineStopped("the engine is stopping")
+        if key is not None and slot in self._shards:
+            names = self._shards[slot]
+            slot = names[zlib.crc32(key.encode()) % len(names)]
         reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
         self._slots[slot].tell(make(reply))
         try:
@@ -361,7 +392,8 @@ class Engine:
         }
 
     def stats(self) -> dict[str, Any]:
-        return self.store.stats()
+        """Counts by status (tasks, leases, workers); see ``StatsCache`` for freshness."""
+        return self._stats.get()
 
 
 class _Service:
@@ -375,7 +407,9 @@ class TaskService(_Service):
     def create(self, new: NewTask, actor: str = "api") -> tuple[Task, bool]:
         """Queue a task; returns it and whether it is new (False: its idempotency key was used before)."""
         new = validate(new)
-        return self._engine.call("queue", lambda r: CreateTask(new, actor, r))
+        # Creates with one idempotency key share a shard, so they serialise in-process.
+        key = new.idempotency_key or new_id()
+        return self._engine.call("queue", lambda r: CreateTask(new, actor, r), key=key)
 
     def get(self, task_id: str) -> Task:
         return self._engine.store.get_task(task_id)
@@ -390,14 +424,14 @@ class TaskService(_Service):
         completion = validate(completion)
         self._check_fence(fence)
         return self._engine.call(
-            "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r)
+            "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r), key=task_id
         )
 
     def requeue(self, task_id: str, actor: str = "api") -> Task:
-        return self._engine.call("queue", lambda r: RequeueTask(task_id, actor, r))
+        return self._engine.call("queue", lambda r: RequeueTask(task_id, actor, r), key=task_id)
 
     def cancel(self, task_id: str, actor: str = "api") -> Task:
-        return self._engine.call("queue", lambda r: CancelTask(task_id, actor, r))
+        return self._engine.call("queue", lambda r: CancelTask(task_id, actor, r), key=task_id)
 
     def result(self, task_id: str) -> Result:
         self._engine.store.get_task(task_id)  # 404 for an unknown task, not just "no result"
@@ -429,12 +463,17 @@ class LeaseService(_Service):
         if ttl is None:
             ttl = task.default_ttl_seconds
         if worker_id is not None:
-            candidates: Sequence[str] = [worker_id]
-        else:
-            candidates = engine.call("registry", lambda r: PickWorkers(task.context_id, task.labels, r))
+            return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r))
+        for fresh in (False, True):
+            candidates = engine.call("registry", lambda r: PickWorkers(task.context_id, task.labels, r, fresh))
             if not candidates:
-                raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
-        return engine.call("leases", lambda r: AcquireLease(task_id, list(candidates), ttl, actor, r))
+                break
+            try:
+                return engine.call("leases", lambda r: AcquireLease(task_id, list(candidates), ttl, actor, r))
+            except NoCapacity:
+                if fresh:
+                    raise  # the routing snapshot was current: the fleet really is full
+        raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
 
     def claim(
         self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None
@@ -449,7 +488,7 @@ class LeaseService(_Service):
         deadline = time.monotonic() + wait_seconds
         while True:
             seen = engine.wakeup.generation
-            grant = engine.call("queue", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r))
+            grant = engine.call("leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r))
             if grant is not None:
                 return grant
             remaining = deadline - time.monotonic()
@@ -463,7 +502,9 @@ class LeaseService(_Service):
         """Renew the task's active lease (now + TTL) and move the task to running."""
         fence = validate(fence)
         self._engine.tasks._check_fence(fence)
-        return self._engine.call("leases", lambda r: Heartbeat(task_id, fence, actor or fence.worker_id or "api", r))
+        return self._engine.call(
+            "leases", lambda r: Heartbeat(task_id, fence, actor or fence.worker_id or "api", r), key=task_id
+        )
 
     def fail(self, lease_id: str, reason: str, actor: str = "dispatch") -> tuple[Task, Lease]:
         """Mark an active lease failed (its worker could not be reached) and requeue its task."""

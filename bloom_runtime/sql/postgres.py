@@ -888,6 +888,10 @@ class PostgresStore(Store):
         return [_worker_row(r) for r in rows]
 
     @_translating
+    def active_lease_owners(self) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self._read_all("active_lease_owners", {})]
+
+    @_translating
     def sticky_workers(self, context_id: str) -> set[str]:
         return {r[0] for r in self._read_all("sticky_workers", {"context_id": context_id})}
 

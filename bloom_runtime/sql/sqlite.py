@@ -867,6 +867,9 @@ class SqliteStore(Store):
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         return [_worker(r) for r in self._read("worker_candidates", {"labels": _json(list(labels))})]
 
+    def active_lease_owners(self) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self._read("active_lease_owners")]
+
     def sticky_workers(self, context_id: str) -> set[str]:
         return {r[0] for r in self._read("sticky_workers", {"context_id": context_id})}
 

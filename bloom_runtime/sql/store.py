@@ -93,7 +93,9 @@ class Transaction(abc.ABC):
     def heartbeat(self, task_id: str, fence: Fence, now: int) -> tuple[Task, Lease]:
         """Renew the task's active lease to ``now + ttl`` and move ``leased`` → ``running``.
 
-        Also sets the lease's and the worker's ``last_heartbeat``. Raises
+        Also sets the lease's ``last_heartbeat``, and the worker's when it is more
+        than 5 s old (finer grain buys nothing and would serialise a busy
+        worker's heartbeats on its row). Raises
         ``NotFound`` (task), ``Conflict`` (task holds no lease), ``StaleLease``
         (fence names another lease or worker)."""
 
@@ -251,6 +253,10 @@ class Store(abc.ABC):
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         """Workers that may take a task needing ``labels``: online, claude_cli,
         active leases < max_concurrency, every label present. Unordered."""
+
+    @abc.abstractmethod
+    def active_lease_owners(self) -> list[tuple[str, str]]:
+        """``(context_id, worker_id)`` of every active lease (routing snapshots)."""
 
     @abc.abstractmethod
     def sticky_workers(self, context_id: str) -> set[str]:

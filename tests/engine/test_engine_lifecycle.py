@@ -60,7 +60,7 @@ def test_sweep_survives_an_injected_failure(make_engine, clock):
     wait_for(lambda: engine.jobs["lease_sweep"].failures >= 1)
     wait_for(lambda: engine.tasks.get(task.id).status == "queued")
     assert engine.jobs["lease_sweep"].last_error is None
-    assert engine.health()["actors"]["lease-supervisor"]["alive"]
+    assert engine.health()["actors"]["lease-supervisor-0"]["alive"]
 
 
 def test_health_unhealthy_when_sweep_keeps_failing(make_engine, clock):

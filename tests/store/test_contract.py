@@ -569,6 +569,34 @@ def test_heartbeat_renews_and_runs(store: Store) -> None:
     assert store.get_task(task.id) == t
 
 
+def test_heartbeat_refreshes_the_worker_at_most_every_5_s(store: Store) -> None:
+    worker = add_worker(store, "w-1")
+    task = add_task(store)
+    acquire(store, task.id, ["w-1"], now=T0, ttl=60)
+    assert store.get_worker(worker.id).last_heartbeat is None
+    store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 1000))
+    assert store.get_worker(worker.id).last_heartbeat == T0 + 1000
+    _, lease = store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 3000))
+    assert lease.last_heartbeat == T0 + 3000  # the lease always renews
+    assert store.get_worker(worker.id).last_heartbeat == T0 + 1000  # the worker row only when stale
+    store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 7000))
+    assert store.get_worker(worker.id).last_heartbeat == T0 + 7000
+
+
+def test_active_lease_owners(store: Store) -> None:
+    add_worker(store, "w-1", max_concurrency=5)
+    add_worker(store, "w-2", max_concurrency=5)
+    assert store.active_lease_owners() == []
+    a = add_task(store, context_id="ctx-a")
+    b = add_task(store, context_id="ctx-a")
+    c = add_task(store, context_id="ctx-b")
+    acquire(store, a.id, ["w-1"])
+    acquire(store, b.id, ["w-2"])
+    acquire(store, c.id, ["w-1"])
+    complete(store, b.id, OK)
+    assert sorted(store.active_lease_owners()) == [("ctx-a", "w-1"), ("ctx-b", "w-1")]
+
+
 @pytest.mark.parametrize("status", sorted(set(TASK_STATUSES) - HOLDING_LEASE))
 def test_heartbeat_refused_without_a_lease(store: Store, status: str) -> None:
     task = in_state(store, status)

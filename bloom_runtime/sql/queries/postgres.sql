@@ -230,8 +230,11 @@ WITH l AS (
               created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
               not_before, idempotency_key
 ), w AS (
+    -- Liveness needs no finer grain than WORKER_TOUCH_MS; skipping fresher rows keeps
+    -- heartbeats of one worker from queueing on its row lock.
     UPDATE workers SET last_heartbeat = %(now)s
     WHERE id = %(worker_id)s AND EXISTS (SELECT 1 FROM l)
+      AND (last_heartbeat IS NULL OR last_heartbeat < %(now)s::bigint - 5000)
     RETURNING 1
 )
 SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
@@ -373,6 +376,9 @@ FROM leases
 WHERE status = %(status)s AND (started_at, id) < (%(after_at)s, %(after_id)s)
 ORDER BY started_at DESC, id DESC
 LIMIT %(limit)s
+
+-- name: active_lease_owners
+SELECT context_id, worker_id FROM leases WHERE status = 'active';
 
 -- name: sticky_workers
 SELECT DISTINCT worker_id FROM leases WHERE context_id = %(context_id)s AND status = 'active'

@@ -253,6 +253,9 @@ WHERE status = :status AND (started_at, id) < (:after_ts, :after_id)
 ORDER BY started_at DESC, id DESC
 LIMIT :limit;
 
+-- name: active_lease_owners
+SELECT context_id, worker_id FROM leases WHERE status = 'active';
+
 -- name: sticky_workers
 SELECT DISTINCT worker_id FROM leases WHERE context_id = :context_id AND status = 'active';
 
@@ -335,7 +338,9 @@ DELETE FROM workers WHERE id = :id;
 UPDATE workers SET last_heartbeat = :now, status = 'online', source = 'pull' WHERE id = :id;
 
 -- name: heartbeat_worker
-UPDATE workers SET last_heartbeat = :now WHERE id = :id;
+-- Refreshed at most every 5 s, as on PostgreSQL (see Transaction.heartbeat).
+UPDATE workers SET last_heartbeat = :now
+WHERE id = :id AND (last_heartbeat IS NULL OR last_heartbeat < :now - 5000);
 
 -- name: touch_worker
 -- Contact; a pull/membridge worker marked offline for silence comes back online.
