@@ -1,17 +1,73 @@
-"""MembridgeSyncer: polls membridge ``GET /agents`` and sends the workers it sees to the registry."""
+"""MembridgeSyncer: polls membridge ``GET /agents`` and sends the workers it sees to the registry.
+
+The HTTP call (up to the client's timeout times its retries) never runs on the
+actor thread: a tick hands it to a one-thread executor and the outcome comes
+back as a ``SyncDone`` message, so the inbox stays responsive. A tick that
+finds a sync still running is skipped, so syncs never pile up. The registry is
+told (never asked) to upsert; leases are never touched. A failed or malformed
+sync changes nothing, is counted and is logged as one line.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-from bloom_runtime.actors.base import JobHealth, Record, Tick
+from bloom_runtime.actors.base import JobHealth, Record, Tick, _fail, audit
+from bloom_runtime.actors.messages import UpsertWorkers
 from bloom_runtime.engine.clock import Clock
+from bloom_runtime.engine.errors import BloomError, EngineStopped, InvalidInput, MembridgeError
+from bloom_runtime.engine.models import AuditEntry, Worker, WorkerUpsert, validate
 
 log = logging.getLogger(__name__)
+
+ACTOR = "membridge-sync"
+
+# membridge agent status → our worker status; anything else is "unknown".
+STATUS_MAP: Mapping[str, str] = {
+    "online": "online", "active": "online", "healthy": "online", "ready": "online", "idle": "online", "busy": "online",
+    "offline": "offline", "stopped": "offline", "dead": "offline", "disconnected": "offline", "inactive": "offline",
+    "syncing": "syncing", "starting": "syncing",
+    "error": "error", "failed": "error", "unhealthy": "error",
+}
+_OPTIONAL_TEXT = ("agent_version", "os_info", "install_method", "db_sha")
+
+
+@dataclass
+class SyncDone:
+    """Told by the fetch thread: the answer (or the error) of one ``GET /agents``."""
+
+    agents: list[dict[str, Any]] | None
+    known: dict[str, Worker] | None  # membridge-sourced workers in the store at fetch time
+    error: BaseException | None
+    started: float  # time.monotonic() when the fetch began
+    reply: pykka.ThreadingFuture | None
+
+
+def seconds_to_ms(value: Any) -> int | None:
+    """Membridge sends float seconds; we store integer milliseconds."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return int(round(value * 1000))
+
+
+def map_status(value: Any) -> str:
+    return STATUS_MAP.get(value.strip().lower(), "unknown") if isinstance(value, str) else "unknown"
+
+
+def describe(error: BaseException) -> str:
+    """A one-line, secret-free reason (our errors never carry keys; others show their type)."""
+    if isinstance(error, BloomError):
+        reason = error.details.get("reason")
+        return f"{error.message} ({reason})" if reason else error.message
+    return type(error).__name__
 
 
 class MembridgeSyncer(pykka.ThreadingActor):
@@ -30,22 +86,151 @@ class MembridgeSyncer(pykka.ThreadingActor):
         self.health = health
         self._registry = registry
         self._audit_sink = audit_sink
-        self._client = client
+        self._client = client  # → the MembridgeService (engine.membridge), or None
         self.offline_after_ms = offline_after_ms
+        self._executor: ThreadPoolExecutor | None = None
+        self._running = False
+        self._first_sync_ms: int | None = None
+        self._sightings: dict[str, int] = {}  # agent name → when an answer last listed it (ms)
+        self._failures_in_row = 0
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="membridge-sync")
+
+    def on_stop(self) -> None:
+        self._shutdown()
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            # A fetch in flight ends by its own timeout; its SyncDone finds the actor gone.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # --- messages --------------------------------------------------------------
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Tick):
-            if self._client() is None:
-                return None
-            try:
-                self.sync()
-            except Exception as exc:
-                self.health.failed(exc)
-                log.warning("membridge sync failed: %s", exc)
-                return None
-            self.health.succeeded(self.clock.now_ms())
+            self._tick(message.reply)
+        elif isinstance(message, SyncDone):
+            self._done(message)
         return None
 
-    def sync(self) -> int:
-        """One sync; returns the number of agents seen."""
-        return 0
+    def _tick(self, reply: pykka.ThreadingFuture | None) -> None:
+        service = self._client()
+        if service is None or not service.configured or self._executor is None:
+            if reply is not None:
+                reply.set(None)
+            return
+        if self._running:
+            service.sync_stats.skip()
+            log.debug("membridge sync still running; tick skipped")
+            if reply is not None:
+                reply.set(None)
+            return
+        self._running = True
+        self._executor.submit(self._fetch, service, time.monotonic(), reply)
+
+    def _fetch(self, service: Any, started: float, reply: pykka.ThreadingFuture | None) -> None:
+        """Runs on the executor thread: the blocking HTTP call and a store read, then tell."""
+        try:
+            agents = service.fetch_agents()
+            known = {w.id: w for w in service.known_workers()}
+            done = SyncDone(agents, known, None, started, reply)
+        except Exception as exc:
+            done = SyncDone(None, None, exc, started, reply)
+        try:
+            self.actor_ref.tell(done)
+        except pykka.ActorDeadError:
+            _fail(reply, EngineStopped("membridge syncer stopped"))
+
+    def _done(self, done: SyncDone) -> None:
+        self._running = False
+        service = self._client()
+        duration_ms = int((time.monotonic() - done.started) * 1000)
+        now = self.clock.now_ms()
+        error = done.error
+        upserts: list[WorkerUpsert] = []
+        entries: list[AuditEntry] = []
+        if error is None:
+            assert done.agents is not None and done.known is not None
+            try:
+                upserts, entries = self.plan(done.agents, done.known, now)
+            except InvalidInput as exc:
+                error = MembridgeError("malformed /agents response", reason=exc.message[:200])
+        if error is not None:
+            self._failures_in_row += 1
+            self.health.failed(error)
+            if service is not None:
+                service.sync_stats.failure(duration_ms)
+            log.warning("membridge sync failed (%d in a row): %s", self._failures_in_row, describe(error))
+            _fail(done.reply, error)
+            return
+        if self._failures_in_row:
+            log.info("membridge sync succeeded again after %d failed syncs", self._failures_in_row)
+        self._failures_in_row = 0
+        self.health.succeeded(now)
+        if service is not None:
+            service.sync_stats.success(len(done.agents or ()), duration_ms)
+        if entries:
+            self._audit_sink(Record(entries))
+        if not upserts:
+            if done.reply is not None:
+                done.reply.set([])
+            return
+        try:
+            self._registry().tell(UpsertWorkers(upserts, ACTOR, done.reply))
+        except (BloomError, pykka.ActorDeadError) as exc:
+            log.warning("membridge sync: registry unavailable: %s", describe(exc))
+            _fail(done.reply, exc)
+
+    # --- planning (pure; tests call it directly) ----------------------------------
+
+    def plan(self, agents: list[dict[str, Any]], known: Mapping[str, Worker], now: int) -> tuple[list[WorkerUpsert], list[AuditEntry]]:
+        """The upserts and audit entries one answer calls for; raises ``InvalidInput`` when
+        any agent cannot be a worker (then nothing is applied)."""
+        if self._first_sync_ms is None:
+            self._first_sync_ms = now
+        upserts: list[WorkerUpsert] = []
+        entries: list[AuditEntry] = []
+        seen: set[str] = set()
+        for agent in agents:
+            upsert = validate(self._upsert_for(agent, now))
+            if upsert.id in seen:
+                raise InvalidInput(f"agent {upsert.id!r} listed twice")
+            seen.add(upsert.id)
+            upserts.append(upsert)
+            old = known.get(upsert.id)
+            if old is not None and old.status != upsert.status:
+                entries.append(audit(now, "worker_status_changed", "worker", upsert.id, ACTOR,
+                                     f"{old.status} -> {upsert.status} (membridge)"))
+        for name in seen:
+            self._sightings[name] = now
+        for worker in known.values():
+            if worker.id in seen or worker.status == "offline":
+                continue
+            last = self._sightings.setdefault(worker.id, self._first_sync_ms)
+            if now - last > self.offline_after_ms:
+                upserts.append(WorkerUpsert(id=worker.id, status="offline", source="membridge"))
+                entries.append(audit(now, "worker_offline", "worker", worker.id, ACTOR,
+                                     f"missing from membridge /agents for {(now - last) // 1000} s"))
+        return upserts, entries
+
+    def _upsert_for(self, agent: dict[str, Any], now: int) -> WorkerUpsert:
+        last_seen = seconds_to_ms(agent.get("last_seen"))
+        status = map_status(agent.get("status"))
+        if status == "online" and last_seen is not None and now - last_seen > self.offline_after_ms:
+            status = "offline"  # membridge still says online, but the agent has gone quiet
+        extra: dict[str, Any] = {k: agent[k] for k in _OPTIONAL_TEXT if isinstance(agent.get(k), str)}
+        if isinstance(agent.get("ip_addrs"), list) and all(isinstance(a, str) for a in agent["ip_addrs"]):
+            extra["ip_addrs"] = agent["ip_addrs"]
+        if isinstance(agent.get("obs_count"), int) and not isinstance(agent.get("obs_count"), bool):
+            extra["obs_count"] = agent["obs_count"]
+        return WorkerUpsert(
+            id=agent["name"], url=agent.get("url") or None, status=status,  # type: ignore[arg-type]
+            last_heartbeat=last_seen, source="membridge", **extra,
+        )

@@ -62,6 +62,14 @@ class EngineCollector(Collector):
         configured = GaugeMetricFamily("bloom_membridge_configured", "1 when a membridge client is wired")
         configured.add_metric([], 1 if state.get("configured") else 0)
         yield configured
+        sync = state.get("sync") if isinstance(state.get("sync"), dict) else {}
+        syncs = CounterMetricFamily("bloom_membridge_sync", "Membridge worker syncs by outcome (skipped: one was still running)", labels=["outcome"])
+        for outcome, key in (("success", "successes"), ("failure", "failures"), ("skipped", "skipped")):
+            syncs.add_metric([outcome], sync.get(key, 0))
+        yield syncs
+        failing = GaugeMetricFamily("bloom_membridge_consecutive_failures", "Membridge attempts failed since the last answer")
+        failing.add_metric([], state.get("consecutiveFailures", 0) or 0)
+        yield failing
 
 
 class Metrics:

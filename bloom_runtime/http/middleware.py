@@ -69,7 +69,8 @@ class LoadShedder:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self.draining:
-            resp.set_header("Connection", "close")
+            # (Connection is a hop-by-hop header a WSGI app may not set; waitress closes
+            # idle connections itself when it shuts down.)
             raise falcon.HTTPServiceUnavailable(description="server is shutting down", retry_after=SHED_RETRY_AFTER_S)
         long_poll = req.method == "POST" and req.path.endswith("/claim")
         backlog = self.backlog()
@@ -177,8 +178,8 @@ class Gatekeeper:
         return data
 
     def _too_large(self, resp: falcon.Response) -> None:
-        # The rest of the body stays unread: close the connection rather than drain it.
-        resp.set_header("Connection", "close")
+        # Waitress has already bounded and buffered the body (its own limit is a multiple
+        # of ours), so leaving the rest unread is safe.
         raise falcon.HTTPContentTooLarge(description=f"request body exceeds {self.max_body} bytes")
 
 

@@ -24,10 +24,15 @@ from bloom_runtime.engine.models import (
     Worker,
 )
 from bloom_runtime.http import schemas
-from bloom_runtime.http.resources import artifacts, audit, config, health, leases, membridge, stats, tasks, workers
+from bloom_runtime.http.resources import artifacts, audit, config, dispatch, health, leases, membridge, stats, tasks, workers
 
 BASE = "/api/runtime"
 MEMBRIDGE_BASE = "/api/membridge"
+LEASE_BASE = "/api/leases/{lease_id}"  # dispatched agents get runtime_url = public URL + this
+
+# Membridge answers: 502 unreachable or bad answer, 503 breaker open (Retry-After) or not configured.
+MB_502 = (schemas.ErrorBody, "membridge unreachable or answered badly")
+MB_503 = (schemas.ErrorBody, "membridge not configured, or its circuit breaker is open (Retry-After)")
 
 Access = Literal["open", "client", "admin"]
 # "worker" calls are rate limited per worker and named by it in the audit;
@@ -85,7 +90,8 @@ ROUTES: tuple[Route, ...] = (
         "POST": Op("Change the membridge configuration", {200: (schemas.ConfigView, "new configuration")}, body=schemas.ConfigUpdate, access="admin"),
     }),
     Route(f"{BASE}/test-connection", lambda c: config.TestConnection(c.engine), {
-        "POST": Op("GET membridge /health through the client", {200: (dict[str, Any], "membridge answered"), 503: (schemas.ErrorBody, "not configured or down")}),
+        "POST": Op("GET membridge /health through the client; records connected and last_test",
+                   {200: (schemas.ConnectionTestResult, "membridge answered"), 502: MB_502, 503: MB_503}),
     }),
     Route(f"{BASE}/workers", lambda c: workers.WorkerCollection(c.engine), {
         "GET": Op("All workers, ordered by id", {200: (list[Worker], "workers")}, params=(_status(WORKER_STATUSES),)),
@@ -128,10 +134,20 @@ ROUTES: tuple[Route, ...] = (
     Route(f"{BASE}/llm-tasks/{{task_id}}/result", lambda c: tasks.TaskResult(c.engine), {
         "GET": Op("The task's latest result", {200: (Result, "the result")}),
     }),
-    Route(f"{BASE}/llm-tasks/{{task_id}}/dispatch", lambda c: tasks.TaskDispatch(c.engine), {
-        "POST": Op("Lease and POST the task to the worker's /execute-task",
-                   {200: (schemas.LeaseResponse, "dispatched"), 503: (schemas.ErrorBody, "membridge not configured")},
+    Route(f"{BASE}/llm-tasks/{{task_id}}/dispatch", lambda c: dispatch.TaskDispatch(c.engine), {
+        "POST": Op("Lease and POST the task to the worker's /execute-task (failed dispatch: lease failed, task requeued)",
+                   {201: (schemas.DispatchResponse, "dispatched"),
+                    502: (schemas.ErrorBody, "the worker refused or could not be reached; the lease is failed"),
+                    503: (schemas.ErrorBody, "no capacity, membridge not configured, or the worker's breaker is open")},
                    body=schemas.DispatchRequest, body_optional=True),
+    }),
+    Route(f"{LEASE_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.LeaseHeartbeat(c.engine), {
+        "POST": Op("Heartbeat of a dispatched agent, fenced by the lease in its runtime_url (409 once it expired)",
+                   {200: (schemas.TaskLease, "renewed")}, body=Fence, body_optional=True, kind="worker"),
+    }),
+    Route(f"{LEASE_BASE}{BASE}/llm-tasks/{{task_id}}/complete", lambda c: dispatch.LeaseComplete(c.engine), {
+        "POST": Op("Completion of a dispatched agent, fenced by the lease in its runtime_url (409 once it expired)",
+                   {200: (schemas.CompleteResponse, "recorded")}, body=schemas.CompleteRequest, kind="worker"),
     }),
     Route(f"{BASE}/leases", lambda c: leases.Leases(c.engine), {
         "GET": Op("Leases, newest first", {200: (list[Lease], NEXT_LINK)}, params=(_status(LEASE_STATUSES), *PAGED)),
@@ -155,21 +171,21 @@ ROUTES: tuple[Route, ...] = (
     Route(f"{BASE}/openapi.json", lambda c: c.openapi_resource, {
         "GET": Op("This document", {200: (dict[str, Any], "OpenAPI 3.1")}),
     }),
-    # --- membridge pass-through (stubbed until the client is wired) -------------
+    # --- membridge pass-through (4xx from membridge passed on as JSON errors) ---
     Route(f"{MEMBRIDGE_BASE}/health", lambda c: membridge.MembridgeRead(c.engine), {
-        "GET": Op("Membridge /health", {200: (dict[str, Any], "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+        "GET": Op("Membridge /health", {200: (dict[str, Any], "membridge answer"), 502: MB_502, 503: MB_503}),
     }),
     Route(f"{MEMBRIDGE_BASE}/projects", lambda c: membridge.MembridgeRead(c.engine), {
-        "GET": Op("Membridge projects", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+        "GET": Op("Membridge projects", {200: (Any, "membridge answer"), 502: MB_502, 503: MB_503}),
     }),
     Route(f"{MEMBRIDGE_BASE}/projects/{{cid}}/leadership", lambda c: membridge.MembridgeRead(c.engine), {
-        "GET": Op("A project's leadership", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+        "GET": Op("A project's leadership", {200: (Any, "membridge answer"), 502: MB_502, 503: MB_503}),
     }),
     Route(f"{MEMBRIDGE_BASE}/projects/{{cid}}/nodes", lambda c: membridge.MembridgeRead(c.engine), {
-        "GET": Op("A project's nodes", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")}),
+        "GET": Op("A project's nodes", {200: (Any, "membridge answer"), 502: MB_502, 503: MB_503}),
     }),
     Route(f"{MEMBRIDGE_BASE}/projects/{{cid}}/leadership/select", lambda c: membridge.MembridgeWrite(c.engine), {
-        "POST": Op("Select a project's leader", {200: (Any, "membridge answer"), 503: (schemas.ErrorBody, "not configured")},
+        "POST": Op("Select a project's leader", {200: (Any, "membridge answer"), 502: MB_502, 503: MB_503},
                    body=dict[str, Any], body_optional=True, access="admin"),
     }),
 )

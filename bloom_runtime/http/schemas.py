@@ -75,6 +75,7 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
 
 class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: Id | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class ConfigUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,6 +106,26 @@ class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     task: Task
     result: Result
     artifact: Artifact
+
+
+class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """The lease granted and the worker that accepted the task."""
+
+    lease: Lease
+    worker: Worker
+    task: Task
+    dispatched: bool
+    worker_status: int | None = None
+
+
+class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Membridge /health as seen through the client: status and parsed scalar fields only."""
+
+    connected: bool
+    status: int
+    health: dict[str, Any]
+    latency_ms: float
+    tested_at: int
 
 
 class ConfigView(msgspec.Struct, frozen=True, kw_only=True):

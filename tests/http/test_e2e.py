@@ -177,3 +177,21 @@ def test_refuses_public_bind_without_key(tmp_path):
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--insecure-no-auth" in proc.stderr
+
+
+def test_errors_stay_json_under_waitress(server):
+    """Waitress applies checks the test client does not (e.g. no hop-by-hop headers)."""
+    srv, session = server
+    big = b'{"context_id": "c", "agent_slug": "a", "prompt": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    with session.post(srv.url + "/llm-tasks", data=big, headers={"Content-Type": "application/json"}) as r:
+        assert r.status_code == 413
+        assert "error" in r.json()
+    with session.post(srv.url + "/llm-tasks", data=b"{not json", headers={"Content-Type": "application/json"}) as r:
+        assert r.status_code == 400 and "error" in r.json()
+    with session.get(srv.url + "/llm-tasks/..%2Fetc") as r:
+        assert r.status_code in (400, 404) and "error" in r.json()
+    with session.get(srv.url + "/llm-tasks") as r:
+        assert r.status_code == 200 and r.json() == []
+    code, _, err = srv.stop()
+    assert code == 0
+    assert "Traceback" not in err and "Exception while serving" not in err

@@ -105,16 +105,3 @@ class TaskResult:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         send(resp, self.engine.tasks.result(path_id(task_id, "task")))
-
-
-class TaskDispatch:
-    """Push a task to a worker agent's /execute-task: needs the membridge client (not wired yet)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        path_id(task_id, "task")
-        body(req, schemas.DispatchRequest)
-        send(resp, {"error": "dispatch not available: membridge not configured"}, 503)
-        resp.set_header("Retry-After", "60")

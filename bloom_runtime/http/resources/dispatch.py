@@ -1,0 +1,69 @@
+"""Dispatch to a worker agent, and the lease-scoped callback routes the agent uses.
+
+``POST /api/runtime/llm-tasks/{task_id}/dispatch`` leases the task and POSTs it
+to the worker's ``/execute-task`` on this request thread. The agent is given
+``runtime_url = RUNTIME_PUBLIC_URL + /api/leases/{lease_id}`` and appends its
+usual paths (``/api/runtime/llm-tasks/{id}/heartbeat`` and ``/complete``) to it:
+those prefixed routes serve the normal handlers with the lease taken from the
+path, so a late callback from an agent whose lease has expired gets 409 even
+though the agent names no lease in its body.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.errors import StaleLease
+from bloom_runtime.engine.models import Fence
+from bloom_runtime.http import schemas
+from bloom_runtime.http.resources.membridge import guarded
+from bloom_runtime.http.util import actor, body, path_id, send
+
+
+class TaskDispatch:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        task_id = path_id(task_id, "task")
+        ask: schemas.DispatchRequest = body(req, schemas.DispatchRequest)
+        out = guarded(resp, lambda: self.engine.membridge.dispatch(task_id, ask.worker_id, ask.ttl_seconds, actor=actor(req)))
+        if out is not None:
+            send(resp, schemas.DispatchResponse(lease=out.lease, worker=out.worker, task=out.task,
+                                                dispatched=out.dispatched, worker_status=out.worker_status), 201)
+
+
+def _lease_fence(lease_id: str, named_lease: str | None, worker_id: str | None) -> Fence:
+    lease_id = path_id(lease_id, "lease")
+    if named_lease is not None and named_lease != lease_id:
+        raise StaleLease("the body names another lease than the callback URL", lease_id=lease_id)
+    return Fence(lease_id=lease_id, worker_id=worker_id)
+
+
+class LeaseHeartbeat:
+    """``/api/leases/{lease_id}/api/runtime/llm-tasks/{task_id}/heartbeat`` (empty body allowed)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, lease_id: str, task_id: str) -> None:
+        task_id = path_id(task_id, "task")
+        given: Fence = body(req, Fence)
+        fence = _lease_fence(lease_id, given.lease_id, given.worker_id)
+        task, lease = self.engine.leases.heartbeat(task_id, fence, actor=fence.worker_id or actor(req))
+        send(resp, schemas.TaskLease(task=task, lease=lease))
+
+
+class LeaseComplete:
+    """``/api/leases/{lease_id}/api/runtime/llm-tasks/{task_id}/complete``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, lease_id: str, task_id: str) -> None:
+        task_id = path_id(task_id, "task")
+        done: schemas.CompleteRequest = body(req, schemas.CompleteRequest)
+        fence = _lease_fence(lease_id, done.lease_id, done.worker_id)
+        out = self.engine.tasks.complete(task_id, done.completion(), fence, actor=done.worker_id or actor(req))
+        send(resp, schemas.CompleteResponse(task=out.task, result=out.result, artifact=out.artifact))

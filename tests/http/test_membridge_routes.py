@@ -1,0 +1,316 @@
+"""Membridge HTTP routes: config, test-connection, pass-through, dispatch and the lease-scoped callbacks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import falcon.testing
+import pytest
+import requests
+from waitress import create_server, wasyncore
+
+from bloom_runtime.engine.clock import ManualClock
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.settings import Secret, Settings, parse_api_keys
+from bloom_runtime.http import create_app
+
+from ..membridge_fixtures import agent_server, dead_agent_server, membridge_server  # noqa: F401
+from ..membridge_server import MembridgeServer
+from .conftest import ADMIN_KEY, CLIENT_KEY, new_task, wait_for
+
+API = "/api/runtime"
+MB = "/api/membridge"
+MB_ADMIN_KEY = "sk-membridge-ADMIN-SECRET-5c1f"
+AGENT_KEY = "sk-agent-SECRET-77aa1"
+TUNING = {"membridge_timeout_s": 1.0, "membridge_retries": 1, "membridge_backoff_base_s": 0.01,
+          "membridge_agent_timeout_s": 1.0, "membridge_agent_retries": 0}
+CLIENT = {"X-Runtime-API-Key": CLIENT_KEY}
+ADMIN = {"X-Runtime-API-Key": ADMIN_KEY}
+
+
+@pytest.fixture
+def build(tmp_path, membridge_server: MembridgeServer) -> Iterator[Callable[..., falcon.testing.TestClient]]:  # noqa: F811
+    engines: list[Engine] = []
+
+    def make(clock: Any = None, **over: Any) -> falcon.testing.TestClient:
+        values: dict[str, Any] = dict(
+            database_url="sqlite:///" + str(tmp_path / f"bloom{len(engines)}.db"),
+            api_keys=parse_api_keys(f"ops={CLIENT_KEY}"),
+            admin_keys=parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"),
+            membridge_server_url=membridge_server.url,
+            membridge_admin_key=Secret(MB_ADMIN_KEY),
+            membridge_agent_key=Secret(AGENT_KEY),
+            membridge_sync_interval_s=3600.0,
+            lease_sweep_interval_s=3600.0,
+            public_url="http://runtime.example:5000",
+            extra=dict(TUNING),
+        )
+        values.update(over)
+        settings = Settings(**values)
+        engine = Engine.start(settings, clock=clock) if clock is not None else Engine.start(settings)
+        engines.append(engine)
+        client = falcon.testing.TestClient(create_app(engine, settings), headers=CLIENT)
+        client.engine = engine  # type: ignore[attr-defined]
+        return client
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def audit_text(engine: Engine) -> str:
+    return " ".join(f"{e.action} {e.detail}" for e in engine.audit.list(limit=1000).items)
+
+
+# --- config and test-connection ------------------------------------------------------
+
+
+def test_config_masked_validated_and_applied_without_restart(build, membridge_server, agent_server, caplog):  # noqa: F811
+    caplog.set_level(logging.DEBUG)
+    c = build(membridge_allowed_hosts="127.0.0.1")
+    r = c.simulate_get(f"{API}/config")
+    assert r.json == {"membridge_server_url": membridge_server.url, "admin_key": "****" + MB_ADMIN_KEY[-4:],
+                      "configured": True}
+    for bad in ("ftp://127.0.0.1/", "http://user:pw@127.0.0.1:1", "http://", "not a url", "http://10.1.2.3:8000"):
+        r = c.simulate_post(f"{API}/config", json={"membridge_server_url": bad}, headers=ADMIN)
+        assert r.status_code == 400 and r.json["error"], bad
+    assert "MEMBRIDGE_ALLOWED_HOSTS" in c.simulate_post(f"{API}/config", json={"membridge_server_url": "http://10.1.2.3"}, headers=ADMIN).json["error"]
+    assert c.simulate_post(f"{API}/config", json={"membridge_server_url": agent_server.url}).status_code == 403
+
+    new_key = "sk-new-ADMIN-SECRET-0042"
+    r = c.simulate_post(f"{API}/config", json={"membridge_server_url": agent_server.url, "admin_key": new_key}, headers=ADMIN)
+    assert r.status_code == 200 and r.json == {"membridge_server_url": agent_server.url, "admin_key": "****0042", "configured": True}
+    # The next call goes to the new server with the new key.
+    assert c.simulate_get(f"{MB}/projects").status_code == 200
+    assert agent_server.requests[-1].headers["X-MEMBRIDGE-ADMIN"] == new_key
+    assert membridge_server.count() == 0
+    assert c.simulate_get(f"{API}/config").json["admin_key"] == "****0042"
+
+    texts = [c.simulate_get(p).text for p in (f"{API}/config", f"{API}/health", f"{API}/audit", f"{API}/metrics")]
+    texts.append(audit_text(c.engine))
+    texts.extend(rec.getMessage() for rec in caplog.records)
+    for secret in (new_key, MB_ADMIN_KEY):
+        assert all(secret not in t for t in texts)
+    assert "config_updated changed=membridge_admin_key,membridge_server_url" in audit_text(c.engine)
+
+
+def test_test_connection_records_result(build, membridge_server):  # noqa: F811
+    c = build()
+    r = c.simulate_post(f"{API}/test-connection")
+    assert r.status_code == 200
+    assert r.json["connected"] is True and r.json["status"] == 200
+    assert r.json["health"] == {"status": "ok", "version": "test", "agents": 2}
+    assert c.simulate_get(f"{API}/health").json["membridge"]["last_test"]["connected"] is True
+    membridge_server.fail("malformed", "GET /health", times=1)
+    r = c.simulate_post(f"{API}/test-connection")
+    assert r.status_code == 502 and "this is not json" not in r.text
+    assert c.simulate_get(f"{API}/health").json["membridge"]["last_test"]["connected"] is False
+
+
+def test_not_configured_is_503(build):
+    c = build(membridge_server_url=None, membridge_agent_key=None)
+    for method, path in (("GET", f"{MB}/health"), ("GET", f"{MB}/projects/p1/nodes"), ("POST", f"{API}/test-connection")):
+        r = c.simulate_request(method, path)
+        assert r.status_code == 503 and r.json["error"] == "membridge not configured" and r.headers["retry-after"] == "60"
+    assert c.simulate_get(f"{API}/health").json["membridge"] == {"configured": False}
+
+
+# --- pass-through --------------------------------------------------------------------------
+
+
+def test_proxy_routes_pass_answers_through(build, membridge_server):  # noqa: F811
+    c = build()
+    assert c.simulate_get(f"{MB}/health").json == {"status": "ok", "version": "test", "agents": 2}
+    assert [p["cid"] for p in c.simulate_get(f"{MB}/projects").json] == ["proj-1", "proj-2"]
+    assert c.simulate_get(f"{MB}/projects/proj-1/leadership").json["leader"] == "node-a"
+    assert c.simulate_get(f"{MB}/projects/proj-1/nodes").json[0] == {"name": "node-a", "is_leader": True}
+    r = c.simulate_get(f"{MB}/projects/nope/nodes")
+    assert r.status_code == 404 and r.json == {"error": "unknown project", "upstream_status": 404}
+    membridge_server.fail("500", "GET /projects")
+    r = c.simulate_get(f"{MB}/projects")
+    assert r.status_code == 502 and "answered 500" in r.json["error"] and r.headers["retry-after"]
+    membridge_server.clear_failures()
+    membridge_server.fail("404", "GET /projects", times=1)
+    assert c.simulate_get(f"{MB}/projects").status_code == 404
+
+
+def test_leadership_select_admin_and_audited(build, membridge_server):  # noqa: F811
+    c = build()
+    path = f"{MB}/projects/proj-1/leadership/select"
+    assert c.simulate_post(path, json={"node": "node-b"}).status_code == 403
+    r = c.simulate_post(path, json={"node": "node-b"}, headers=ADMIN)
+    assert r.status_code == 200 and r.json == {"cid": "proj-1", "leader": "node-b", "term": 2}
+    assert membridge_server.requests[-1].json == {"node": "node-b"}
+    r = c.simulate_post(path, json={"node": "node-x"}, headers=ADMIN)
+    assert r.status_code == 400 and r.json["error"] == "unknown node"
+    entries = [(e.action, e.entity_id, e.actor, e.detail) for e in c.engine.audit.list(limit=10).items]
+    assert ("leadership_selected", "proj-1", "root", "node=node-b status=200") in entries
+    assert ("leadership_select_refused", "proj-1", "root", "node=node-x status=400") in entries
+
+
+@pytest.mark.parametrize("path", [
+    f"{MB}/projects/../leadership",
+    f"{MB}/projects/%2E%2E/leadership",
+    f"{MB}/projects/@evil.example/leadership",
+    f"{MB}/projects/x@evil.example:80/nodes",
+    f"{MB}/projects/a%2Fb/nodes",
+    f"{MB}/projects/a%5Cb/nodes",
+    f"{MB}/projects/{'x' * 129}/nodes",
+])
+def test_path_parameter_injection_refused(build, membridge_server, path):  # noqa: F811
+    c = build()
+    r = c.simulate_get(path)
+    # %2F is decoded by the WSGI server before routing, so no route matches (404); the rest are 400.
+    assert r.status_code == (404 if "%2F" in path else 400), r.text
+    r = c.simulate_post(path.replace("/nodes", "/leadership").replace("/leadership", "/leadership/select"),
+                        json={"node": "node-a"}, headers=ADMIN)
+    assert r.status_code in (400, 404)
+    assert membridge_server.count() == 0
+
+
+# --- dispatch ------------------------------------------------------------------------------
+
+
+class CallbackAgent(MembridgeServer):
+    """A worker agent that, like membridge's, answers /execute-task and then calls back
+    heartbeat and complete on the runtime_url it was given (appending its usual paths)."""
+
+    def __init__(self, api_key: str) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.callbacks: list[tuple[str, int]] = []
+        self.threads: list[threading.Thread] = []
+
+    def route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if method == "POST" and path == "/execute-task":
+            thread = threading.Thread(target=self._run, args=(body,))
+            self.threads.append(thread)
+            thread.start()
+        return super().route(method, path, body)
+
+    def _run(self, task: dict[str, Any]) -> None:
+        base = f"{task['runtime_url']}/api/runtime/llm-tasks/{task['task_id']}"
+        headers = {"X-Runtime-API-Key": self.api_key}
+        with requests.Session() as s:
+            s.trust_env = False
+            r = s.post(f"{base}/heartbeat", headers=headers, timeout=5)
+            self.callbacks.append(("heartbeat", r.status_code))
+            r = s.post(f"{base}/complete", headers=headers, timeout=5,
+                       json={"status": "success", "output": "hi", "metrics": {"duration_ms": 5, "tokens_used": None}})
+            self.callbacks.append(("complete", r.status_code))
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Callable[..., tuple[str, Engine]]]:
+    """A real waitress server in a thread on a loopback port, over a fresh engine."""
+    running: list[tuple[Any, threading.Thread, Engine]] = []
+
+    def serve(**over: Any) -> tuple[str, Engine]:
+        server = create_server(lambda env, start: [], host="127.0.0.1", port=0, threads=4)  # app set below, once the port is known
+        port = server.effective_port
+        settings = Settings(**{**dict(database_url="sqlite:///" + str(tmp_path / "served.db"),
+                                      api_keys=parse_api_keys(f"ops={CLIENT_KEY}"), lease_sweep_interval_s=3600.0,
+                                      public_url=f"http://127.0.0.1:{port}", extra=dict(TUNING)), **over})
+        engine = Engine.start(settings)
+        server.application = create_app(engine, settings)
+        thread = threading.Thread(target=server.run, name="waitress-test")
+        thread.start()
+        running.append((server, thread, engine))
+        return f"http://127.0.0.1:{port}", engine
+
+    yield serve
+    for server, thread, engine in running:
+        server.trigger.pull_trigger(lambda s=server: wasyncore.close_all(s._map, ignore_all=True))
+        thread.join(timeout=10)
+        server.task_dispatcher.shutdown()
+        engine.stop()
+
+
+def test_dispatch_to_agent_runs_the_task_to_completion(served):
+    with CallbackAgent(CLIENT_KEY) as agent:
+        base, engine = served(membridge_agent_key=Secret(AGENT_KEY), membridge_server_url=None)
+        http = requests.Session()
+        http.trust_env = False
+        http.headers["X-Runtime-API-Key"] = CLIENT_KEY
+        assert http.post(f"{base}{API}/workers", json={"name": "w1", "url": agent.url}).status_code == 201
+        task = http.post(f"{base}{API}/llm-tasks", json=new_task()).json()
+        r = http.post(f"{base}{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 60},
+                      headers={"X-Forwarded-Host": "evil.example", "Host": "evil.example"})
+        assert r.status_code == 201, r.text
+        out = r.json()
+        assert out["dispatched"] is True and out["worker"]["id"] == "w1" and out["lease"]["ttl_seconds"] == 60
+        lease_id = out["lease"]["id"]
+        sent = [q for q in agent.requests if q.route == "POST /execute-task"]
+        assert len(sent) == 1
+        assert sent[0].headers["X-MEMBRIDGE-AGENT"] == AGENT_KEY and "X-MEMBRIDGE-ADMIN" not in sent[0].headers
+        payload = sent[0].json
+        assert payload["task_id"] == task["id"] and payload["lease_id"] == lease_id
+        assert payload["prompt"] == "say hi" and payload["context_id"] == "ctx-1" and payload["agent_slug"] == "writer"
+        assert payload["runtime_url"] == f"{base}/api/leases/{lease_id}"  # never from a request header
+        wait_for(lambda: len(agent.callbacks) == 2)
+        for t in agent.threads:
+            t.join()
+        assert agent.callbacks == [("heartbeat", 200), ("complete", 200)]
+        done = http.get(f"{base}{API}/llm-tasks/{task['id']}").json()
+        assert done["status"] == "completed"
+        assert http.get(f"{base}{API}/leases", params={"status": "released"}).json()[0]["id"] == lease_id
+        http.close()
+        assert "task_dispatched" in audit_text(engine)
+
+
+def test_dispatch_to_dead_agent_fails_lease_and_requeues(build, dead_agent_server):  # noqa: F811
+    c = build()
+    assert c.simulate_post(f"{API}/workers", json={"name": "w1", "url": dead_agent_server.url}).status_code == 201
+    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
+    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"worker_id": "w1"})
+    assert r.status_code == 502 and "unreachable" in r.json["error"]
+    assert r.json["task_status"] == "queued" and r.json["worker_id"] == "w1"
+    lease = c.engine.leases.get(r.json["lease_id"])
+    assert lease.status == "failed"
+    assert c.engine.tasks.get(task["id"]).status == "queued"
+    text = audit_text(c.engine)
+    assert "lease_failed" in text and "task_retry" in text and "dispatch failed" in text
+    assert AGENT_KEY not in text and AGENT_KEY not in r.text
+
+
+def test_dispatch_refused_by_agent_is_502(build, agent_server):  # noqa: F811
+    c = build()
+    agent_server.state.execute_status = 409
+    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url})
+    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
+    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
+    assert r.status_code == 502 and r.json["worker_status"] == 409
+    assert c.engine.tasks.get(task["id"]).status == "queued"
+
+
+def test_late_callback_after_lease_expired_is_409(build, agent_server):  # noqa: F811
+    clock = ManualClock()
+    c = build(clock=clock)
+    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url})
+    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
+    lease_id = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 5}).json["lease"]["id"]
+    prefix = f"/api/leases/{lease_id}{API}/llm-tasks/{task['id']}"
+    assert c.simulate_post(f"{prefix}/heartbeat").status_code == 200  # empty body, like the agent
+    # Another lease id in the path, or in the body, is refused while the lease is active.
+    assert c.simulate_post(f"/api/leases/other-lease{API}/llm-tasks/{task['id']}/heartbeat").status_code == 409
+    assert c.simulate_post(f"{prefix}/heartbeat", json={"lease_id": "other"}).status_code == 409
+    assert c.simulate_post(f"{prefix}/heartbeat", headers={"X-Runtime-API-Key": "wrong-key-123"}).status_code == 401
+    clock.advance(6_000)
+    assert c.engine.leases.sweep_now() == 1
+    assert c.engine.tasks.get(task["id"]).status == "queued"
+    r = c.simulate_post(f"{prefix}/heartbeat")
+    assert r.status_code == 409
+    r = c.simulate_post(f"{prefix}/complete", json={"status": "success", "output": "late", "metrics": {"tokens_used": None}})
+    assert r.status_code == 409
+    assert c.engine.tasks.get(task["id"]).status == "queued"
+
+
+def test_dispatch_not_configured_is_503(build):
+    c = build(membridge_server_url=None, membridge_agent_key=None)
+    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
+    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
+    assert r.status_code == 503 and "not configured" in r.json["error"]
+    assert c.engine.tasks.get(task["id"]).status == "queued"

@@ -1,0 +1,245 @@
+"""Membridge wiring end to end against the real fake membridge server: sync, failures, breaker, health."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import falcon.testing
+import pytest
+
+from bloom_runtime.engine.clock import ManualClock
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.errors import MembridgeError
+from bloom_runtime.engine.models import NewTask
+from bloom_runtime.engine.settings import Secret, Settings
+from bloom_runtime.http import create_app
+
+from .conftest import truncate_pg
+from .membridge_fixtures import membridge_server  # noqa: F401
+from .membridge_server import MembridgeServer
+
+ADMIN_KEY = "sk-membridge-ADMIN-SECRET-9d2e"
+FAST_FAIL_S = 0.05
+RESET_S = 0.3
+TUNING = {
+    "membridge_timeout_s": 0.4,
+    "membridge_retries": 1,
+    "membridge_backoff_base_s": 0.01,
+    "membridge_breaker_fail_max": 2,
+    "membridge_breaker_reset_s": RESET_S,
+}
+SYNC_LOGGER = "bloom_runtime.actors.membridge_syncer"
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.005)
+
+
+def agent(name: str, now_s: float, *, status: str = "online", seen_ago_s: float = 1.0, url: str | None = None) -> dict[str, Any]:
+    return {"name": name, "url": url or f"http://10.0.0.{len(name)}:8001", "status": status,
+            "registered_at": now_s - 3600.5, "last_seen": now_s - seen_ago_s}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "bloom.db")
+    url = request.getfixturevalue("pg_url")
+    truncate_pg(url)
+    return url
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(int(time.time() * 1000))
+
+
+@pytest.fixture
+def make_engine(tmp_path, clock: ManualClock, membridge_server: MembridgeServer) -> Iterator[Callable[..., Engine]]:  # noqa: F811
+    engines: list[Engine] = []
+
+    def make(database_url: str | None = None, **over: Any) -> Engine:
+        values: dict[str, Any] = dict(
+            database_url=database_url or "sqlite:///" + str(tmp_path / f"bloom{len(engines)}.db"),
+            membridge_server_url=membridge_server.url,
+            membridge_admin_key=Secret(ADMIN_KEY),
+            membridge_sync_interval_s=3600.0,  # the tests run the syncs
+            lease_sweep_interval_s=3600.0,
+            worker_offline_after_s=60.0,
+            ask_timeout_s=10.0,
+            extra=dict(TUNING),
+        )
+        values.update(over)
+        engine = Engine.start(Settings(**values), clock=clock)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def workers(engine: Engine) -> dict[str, Any]:
+    return {w.id: w for w in engine.workers.list()}
+
+
+def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url, clock, membridge_server):  # noqa: F811
+    engine = make_engine(database_url)
+    now_s = clock.now_ms() / 1000
+    membridge_server.state.agents = [agent("node-a", now_s, seen_ago_s=1.25),
+                                      agent("node-b", now_s, status="offline", seen_ago_s=300.0)]
+    created = engine.membridge.sync_now()
+    assert sorted((w.id, new) for w, new in created) == [("node-a", True), ("node-b", True)]
+    ws = workers(engine)
+    a = ws["node-a"]
+    assert (a.status, a.source, a.url) == ("online", "membridge", "http://10.0.0.6:8001")
+    assert a.last_heartbeat == round((now_s - 1.25) * 1000)  # float seconds → ms
+    assert ws["node-b"].status == "offline"
+    assert [r.headers.get("X-MEMBRIDGE-ADMIN") for r in membridge_server.requests] == [ADMIN_KEY]
+
+    task, _ = engine.tasks.create(NewTask(context_id="ctx", agent_slug="w", prompt="p"))
+    grant = engine.leases.acquire(task.id, "node-a")
+
+    # Update node-a (new URL, fresher sighting), node-b comes online, node-c appears.
+    clock.advance(10_000)
+    now_s = clock.now_ms() / 1000
+    membridge_server.state.agents = [agent("node-a", now_s, url="http://10.0.0.99:8001"),
+                                     agent("node-b", now_s, status="healthy"), agent("node-c", now_s)]
+    changed = engine.membridge.sync_now()
+    assert sorted((w.id, new) for w, new in changed) == [("node-a", False), ("node-b", False), ("node-c", True)]
+    ws = workers(engine)
+    assert ws["node-a"].url == "http://10.0.0.99:8001" and ws["node-a"].last_heartbeat == round((now_s - 1) * 1000)
+    assert ws["node-b"].status == "online" and ws["node-c"].status == "online"
+
+    # node-a disappears: still online within worker_offline_after (60 s), offline after it.
+    for step_ms, expected in ((30_000, "online"), (31_000, "offline")):
+        clock.advance(step_ms)
+        now_s = clock.now_ms() / 1000
+        membridge_server.state.agents = [agent("node-b", now_s), agent("node-c", now_s)]
+        engine.membridge.sync_now()
+        assert workers(engine)["node-a"].status == expected
+    assert workers(engine)["node-b"].status == "online"
+    # The syncer or the registry's liveness check (its timer runs too) offlines it, audited either way.
+    actions = [(e.action, e.entity_id) for e in engine.audit.list(limit=100).items]
+    assert ("worker_offline", "node-a") in actions
+    # Leases are never touched by a sync.
+    assert engine.leases.get(grant.lease.id).status == "active"
+    assert engine.tasks.get(task.id).status == "leased"
+
+
+@pytest.mark.parametrize("mode", ["malformed", "500", "hang", "refuse", "bad-entry", "not-a-list"])
+def test_failed_sync_changes_nothing_and_logs_one_line(make_engine, membridge_server, clock, caplog, mode):  # noqa: F811
+    engine = make_engine()
+    engine.membridge.sync_now()
+    before = (workers(engine), len(engine.audit.list(limit=1000).items))
+    job_before = engine.jobs["membridge_sync"].snapshot()
+    # The answer would change everything if it were applied.
+    now_s = clock.now_ms() / 1000
+    membridge_server.state.agents = [agent("node-a", now_s, status="error"), agent("node-z", now_s)]
+    if mode == "refuse":
+        membridge_server.refuse()
+    elif mode == "bad-entry":
+        membridge_server.state.agents.append({"name": "bad name with spaces/..", "status": "online"})
+    elif mode == "not-a-list":
+        membridge_server.state.agents = {"agents": []}  # type: ignore[assignment]
+    else:
+        membridge_server.fail(mode, "GET /agents")
+    caplog.set_level(logging.DEBUG)
+    started = time.monotonic()
+    with pytest.raises(MembridgeError):
+        engine.membridge.sync_now()
+    assert time.monotonic() - started < 3.0
+    assert (workers(engine), len(engine.audit.list(limit=1000).items)) == before
+    job = engine.jobs["membridge_sync"].snapshot()
+    assert job["failures"] == job_before["failures"] + 1 and job["last_success"] == job_before["last_success"]
+    assert engine.membridge.state()["sync"]["failures"] == 1
+    lines = [r for r in caplog.records if r.name == SYNC_LOGGER and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].exc_info is None and "membridge sync failed" in lines[0].getMessage()
+    assert all(ADMIN_KEY not in r.getMessage() for r in caplog.records)
+
+
+def test_tick_while_sync_running_is_skipped(make_engine, membridge_server):  # noqa: F811
+    engine = make_engine(extra={**TUNING, "membridge_timeout_s": 3.0, "membridge_retries": 0})
+    membridge_server.fail("hang", "GET /agents", times=1)
+    first: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: first.setdefault("error", _raises(engine.membridge.sync_now)))
+    runner.start()
+    try:
+        assert membridge_server.wait_for_hanging(1)
+        started = time.monotonic()
+        assert engine.membridge.sync_now() is None  # skipped, and the inbox answered at once
+        assert time.monotonic() - started < 0.5
+        assert engine.membridge.state()["sync"]["skipped"] == 1
+        assert membridge_server.count("GET /agents") == 1
+    finally:
+        membridge_server.release()
+        runner.join()
+    assert isinstance(first["error"], MembridgeError)
+    assert engine.membridge.sync_now()  # the next tick syncs again
+    assert membridge_server.count("GET /agents") == 2
+
+
+def _raises(call: Callable[[], Any]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        return exc
+    return None
+
+
+def test_breaker_opens_fails_fast_half_opens_and_closes(make_engine, membridge_server):  # noqa: F811
+    engine = make_engine()
+    settings = engine.settings
+    client = falcon.testing.TestClient(create_app(engine, settings))
+
+    def health() -> dict[str, Any]:
+        return client.simulate_get("/api/runtime/health").json["membridge"]
+
+    assert client.simulate_post("/api/runtime/test-connection").status_code == 200
+    h = health()
+    assert (h["breaker"], h["connected"], h["consecutiveFailures"]) == ("closed", True, 0) and h["lastSuccess"]
+
+    membridge_server.refuse()
+    r = client.simulate_post("/api/runtime/test-connection")
+    assert r.status_code == 502 and "unreachable" in r.json["error"]
+    h = health()
+    assert (h["breaker"], h["connected"], h["consecutiveFailures"]) == ("open", False, 2) and h["lastError"]
+
+    for call in (lambda: client.simulate_post("/api/runtime/test-connection"),
+                 lambda: client.simulate_get("/api/membridge/projects")):
+        started = time.monotonic()
+        r = call()
+        assert time.monotonic() - started < FAST_FAIL_S
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "circuit open" in r.json["error"]
+    with pytest.raises(MembridgeError):
+        engine.membridge.sync_now()  # a sync while open fails fast too, counted
+    assert health()["sync"]["failures"] == 1
+
+    membridge_server.resume()
+    wait_for(lambda: health()["breaker"] == "half-open", timeout_s=RESET_S * 10)
+    r = client.simulate_post("/api/runtime/test-connection")
+    assert r.status_code == 200 and r.json["connected"] is True
+    h = health()
+    assert (h["breaker"], h["connected"], h["consecutiveFailures"]) == ("closed", True, 0)
+    assert h["last_test"]["connected"] is True
+    metrics = client.simulate_get("/api/runtime/metrics").text
+    assert 'bloom_membridge_breaker_state{state="closed"} 1.0' in metrics
+    assert 'bloom_membridge_sync_total{outcome="failure"} 1.0' in metrics
+    assert ADMIN_KEY not in metrics and ADMIN_KEY not in client.simulate_get("/api/runtime/health").text
+
+
+def test_sync_ticker_runs_by_itself(make_engine, membridge_server):  # noqa: F811
+    engine = make_engine(membridge_sync_interval_s=0.05)
+    wait_for(lambda: "node-a" in workers(engine))
+    wait_for(lambda: engine.membridge.state()["sync"]["successes"] >= 2)
