@@ -465,11 +465,11 @@ class LeaseService(_Service):
         if worker_id is not None:
             return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r))
         for fresh in (False, True):
-            candidates = engine.call("registry", lambda r: PickWorkers(task.context_id, task.labels, r, fresh))
+            candidates = engine.call("registry", lambda r, fresh=fresh: PickWorkers(task.context_id, task.labels, r, fresh))
             if not candidates:
                 break
             try:
-                return engine.call("leases", lambda r: AcquireLease(task_id, list(candidates), ttl, actor, r))
+                return engine.call("leases", lambda r, ids=candidates: AcquireLease(task_id, list(ids), ttl, actor, r))
             except NoCapacity:
                 if fresh:
                     raise  # the routing snapshot was current: the fleet really is full

@@ -13,7 +13,7 @@ from typing import Any
 from waitress.server import create_server
 
 from bloom_runtime.engine.engine import Engine
-from bloom_runtime.engine.settings import Settings, is_loopback, parse_api_keys
+from bloom_runtime.engine.settings import Settings, is_loopback
 from bloom_runtime.http.app import create_app
 
 log = logging.getLogger("bloom_runtime.http.server")

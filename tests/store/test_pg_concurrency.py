@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bloom_runtime.engine.errors import BloomError, Conflict, NoCapacity, StaleLease
+from bloom_runtime.engine.errors import Conflict, NoCapacity, StaleLease
 from bloom_runtime.engine.models import (
     Capabilities,
     Completion,
