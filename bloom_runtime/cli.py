@@ -19,7 +19,7 @@ from bloom_runtime.engine.errors import BloomError, ConfigError, SchemaTooNew, S
 SUBCOMMANDS = {
     "serve": ("bloom_runtime.http.server", "run the HTTP API under waitress"),
     "migrate": ("bloom_runtime.cli", "apply pending database migrations"),
-    "worker": ("bloom_runtime.worker", "run a worker that claims tasks and runs a command for each"),
+    "worker": ("bloom_runtime.worker.cli", "run a worker that claims tasks and runs a command for each"),
 }
 
 

@@ -292,7 +292,7 @@ def documented_variables() -> dict[str, str]:
 
 def variables_the_code_reads() -> set[str]:
     server = set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', inspect.getsource(Settings.from_env)))
-    worker_src = (REPO / "bloom_runtime" / "worker" / "__init__.py").read_text()
+    worker_src = "".join((REPO / "bloom_runtime" / "worker" / f).read_text() for f in ("__init__.py", "cli.py"))
     worker = set(re.findall(r'"((?:RUNTIME|WORKER)_[A-Z0-9_]+)"', worker_src))
     return server | worker
 

@@ -215,9 +215,10 @@ class Engine:
             ),
         )
         # Task writes are spread over shards by task id, so several transactions run at
-        # once; lease grants (acquire, claim, fail) and the sweep stay on shard 0, the only
+        # once (worth it when the database has cores to spare; SQLite has one writer
+        # anyway); lease grants (acquire, claim, fail) and the sweep stay on shard 0, the only
         # writer that locks worker rows, so shards cannot deadlock on them.
-        shards = s.actor_shards if s.actor_shards > 0 else (4 if store.kind == "postgresql" else 1)
+        shards = s.actor_shards if s.actor_shards > 0 else (2 if store.kind == "postgresql" else 1)
         for i in range(shards):
             name = "queue" if i == 0 else f"queue.{i}"
             self._slots[name] = _ActorSlot(

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bloom_runtime.engine.errors import BloomError
-from bloom_runtime.worker import add_arguments, run
+from bloom_runtime.worker.cli import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
