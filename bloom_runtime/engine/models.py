@@ -57,6 +57,11 @@ MaxAttempts = Annotated[int, Meta(ge=1, le=10)]
 MaxConcurrency = Annotated[int, Meta(ge=1, le=32)]
 TtlSeconds = Annotated[int, Meta(ge=1, le=86_400)]
 EpochMs = Annotated[int, Meta(ge=0, le=2**53)]
+WorkerUrl = Annotated[str, Meta(max_length=2048)]
+IpAddrs = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=64)]
+ObsCount = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Tag = Annotated[str, Meta(max_length=128)]  # db_sha, agent_version, install_method
+OsInfo = Annotated[str, Meta(max_length=512)]
 MAX_TTL_SECONDS = 86_400
 
 
@@ -208,16 +213,16 @@ class WorkerUpsert(msgspec.Struct, frozen=True, kw_only=True):
 
     id: Id
     node_id: Name | None = None
-    url: Annotated[str, Meta(max_length=2048)] | None = None
+    url: WorkerUrl | None = None
     status: WorkerStatus | None = None
     capabilities: Capabilities | None = None
     last_heartbeat: EpochMs | None = None
-    ip_addrs: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=64)] | None = None
-    obs_count: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
-    db_sha: Annotated[str, Meta(max_length=128)] | None = None
-    agent_version: Annotated[str, Meta(max_length=128)] | None = None
-    os_info: Annotated[str, Meta(max_length=512)] | None = None
-    install_method: Annotated[str, Meta(max_length=128)] | None = None
+    ip_addrs: IpAddrs | None = None
+    obs_count: ObsCount | None = None
+    db_sha: Tag | None = None
+    agent_version: Tag | None = None
+    os_info: OsInfo | None = None
+    install_method: Tag | None = None
     source: WorkerSource | None = None
 
 

@@ -21,13 +21,18 @@ from bloom_runtime.engine.models import (
     EpochMs,
     Fence,
     Id,
+    IpAddrs,
     Lease,
     Name,
+    ObsCount,
+    OsInfo,
     Result,
+    Tag,
     Task,
     TtlSeconds,
     Worker,
     WorkerStatus,
+    WorkerUrl,
 )
 
 WaitSeconds = Annotated[float, Meta(ge=0, le=30)]
@@ -38,16 +43,16 @@ class WorkerRegistration(msgspec.Struct, frozen=True, kw_only=True):
 
     name: Id
     node_id: Name | None = None
-    url: Annotated[str, Meta(max_length=2048)] | None = None
+    url: WorkerUrl | None = None
     status: WorkerStatus | None = None
     capabilities: Capabilities | None = None
     last_heartbeat: EpochMs | None = None
-    ip_addrs: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=64)] | None = None
-    obs_count: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
-    db_sha: Annotated[str, Meta(max_length=128)] | None = None
-    agent_version: Annotated[str, Meta(max_length=128)] | None = None
-    os_info: Annotated[str, Meta(max_length=512)] | None = None
-    install_method: Annotated[str, Meta(max_length=128)] | None = None
+    ip_addrs: IpAddrs | None = None
+    obs_count: ObsCount | None = None
+    db_sha: Tag | None = None
+    agent_version: Tag | None = None
+    os_info: OsInfo | None = None
+    install_method: Tag | None = None
 
 
 class ClaimRequest(msgspec.Struct, frozen=True, kw_only=True):
