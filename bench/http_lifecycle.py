@@ -5,6 +5,10 @@ running one. Prints lifecycles/s, p50/p95/p99 per endpoint and the server's RSS
 before and after (read from /proc, only when this script started the server).
 
     python bench/http_lifecycle.py -n 2000 -c 8 --database-url sqlite:///tmp/bench.db
+    python bench/http_lifecycle.py -n 100000 -c 8 --pg postgresql://bloom@127.0.0.1:5432/postgres --rss-every 10000
+
+``--pg ADMIN_URL`` runs against a fresh PostgreSQL database (created from the admin
+URL, dropped at the end); ``--rss-every K`` prints the server's RSS each K lifecycles.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import shutil
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import requests
@@ -67,6 +73,36 @@ def start_server(database_url: str, threads: int) -> tuple[subprocess.Popen[str]
     raise SystemExit("server did not become healthy within 30 s")
 
 
+class Progress:
+    """Completed lifecycles, counted across the client threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = 0
+
+    def add(self) -> None:
+        with self.lock:
+            self.done += 1
+
+
+PROGRESS = Progress()
+
+
+def rss_sampler(pid: int, every: int, total: int, t_start: float, stop: threading.Event,
+                marks: list[tuple[int, float, int | None]]) -> None:
+    """Record (lifecycles, seconds, VmRSS KiB) each time another ``every`` lifecycles are done."""
+    next_mark = every
+    while next_mark <= total and not stop.is_set():
+        if PROGRESS.done >= next_mark:
+            marks.append((PROGRESS.done, time.perf_counter() - t_start, rss_kib(pid)))
+            kib = marks[-1][2]
+            print(f"  after {marks[-1][0]:>7} lifecycles ({marks[-1][1]:7.1f} s): server RSS "
+                  f"{(kib or 0) / 1024:.1f} MiB", flush=True)
+            next_mark += every
+        else:
+            time.sleep(0.05)
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -105,6 +141,8 @@ def client(url: str, worker: str, count: int, timings: dict[str, list[float]], e
                 if status >= 300:
                     errors.append(f"{name} {status}")
                     break
+            else:
+                PROGRESS.add()
         for e in ENDPOINTS:
             timings[e].extend(local[e])
 
@@ -114,18 +152,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=1000, help="lifecycles in total")
     parser.add_argument("-c", type=int, default=1, help="concurrent clients")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
+    parser.add_argument("--pg", metavar="ADMIN_URL",
+                        help="PostgreSQL admin URL: run against a fresh database, dropped at the end")
+    parser.add_argument("--rss-every", type=int, default=0, metavar="K",
+                        help="print the server's RSS every K lifecycles (server started here only)")
     parser.add_argument("--url", help="base URL of a running server (…/api/runtime); key from BENCH_API_KEY")
     parser.add_argument("--threads", type=int, default=64, help="server threads when started here")
     args = parser.parse_args(argv)
 
     proc = None
+    cleanup = ExitStack()
     if args.url:
         url = args.url.rstrip("/")
         global KEY
         KEY = os.environ.get("BENCH_API_KEY", KEY)
     else:
-        db = args.database_url or "sqlite:///" + os.path.join(tempfile.mkdtemp(prefix="bloom-bench-"), "bench.db")
-        proc, url = start_server(db, args.threads)
+        if args.pg:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from engine_lifecycle import Database
+
+            database = Database("postgres", args.pg)
+            cleanup.callback(shutil.rmtree, database.tmp, True)
+            db = cleanup.enter_context(database)
+        elif args.database_url:
+            db = args.database_url
+        else:
+            tmp = tempfile.mkdtemp(prefix="bloom-bench-")
+            cleanup.callback(shutil.rmtree, tmp, True)
+            db = "sqlite:///" + os.path.join(tmp, "bench.db")
+        try:
+            proc, url = start_server(db, args.threads)
+        except BaseException:
+            cleanup.close()
+            raise
     try:
         rss_before = rss_kib(proc.pid) if proc else None
         timings: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
@@ -136,12 +195,21 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=client, args=(url, f"{tag}-{i}", per_client[i], timings, errors))
             for i in range(args.c)
         ]
+        marks: list[tuple[int, float, int | None]] = []
+        stop = threading.Event()
         t0 = time.perf_counter()
+        sampler = None
+        if proc is not None and args.rss_every > 0:
+            sampler = threading.Thread(target=rss_sampler, args=(proc.pid, args.rss_every, args.n, t0, stop, marks), daemon=True)
+            sampler.start()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - t0
+        if sampler is not None:
+            sampler.join(timeout=1)
+            stop.set()
         rss_after = rss_kib(proc.pid) if proc else None
 
         done = len(timings["complete"])
@@ -152,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e:<10} {len(v):>7} {percentile(v, 50) * 1000:>8.2f} {percentile(v, 95) * 1000:>8.2f} {percentile(v, 99) * 1000:>8.2f}")
         if rss_before is not None and rss_after is not None:
             print(f"server RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after")
+        if len(marks) >= 2 and marks[0][2] and marks[-1][2]:
+            growth = marks[-1][2] / marks[0][2]
+            print(f"server RSS growth {marks[0][0]} → {marks[-1][0]} lifecycles: ×{growth:.3f} "
+                  f"({'flat' if growth <= 1.2 else 'GROWS'})")
         if errors:
             print(f"{len(errors)} errors, e.g. {statistics.mode(errors)}")
         return 1 if errors else 0
@@ -163,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        cleanup.close()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import pykka
@@ -32,7 +33,7 @@ class AuditWriter(pykka.ThreadingActor):
         self.health = health
         self.group_commit = group_commit
         self.batch_max = batch_max
-        self._pending: list[Record] = []
+        self._pending: deque[Record] = deque()
         self._flush_scheduled = False
         self.written = 0
 
@@ -69,21 +70,21 @@ class AuditWriter(pykka.ThreadingActor):
             if self.group_commit:
                 batch, count = [], 0
                 while self._pending and (count == 0 or count + len(self._pending[0].entries) <= self.batch_max):
-                    rec = self._pending.pop(0)
+                    rec = self._pending.popleft()
                     batch.append(rec)
                     count += len(rec.entries)
             else:
-                batch = [self._pending.pop(0)]
+                batch = [self._pending.popleft()]
             try:
                 with self.store.transaction() as tx:
                     tx.insert_audit([e for rec in batch for e in rec.entries])
             except BloomError as exc:
-                self._pending[:0] = batch
+                self._pending.extendleft(reversed(batch))
                 self.health.failed(exc)
                 log.warning("audit: write failed, %d entries pending: %s", self.pending_count(), exc)
                 return
             except Exception as exc:
-                self._pending[:0] = batch
+                self._pending.extendleft(reversed(batch))
                 self.health.failed(exc)
                 log.exception("audit: write failed")
                 return
