@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import shutil
 import threading
 import time
 from contextlib import ExitStack
