@@ -179,6 +179,7 @@ class Settings:
         values["membridge_sync_interval_s"] = number("MEMBRIDGE_SYNC_INTERVAL", float, 0.05, 86400)
         values["worker_offline_after_s"] = number("WORKER_OFFLINE_AFTER", float, 1, 86400 * 30)
         values["pool_max"] = number("DB_POOL_SIZE", int, 1, 500)
+        values["db_open_wait_s"] = number("DB_OPEN_WAIT", float, 0.1, 3600)
         values["lease_fencing"] = text("LEASE_FENCING")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", int, 1024, 1024 * MIB)
         values["max_in_flight"] = number("MAX_IN_FLIGHT", int, 1, 100_000)
