@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -48,7 +47,10 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bloom_runtime.sql import cursor as page_cursor
+from bloom_runtime.sql import cursor as page_cursor  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from http_lifecycle import start_server  # noqa: E402
 
 KEY = "bench-key-large-0001"
 WORKER = "bench-large-w1"
@@ -246,12 +248,6 @@ def explain_stats(url: str) -> None:
 # --------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mib(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -260,32 +256,6 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def start_server(database_url: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "DATABASE_URL")}
-    env.update(RUNTIME_API_KEY=f"bench={KEY}", RATE_LIMIT_PER_S="0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bloom_runtime.cli", "--log-level", "WARNING", "serve", "--port", str(port),
-         "--database-url", database_url, "--threads", str(threads), "--rate-limit-per-s", "0"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api/runtime"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("server exited during start")
-        try:
-            with requests.get(url + "/health", timeout=1) as r:
-                if r.status_code == 200:
-                    return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise SystemExit("server did not become healthy within 60 s")
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -374,7 +344,7 @@ def run(args: argparse.Namespace, kind: str) -> bool:
         if args.explain and kind == "postgres":
             explain_stats(db_url)
 
-        proc, base = start_server(db_url, args.threads)
+        proc, base = start_server(db_url, args.threads, KEY)
         results: dict[str, list[float]] = {}
         notes: list[str] = []
         try:

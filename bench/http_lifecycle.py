@@ -31,6 +31,7 @@ import requests
 
 ENDPOINTS = ("create", "lease", "heartbeat", "complete")
 KEY = "bench-key-000001"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -49,16 +50,18 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def start_server(database_url: str, threads: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(database_url: str, threads: int, key: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``bloom-runtime serve`` (rate limit off, one API key) and wait until it is healthy."""
     port = free_port()
-    env = dict(os.environ, RUNTIME_API_KEY=f"bench={KEY}", RATE_LIMIT_PER_S="0")
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "DATABASE_URL")}
+    env.update(RUNTIME_API_KEY=f"bench={key or KEY}", RATE_LIMIT_PER_S="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bloom_runtime.cli", "--log-level", "WARNING", "serve", "--port", str(port),
          "--database-url", database_url, "--threads", str(threads)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/api/runtime"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit("server exited during start")
@@ -70,7 +73,8 @@ def start_server(database_url: str, threads: int) -> tuple[subprocess.Popen[str]
             pass
         time.sleep(0.05)
     proc.kill()
-    raise SystemExit("server did not become healthy within 30 s")
+    proc.wait()
+    raise SystemExit("server did not become healthy within 60 s")
 
 
 class Progress:
