@@ -214,10 +214,11 @@ class Engine:
                 inline_audit=s.audit_group_commit,
             ),
         )
-        # Task writes are spread over shards by task id, so several transactions run at
-        # once (worth it when the database has cores to spare; SQLite has one writer
-        # anyway); lease grants (acquire, claim, fail) and the sweep stay on shard 0, the only
-        # writer that locks worker rows, so shards cannot deadlock on them.
+        # Writes are spread over shards so several transactions run at once (worth it
+        # when the database has cores to spare; SQLite has one writer anyway): task
+        # writes and heartbeats by task id, grants (acquire, claim) by worker id, each
+        # grant naming one worker, so shards never wait on each other's worker rows.
+        # The sweep and failed dispatches stay on shard 0.
         shards = s.actor_shards if s.actor_shards > 0 else (2 if store.kind == "postgresql" else 1)
         for i in range(shards):
             name = "queue" if i == 0 else f"queue.{i}"
@@ -463,14 +464,17 @@ class LeaseService(_Service):
         task = engine.store.get_task(task_id)
         if ttl is None:
             ttl = task.default_ttl_seconds
+        # Grants for one worker go to one lease shard (keyed by worker), and each names a
+        # single worker, so no two shards ever wait on each other's worker rows.
         if worker_id is not None:
-            return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r))
+            return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r), key=worker_id)
         for fresh in (False, True):
             candidates = engine.call("registry", lambda r, fresh=fresh: PickWorkers(task.context_id, task.labels, r, fresh))
             if not candidates:
                 break
+            best = candidates[0]
             try:
-                return engine.call("leases", lambda r, ids=candidates: AcquireLease(task_id, list(ids), ttl, actor, r))
+                return engine.call("leases", lambda r: AcquireLease(task_id, [best], ttl, actor, r), key=best)
             except NoCapacity:
                 if fresh:
                     raise  # the routing snapshot was current: the fleet really is full
@@ -489,7 +493,7 @@ class LeaseService(_Service):
         deadline = time.monotonic() + wait_seconds
         while True:
             seen = engine.wakeup.generation
-            grant = engine.call("leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r))
+            grant = engine.call("leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r), key=worker_id)
             if grant is not None:
                 return grant
             remaining = deadline - time.monotonic()
