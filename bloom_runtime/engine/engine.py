@@ -50,7 +50,6 @@ from bloom_runtime.engine.errors import (
     EngineTimeout,
     InvalidInput,
     NoCapacity,
-    StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
     MAX_TTL_SECONDS,
@@ -147,7 +146,7 @@ class Engine:
         self._stopped = False
         self._stop_lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
-        self._listener: Any = None
+        self._listener: threading.Thread | None = None
         self.tasks = TaskService(self)
         self.leases = LeaseService(self)
         self.workers = WorkerService(self)
@@ -568,4 +567,4 @@ class AuditService(_Service):
         return self._engine.store.list_audit(check_limit(limit), cursor, entity_id)
 
 
-__all__ = ["Engine", "TaskService", "LeaseService", "WorkerService", "AuditService", "StoreUnavailable"]
+__all__ = ["Engine", "TaskService", "LeaseService", "WorkerService", "AuditService"]
