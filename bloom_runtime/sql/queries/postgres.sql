@@ -214,6 +214,47 @@ SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.
        w.active + 1
 FROM t, l, w
 
+-- name: heartbeat_fenced
+-- Heartbeat in one statement: lock the task only if it holds a lease the fence
+-- accepts, renew that lease, move the task to running. No row: refused (the caller
+-- reads the task to say why); nothing was written.
+WITH h AS (
+    SELECT id, lease_id, worker_id FROM llm_tasks
+    WHERE id = %(task_id)s AND status IN ('leased', 'running')
+      AND (%(fence_lease_id)s::text IS NULL OR lease_id = %(fence_lease_id)s::text)
+      AND (%(fence_worker_id)s::text IS NULL OR worker_id = %(fence_worker_id)s::text)
+    FOR UPDATE
+), l AS (
+    UPDATE leases
+    SET expires_at = %(now)s::bigint + ttl_seconds::bigint * 1000, last_heartbeat = %(now)s
+    FROM h
+    WHERE leases.id = h.lease_id AND leases.status = 'active'
+    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
+), t AS (
+    UPDATE llm_tasks SET status = 'running', updated_at = %(now)s
+    FROM l
+    WHERE llm_tasks.id = l.task_id AND llm_tasks.lease_id = l.id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+), w AS (
+    -- See renew_lease: the worker row is refreshed at most every 5 s.
+    UPDATE workers SET last_heartbeat = %(now)s
+    FROM l
+    WHERE workers.id = l.worker_id
+      AND (workers.last_heartbeat IS NULL OR workers.last_heartbeat < %(now)s::bigint - 5000)
+    RETURNING 1
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM t, l;
+
 -- name: renew_lease
 -- Heartbeat after lock_task and the fence check. The worker row is updated last
 -- (an unreferenced data-modifying CTE runs after the main query): task -> lease -> worker.
