@@ -43,7 +43,7 @@ LEASE_GRACE_S = 30  # the runtime's default TTL is timeout + this
 MIN_HEARTBEAT_S = 0.2  # never heartbeat faster than this, whatever the TTL
 FINAL_REPORT_S = 10.0  # after the grace, how long results may still try to reach the runtime
 MAX_POLL_WAIT_S = 30
-STOP_CHECK_S = 0.5  # how often an embedded run looks for a stop from inside while waiting on the caller's event
+STOP_CHECK_S = 0.5  # longest the main thread blocks at once, so signal handlers and inside stops run promptly
 
 JobFactory = Callable[[Mapping[str, Any], Mapping[str, Any], Callable[[], None]], Job]
 
@@ -145,12 +145,12 @@ class Worker:
         claimer.start()
         try:
             try:
-                if stop_event is None:
-                    self._stop.wait()
-                else:
-                    # also notice a stop from inside (a fatal refusal) within STOP_CHECK_S
-                    while not self._stop.is_set() and not stop_event.wait(STOP_CHECK_S):
-                        pass
+                # Wait in short steps: a signal delivered to another thread only runs its
+                # Python handler once the main thread wakes, and a stop from inside (a
+                # fatal refusal) must be noticed too.
+                wait = stop_event.wait if stop_event is not None else self._stop.wait
+                while not self._stop.is_set() and not wait(STOP_CHECK_S):
+                    pass
             except KeyboardInterrupt:
                 pass  # embedded in a program run from a terminal: Ctrl-C drains like SIGTERM
             if not self._stop.is_set():
@@ -383,7 +383,7 @@ class Worker:
                 left = deadline - self._clock()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, STOP_CHECK_S))
         self._end_grace()
         # A claim in flight may still bring a task; it is killed at once and reported.
         claimer.join()
@@ -394,7 +394,7 @@ class Worker:
                 left = final - self._clock()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, STOP_CHECK_S))
         self._give_up.set()
         with self._cond:
             pending = [s for s in self._slots if not s.reported.is_set()]
