@@ -19,6 +19,7 @@ from bloom_runtime.http.app import create_app
 log = logging.getLogger("bloom_runtime.http.server")
 
 DRAIN_TIMEOUT_S = 10.0  # in-flight requests get this long to finish on shutdown
+SIGNAL_POLL_S = 0.2  # longest the main thread sleeps before looking for a signal
 SHORT_DRAIN_S = 2.0  # before the engine stops: short requests finish while it still takes work
 POLL_S = 0.02
 # Waitress buffers a whole body before the app runs; cap it well above the app's own
@@ -100,12 +101,12 @@ def _serve(engine: Engine, settings: Settings) -> int:
         ident="bloom-runtime",
     )
     holder["server"] = server
-    stop = threading.Event()
     received: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
+        # Only a list append: the handler runs between two bytecodes of the main
+        # thread, which may hold any lock at that moment.
         received.append(signum)
-        stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     loop = threading.Thread(target=server.run, name="waitress-loop", daemon=False)
@@ -114,8 +115,11 @@ def _serve(engine: Engine, settings: Settings) -> int:
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"bloom-runtime listening on http://{shown}:{port} ({engine.store.kind})", flush=True)
     try:
-        stop.wait()
-        log.info("signal %s: draining", received[0] if received else "?")
+        # Short sleeps, not one untimed wait: a signal the kernel hands to another
+        # thread runs its Python handler only when the main thread wakes up.
+        while not received:
+            time.sleep(SIGNAL_POLL_S)
+        log.info("signal %s: draining", signal.Signals(received[0]).name)
         _drain(server, app.context.shedder, engine)
     except BaseException:
         # Never leave the (non-daemon) loop thread serving with a stopped engine.
