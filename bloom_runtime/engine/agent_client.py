@@ -23,6 +23,7 @@ from .membridge import (
     BreakerRegistry,
     BreakerState,
     MembridgeResponse,
+    PooledClient,
     RetryingCaller,
     key_header,
     new_session,
@@ -30,7 +31,7 @@ from .membridge import (
 from .urls import AllowList, join, validate_outgoing_url
 
 
-class AgentClient:
+class AgentClient(PooledClient):
     """Posts tasks to worker agents; thread-safe, one pooled session for all workers."""
 
     def __init__(
@@ -57,17 +58,6 @@ class AgentClient:
 
     def __repr__(self) -> str:
         return f"AgentClient(workers={len(self.breakers)})"
-
-    def __enter__(self) -> AgentClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool if this client created it (idempotent)."""
-        if self._owns_session:
-            self._caller.session.close()
 
     def post_execute_task(
         self,

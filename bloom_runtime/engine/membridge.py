@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import pybreaker
 import requests
@@ -604,7 +604,25 @@ def _check_agent(item: Any) -> dict[str, Any]:
     return item
 
 
-class MembridgeClient:
+class PooledClient:
+    """Closes the session it created; usable as a context manager."""
+
+    _owns_session: bool
+    _caller: RetryingCaller
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool if this client created it (idempotent)."""
+        if self._owns_session:
+            self._caller.session.close()
+
+
+class MembridgeClient(PooledClient):
     """Client for the membridge control plane.
 
     The base URL and admin key come from providers, read on every call, so a
@@ -643,17 +661,6 @@ class MembridgeClient:
 
     def __repr__(self) -> str:
         return f"MembridgeClient(breaker={self._current_breaker().state!r})"
-
-    def __enter__(self) -> MembridgeClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool if this client created it (idempotent)."""
-        if self._owns_session:
-            self._caller.session.close()
 
     def _new_breaker(self) -> Breaker:
         return Breaker("membridge", fail_max=self._breaker_fail_max, reset_s=self._breaker_reset_s)

@@ -92,22 +92,54 @@ def run(args: argparse.Namespace) -> int:
     config, command = _config_from_args(args)
     worker = Worker(config, command_factory(command))
 
-    def stop(signame: str) -> None:
-        log.info("received %s", signame)
-        worker.request_stop()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        # Setting events and logging take locks the interrupted main thread may
-        # hold: do both on another thread.
-        threading.Thread(target=stop, args=(signal.Signals(signum).name,), name="bloom-signal").start()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        worker.run()
-    except WorkerError as exc:
-        log.error("worker stopped: %s", exc.message)
-        return 2
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    with _SignalWatcher(worker.request_stop):
+        try:
+            worker.run()
+        except WorkerError as exc:
+            log.error("worker stopped: %s", exc.message)
+            return 2
     return 0
+
+
+class _SignalWatcher:
+    """Calls ``on_signal`` for every SIGTERM/SIGINT, at once, on a thread of its own.
+
+    CPython runs Python signal handlers only in the main thread, and only when it
+    next executes bytecode; a signal the kernel delivers to another thread can
+    wait there. The C-level handler writes each signal number to a wakeup pipe
+    straight away, so this thread reads it instead. A second signal therefore
+    also arrives promptly (it skips the grace).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_signal: Any) -> None:
+        self._on_signal = on_signal
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._thread = threading.Thread(target=self._watch, name="bloom-signals")
+
+    def __enter__(self) -> _SignalWatcher:
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        # A Python handler must be set for the wakeup pipe to be written; the work is done by _watch.
+        self._previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in self.SIGNALS}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        os.write(self._write, b"\0")  # no signal is numbered 0: it tells _watch to end
+        self._thread.join()
+        os.close(self._read)
+        os.close(self._write)
+
+    def _watch(self) -> None:
+        while True:
+            for signum in os.read(self._read, 64):
+                if signum == 0:
+                    return
+                if signum in self.SIGNALS:
+                    log.info("received %s", signal.Signals(signum).name)
+                    self._on_signal()
