@@ -6,10 +6,24 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from bloom_runtime.actors.base import BatchingActor, JobHealth, Record, Write, _fail, audit
+from bloom_runtime.actors.base import (
+    BatchingActor,
+    JobHealth,
+    Record,
+    Write,
+    _fail,
+    audit,
+)
 from bloom_runtime.actors.messages import AcquireLease, ClaimNext, FailLease, Heartbeat
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import AuditEntry, Expiry, Lease, LeaseGrant, Task, new_id
+from bloom_runtime.engine.models import (
+    AuditEntry,
+    Expiry,
+    Lease,
+    LeaseGrant,
+    Task,
+    new_id,
+)
 from bloom_runtime.sql.store import RetryDelay, Store, Transaction
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,12 @@ import pykka
 from bloom_runtime.actors.base import JobHealth, Record, Tick, _fail, audit
 from bloom_runtime.actors.messages import UpsertWorkers
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, EngineStopped, InvalidInput, MembridgeError
+from bloom_runtime.engine.errors import (
+    BloomError,
+    EngineStopped,
+    InvalidInput,
+    MembridgeError,
+)
 from bloom_runtime.engine.models import AuditEntry, Worker, WorkerUpsert, validate
 
 log = logging.getLogger(__name__)

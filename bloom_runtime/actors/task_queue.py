@@ -6,7 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from bloom_runtime.actors.base import BatchingActor, Record, Write, audit
-from bloom_runtime.actors.messages import CancelTask, CompleteTask, CreateTask, RequeueTask
+from bloom_runtime.actors.messages import (
+    CancelTask,
+    CompleteTask,
+    CreateTask,
+    RequeueTask,
+)
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.models import CompletionOutcome, Task, new_id
 from bloom_runtime.sql.store import RetryDelay, Store, Transaction

@@ -7,8 +7,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bloom_runtime.actors.base import BatchingActor, JobHealth, Record, Write, _fail, audit
-from bloom_runtime.actors.messages import PickWorkers, RegisterWorker, RemoveWorker, UpsertWorkers
+import pykka
+
+from bloom_runtime.actors.base import (
+    BatchingActor,
+    JobHealth,
+    Record,
+    Write,
+    _fail,
+    audit,
+)
+from bloom_runtime.actors.messages import (
+    PickWorkers,
+    RegisterWorker,
+    RemoveWorker,
+    UpsertWorkers,
+)
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.models import Worker
 from bloom_runtime.sql.store import Store, Transaction
@@ -128,7 +142,7 @@ class WorkerRegistry(BatchingActor):
                         entries.append(audit(t, "worker_registered", "worker", worker.id, m.actor, f"status={worker.status}"))
                 return out, entries
 
-            return Write(upsert_many, m.reply or _discard(), after=self._changed)
+            return Write(upsert_many, m.reply or pykka.ThreadingFuture(), after=self._changed)
 
         if isinstance(m, RemoveWorker):
 
@@ -167,8 +181,3 @@ class WorkerRegistry(BatchingActor):
         else:
             self._audit_sink(Record(entries, reply, len(changed)))
 
-
-def _discard() -> Any:
-    import pykka
-
-    return pykka.ThreadingFuture()

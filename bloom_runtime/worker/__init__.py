@@ -117,22 +117,13 @@ def run(
     the retry wait (both for tests). Raises ``WorkerError`` if the runtime
     refuses the worker for good (wrong key).
     """
-    config = build_config(
-        runtime_url,
-        name,
-        api_key=api_key,
-        concurrency=concurrency,
-        labels=labels,
-        ttl_seconds=ttl_seconds,
-        grace_s=grace_s,
-        poll_wait_s=poll_wait_s,
-    )
     fn = handler
 
     def factory(task: Any, lease: Any, on_done: Callable[[], None]) -> HandlerJob:
         return HandlerJob(fn, task, on_done=on_done)
 
-    Worker(config, factory, backoff=backoff, sleep=sleep).run(stop_event)
+    _run_jobs(factory, stop_event, backoff, sleep, runtime_url, name, api_key=api_key, concurrency=concurrency,
+              labels=labels, ttl_seconds=ttl_seconds, grace_s=grace_s, poll_wait_s=poll_wait_s)
 
 
 def run_command(
@@ -151,17 +142,21 @@ def run_command(
     sleep: Callable[[float], Any] | None = None,
 ) -> None:
     """Like ``run`` but each task runs ``command`` through ``/bin/sh -c`` (what ``--exec`` does)."""
-    config = build_config(
-        runtime_url,
-        name,
-        api_key=api_key,
-        concurrency=concurrency,
-        labels=labels,
-        ttl_seconds=ttl_seconds,
-        grace_s=grace_s,
-        poll_wait_s=poll_wait_s,
-    )
-    Worker(config, command_factory(command), backoff=backoff, sleep=sleep).run(stop_event)
+    _run_jobs(command_factory(command), stop_event, backoff, sleep, runtime_url, name, api_key=api_key,
+              concurrency=concurrency, labels=labels, ttl_seconds=ttl_seconds, grace_s=grace_s,
+              poll_wait_s=poll_wait_s)
+
+
+def _run_jobs(
+    factory: Callable[[Any, Any, Callable[[], None]], Any],
+    stop_event: threading.Event | None,
+    backoff: Callable[[], Backoff],
+    sleep: Callable[[float], Any] | None,
+    runtime_url: str,
+    name: str,
+    **options: Any,
+) -> None:
+    Worker(build_config(runtime_url, name, **options), factory, backoff=backoff, sleep=sleep).run(stop_event)
 
 
 def command_factory(command: str) -> Callable[[Any, Any, Callable[[], None]], CommandJob]:
