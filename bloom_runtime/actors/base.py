@@ -22,7 +22,7 @@ import pykka
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.errors import BloomError, StoreUnavailable
 from bloom_runtime.engine.models import AuditEntry, new_id
-from bloom_runtime.sql.store import Store, Transaction, TransientConflict
+from bloom_runtime.sql.store import Op, Store, Transaction, TransientConflict
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,20 @@ class Flush:
 
 @dataclass
 class Write:
-    """A write for a ``BatchingActor``: ``op`` runs inside the batch transaction and
-    returns ``(value, audit entries)``; ``reply`` receives the value once the
-    entries are committed, or the error."""
+    """A write for a ``BatchingActor``; ``reply`` receives its value once its audit
+    entries are committed, or the error.
 
-    op: Callable[[Transaction], tuple[Any, list[AuditEntry]]]
+    Either ``op`` runs inside the batch transaction and returns ``(value, audit
+    entries)``, or ``spec`` is an operation the batch hands to ``Transaction.apply``
+    together with the others of its kind, and ``finish(result, now)`` turns the
+    result into ``(value, audit entries)``."""
+
+    op: Callable[[Transaction], tuple[Any, list[AuditEntry]]] | None
     reply: pykka.ThreadingFuture
     after: Callable[[Any], None] | None = None  # runs on success, after commit
     key: str = ""  # the task it locks first; a batch runs in key order so batches cannot deadlock on tasks
+    spec: Op | None = None
+    finish: Callable[[Any, int], tuple[Any, list[AuditEntry]]] | None = None
 
 
 @dataclass
@@ -216,8 +222,20 @@ class BatchingActor(pykka.ThreadingActor):
     def _attempt(self, batch: list[Write]) -> list[tuple[Write, Any, list[AuditEntry] | None]]:
         """Run the batch in one transaction; domain refusals are outcomes, not failures."""
         outcomes: list[tuple[Write, Any, list[AuditEntry] | None]] = []
+        ordered = sorted(batch, key=_lock_order)
         with self.store.transaction() as tx:
-            for w in sorted(batch, key=_lock_order):
+            applied = [w for w in ordered if w.spec is not None]
+            if applied:
+                now = self.clock.now_ms()
+                for w, result in zip(applied, tx.apply([w.spec for w in applied], now)):
+                    if isinstance(result, BloomError):
+                        outcomes.append((w, result, None))
+                    else:
+                        value, entries = w.finish(result, now)
+                        outcomes.append((w, value, entries))
+            for w in ordered:
+                if w.op is None:
+                    continue
                 try:
                     value, entries = w.op(tx)
                 except BloomError as exc:

@@ -24,7 +24,7 @@ from bloom_runtime.engine.models import (
     Task,
     new_id,
 )
-from bloom_runtime.sql.store import RetryDelay, Store, Transaction
+from bloom_runtime.sql.store import AcquireOp, HeartbeatOp, RetryDelay, Store, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ class LeaseSupervisor(BatchingActor):
         now = self.clock.now_ms
         if isinstance(m, AcquireLease):
 
-            def acquire(tx: Transaction) -> tuple[LeaseGrant, list]:
-                t = now()
-                grant = tx.acquire_lease(m.task_id, m.worker_ids, m.ttl_seconds, new_id(), t)
+            def leased(grant: LeaseGrant, t: int) -> tuple[LeaseGrant, list]:
                 return grant, [
                     audit(
                         t, "task_leased", "task", grant.task.id, m.actor,
@@ -68,18 +66,18 @@ class LeaseSupervisor(BatchingActor):
                     )
                 ]
 
-            return Write(acquire, m.reply, key=m.task_id)
+            spec = AcquireOp(m.task_id, tuple(m.worker_ids), m.ttl_seconds, new_id())
+            return Write(None, m.reply, key=m.task_id, spec=spec, finish=leased)
 
         if isinstance(m, Heartbeat):
 
-            def heartbeat(tx: Transaction) -> tuple[tuple[Task, Lease], list]:
-                t = now()
-                task, lease = tx.heartbeat(m.task_id, m.fence, t)
-                return (task, lease), [
+            def renewed(result: tuple[Task, Lease], t: int) -> tuple[tuple[Task, Lease], list]:
+                task, lease = result
+                return result, [
                     audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")
                 ]
 
-            return Write(heartbeat, m.reply, key=m.task_id)
+            return Write(None, m.reply, key=m.task_id, spec=HeartbeatOp(m.task_id, m.fence), finish=renewed)
 
         if isinstance(m, FailLease):
 

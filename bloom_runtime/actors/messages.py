@@ -56,7 +56,7 @@ class ClaimNext:
 class AcquireLease:
     task_id: str
     worker_ids: Sequence[str]
-    ttl_seconds: int
+    ttl_seconds: int | None  # None: the task's default
     actor: str
     reply: pykka.ThreadingFuture
 

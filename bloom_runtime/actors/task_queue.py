@@ -14,7 +14,7 @@ from bloom_runtime.actors.messages import (
 )
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.models import CompletionOutcome, Task, new_id
-from bloom_runtime.sql.store import RetryDelay, Store, Transaction
+from bloom_runtime.sql.store import CompleteOp, CreateOp, RetryDelay, Store, Transaction
 
 
 class TaskQueue(BatchingActor):
@@ -37,20 +37,17 @@ class TaskQueue(BatchingActor):
         now = self.clock.now_ms
         if isinstance(m, CreateTask):
 
-            def create(tx: Transaction) -> tuple[tuple[Task, bool], list]:
-                t = now()
-                task, created = tx.create_task(m.new, new_id(), t)
-                if not created:
-                    return (task, False), []
-                return (task, True), [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
+            def created(result: tuple[Task, bool], t: int) -> tuple[tuple[Task, bool], list]:
+                task, is_new = result
+                if not is_new:
+                    return result, []
+                return result, [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
 
-            return Write(create, m.reply, after=lambda v: v[1] and self.on_queued())
+            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=CreateOp(m.new, new_id()), finish=created)
 
         if isinstance(m, CompleteTask):
 
-            def complete(tx: Transaction) -> tuple[CompletionOutcome, list]:
-                t = now()
-                out = tx.complete(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay, t)
+            def completed(out: CompletionOutcome, t: int) -> tuple[CompletionOutcome, list]:
                 action = {"completed": "task_completed", "queued": "task_retry", "failed": "task_failed"}[out.task.status]
                 detail = f"result={out.result.status} attempts={out.task.attempts}/{out.task.max_attempts}"
                 if out.task.status == "queued":
@@ -60,7 +57,11 @@ class TaskQueue(BatchingActor):
                     entries.append(audit(t, "lease_released", "lease", out.lease.id, m.actor, f"task={m.task_id}"))
                 return out, entries
 
-            return Write(complete, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued(), key=m.task_id)
+            spec = CompleteOp(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay)
+            return Write(
+                None, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued(), key=m.task_id,
+                spec=spec, finish=completed,
+            )
 
         if isinstance(m, RequeueTask):
 

@@ -213,12 +213,13 @@ class Engine:
                 inline_audit=s.audit_group_commit,
             ),
         )
-        # Writes are spread over shards so several transactions run at once (worth it
-        # when the database has cores to spare; SQLite has one writer anyway): task
+        # Writes may be spread over shards so several transactions run at once: task
         # writes and heartbeats by task id, grants (acquire, claim) by worker id, each
         # grant naming one worker, so shards never wait on each other's worker rows.
-        # The sweep and failed dispatches stay on shard 0.
-        shards = s.actor_shards if s.actor_shards > 0 else (2 if store.kind == "postgresql" else 1)
+        # The sweep and failed dispatches stay on shard 0. One of each is the default:
+        # a batch is applied with a few set statements, so one big batch costs less
+        # than several small ones in parallel (measured in bench/engine_lifecycle.py).
+        shards = s.actor_shards if s.actor_shards > 0 else 1
         for i in range(shards):
             name = "queue" if i == 0 else f"queue.{i}"
             self._slots[name] = _ActorSlot(
@@ -459,14 +460,12 @@ class LeaseService(_Service):
 
         Raises ``NotFound``, ``Conflict`` (not queued), ``NoCapacity``."""
         engine = self._engine
-        ttl = check_ttl(ttl_seconds)
-        task = engine.store.get_task(task_id)
-        if ttl is None:
-            ttl = task.default_ttl_seconds
+        ttl = check_ttl(ttl_seconds)  # None: the store takes the task's default under its lock
         # Grants for one worker go to one lease shard (keyed by worker), and each names a
         # single worker, so no two shards ever wait on each other's worker rows.
         if worker_id is not None:
             return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r), key=worker_id)
+        task = engine.store.get_task(task_id)  # routing needs its context and labels
         for fresh in (False, True):
             candidates = engine.call("registry", lambda r, fresh=fresh: PickWorkers(task.context_id, task.labels, r, fresh))
             if not candidates:

@@ -117,7 +117,7 @@ class Settings:
     audit_group_commit: bool = True
     audit_batch_max: int = 2000
     write_batch_max: int = 256
-    actor_shards: int = 0  # task-queue / lease-supervisor shards; 0: 2 on PostgreSQL, 1 on SQLite
+    actor_shards: int = 0  # task-queue / lease-supervisor shards; 0: one of each (bigger batches beat more transactions)
     retry_backoff_base_ms: int = 1000
     retry_backoff_cap_ms: int = 60_000
     lease_fencing: str = "lenient"  # or "strict": heartbeat/complete must name the lease

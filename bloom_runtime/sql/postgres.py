@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import msgspec
 import psycopg
@@ -84,7 +86,19 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.queries import load
-from bloom_runtime.sql.store import MAX_PAGE, RetryDelay, Store, Transaction, TransientConflict, artifact_content
+from bloom_runtime.sql.store import (
+    MAX_PAGE,
+    AcquireOp,
+    CompleteOp,
+    CreateOp,
+    HeartbeatOp,
+    Op,
+    RetryDelay,
+    Store,
+    Transaction,
+    TransientConflict,
+    artifact_content,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +106,53 @@ Q: dict[str, str] = load("postgres")
 
 NOTIFY_CHANNEL = "bloom_tasks"
 POOL_GETCONN_TIMEOUT_S = 10.0  # how long a caller waits for a free pooled connection
+# A connection handed back less than this long ago is lent out again unchecked: it
+# answered moments ago, and a check is one more round trip on every batch and read.
+POOL_CHECK_IDLE_S = 1.0
 OPEN_RETRY_INITIAL_S = 0.05  # first pause between connection attempts in open()
 OPEN_RETRY_MAX_S = 1.0
 # First page of a keyset listing: every real row sorts below this bound.
 _FIRST_PAGE = (2**63 - 1, "")
 DEFAULT_ARTIFACT_TYPE = "llm_output"
+
+# --- statements sent several to a message ---------------------------------------
+#
+# A message of several statements cannot carry bound parameters, so these run as
+# EXECUTE of statements prepared once per connection, their arguments quoted by psycopg:
+# one round trip for the lot, and no re-planning.
+
+_SCRIPT_PARAM_TYPES = {"now": "bigint", "rows": "json", "ids": "text[]", "default_timeout": "integer", "grace": "integer"}
+_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+class _Scripted(NamedTuple):
+    prepare: bytes  # PREPARE bloom_<name> (types) AS <statement with $n>
+    execute: str  # EXECUTE bloom_<name>(%(param)s, ...), for client-side binding
+
+
+def _scripted(name: str) -> _Scripted:
+    order: list[str] = []
+
+    def positional(m: re.Match[str]) -> str:
+        if m.group(1) not in order:
+            order.append(m.group(1))
+        return f"${order.index(m.group(1)) + 1}"
+
+    body = _PARAM.sub(positional, Q[name])
+    types = ", ".join(_SCRIPT_PARAM_TYPES[p] for p in order)
+    server = f"bloom_{name}"
+    prepare = f"PREPARE {server}" + (f" ({types})" if order else "") + f" AS {body}"
+    execute = f"EXECUTE {server}" + ("(" + ", ".join(f"%({p})s" for p in order) + ")" if order else "")
+    return _Scripted(prepare.encode(), execute)
+
+
+SCRIPTED = {
+    name: _scripted(name)
+    for name in (
+        "create_tasks", "lock_tasks", "lock_workers", "grant_leases", "renew_leases", "finish_tasks",
+        "insert_audit", "notify_tasks",
+    )
+}
 
 # --- decoding rows into records -----------------------------------------------
 #
@@ -319,6 +375,180 @@ def _check_fence(task: Task, fence: Fence) -> None:
         raise StaleLease("worker does not hold the task's lease", task_id=task.id, worker_id=fence.worker_id)
 
 
+def _check_leasable(task: Task, now: int) -> None:
+    if task.status != "queued":
+        raise Conflict(f"task is {task.status}, not queued", task_id=task.id, status=task.status)
+    if task.not_before is not None and task.not_before > now:
+        raise Conflict("task is waiting for its retry backoff", task_id=task.id, not_before=task.not_before)
+    if task.attempts >= task.max_attempts:
+        raise Conflict("task has no attempts left", task_id=task.id)
+
+
+def _finish_params(
+    task: Task, completion: Completion, result_id: str, artifact_id: str, retry_delay: RetryDelay, now: int
+) -> dict[str, Any]:
+    """What finishing ``task`` (locked, fence checked) with ``completion`` writes."""
+    not_before = None
+    if completion.status == "success":
+        status = "completed"
+    elif completion.retryable and task.attempts < task.max_attempts:
+        status = "queued"
+        not_before = now + retry_delay(task.attempts)
+    else:
+        status = "failed"
+    keep = status == "completed"  # a completed task keeps who ran it, for the record
+    return {
+        "task_id": task.id,
+        "lease_id": task.lease_id,
+        "status": status,
+        "not_before": not_before,
+        "keep_lease_id": task.lease_id if keep else None,
+        "keep_worker_id": task.worker_id if keep else None,
+        "artifact_id": artifact_id,
+        "artifact_type": completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
+        "tags": _json(completion.artifact_tags),
+        "content": artifact_content(completion),
+        "result_id": result_id,
+        "worker_id": task.worker_id,
+        "result_status": completion.status,
+        "output": completion.output,
+        "error_message": completion.error_message,
+        "metrics": _json(completion.metrics),
+    }
+
+
+class _TaskState(NamedTuple):
+    """A task row as ``lock_tasks`` returns it: enough to say why an operation was refused."""
+
+    id: str
+    status: str
+    lease_id: str | None
+    worker_id: str | None
+    not_before: int | None
+    attempts: int
+    max_attempts: int
+
+
+def _refusal(task_id: str, locked: dict[str, _TaskState], check: Callable[[Any], None]) -> BloomError | None:
+    """Why a set statement left an operation out: the task is missing or ``check`` refuses
+    it. None: it passes the check (the caller names what else went wrong)."""
+    task = locked.get(task_id)
+    if task is None:
+        return NotFound("task not found", task_id=task_id)
+    try:
+        check(task)
+    except BloomError as exc:
+        return exc
+    return None
+
+
+# Rows for the set statements, encoded as one JSON array each (see queries/postgres.sql).
+
+
+def _create_rows(ops: Sequence[CreateOp], now: int) -> dict[str, Any]:
+    rows = [
+        {
+            "id": op.task_id,
+            "context_id": op.new.context_id,
+            "agent_slug": op.new.agent_slug,
+            "prompt": op.new.prompt,
+            "context_hints": op.new.context_hints,
+            "policy": op.new.policy,
+            "desired_format": op.new.desired_format,
+            "max_attempts": op.new.max_attempts,
+            "labels": op.new.labels,
+            "idempotency_key": op.new.idempotency_key,
+        }
+        for op in ops
+    ]
+    return {"rows": _json(rows), "now": now}
+
+
+def _grant_rows(ops: Sequence[AcquireOp], now: int) -> dict[str, Any]:
+    rows = [
+        {"ord": n, "task_id": op.task_id, "lease_id": op.lease_id, "worker_id": op.worker_ids[0], "ttl": op.ttl_seconds}
+        for n, op in enumerate(ops)
+    ]
+    return {"rows": _json(rows), "default_timeout": DEFAULT_TIMEOUT_SEC, "grace": LEASE_GRACE_S, "now": now}
+
+
+def _renew_rows(ops: Sequence[HeartbeatOp], now: int) -> dict[str, Any]:
+    rows = [
+        {"task_id": op.task_id, "fence_lease_id": op.fence.lease_id, "fence_worker_id": op.fence.worker_id}
+        for op in ops
+    ]
+    return {"rows": _json(rows), "now": now}
+
+
+MAX_ATTEMPTS_LIMIT = 10  # the schema's bound on max_attempts
+
+
+def _retry_delays(op: CompleteOp) -> list[int] | None:
+    """The wait before a retry after each possible number of attempts, which the
+    statement indexes by the task's attempts; None when no retry can follow."""
+    c = op.completion
+    if c.status == "success" or not c.retryable:
+        return None
+    return [op.retry_delay(n) for n in range(MAX_ATTEMPTS_LIMIT + 1)]
+
+
+def _finish_rows(ops: Sequence[CompleteOp], now: int) -> dict[str, Any]:
+    rows = [
+        {
+            "task_id": op.task_id,
+            "fence_lease_id": op.fence.lease_id,
+            "fence_worker_id": op.fence.worker_id,
+            "retryable": op.completion.retryable,
+            "delays": _retry_delays(op),
+            "artifact_id": op.artifact_id,
+            "artifact_type": op.completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
+            "tags": op.completion.artifact_tags,
+            "content": artifact_content(op.completion),
+            "result_id": op.result_id,
+            "result_status": op.completion.status,
+            "output": op.completion.output,
+            "error_message": op.completion.error_message,
+            "metrics": op.completion.metrics,
+        }
+        for op in ops
+    ]
+    return {"rows": _json(rows), "now": now}
+
+
+def _completion_size(c: Completion) -> int:
+    return 2 * len(c.output or "") + 2 * len(c.error_message or "") + 256
+
+
+SET_STATEMENT_MAX_BYTES = 4 << 20  # text one set statement carries; prompts and outputs may be 1 MiB each
+SCRIPT_MAX_BYTES = 8 << 20  # text one message of several statements carries
+
+
+def _chunks(items: Iterable[int], size: Callable[[int], int]) -> Iterator[list[int]]:
+    """Split ``items`` so the text each chunk carries stays near ``SET_STATEMENT_MAX_BYTES``."""
+    chunk: list[int] = []
+    total = 0
+    for i in items:
+        n = size(i)
+        if chunk and total + n > SET_STATEMENT_MAX_BYTES:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += n
+    if chunk:
+        yield chunk
+
+
+def _outcome(row: Sequence[Any]) -> CompletionOutcome:
+    """A ``finish_task(s)`` row: task, artifact, result, then the released lease (maybe null)."""
+    o = _TASK_N + _ARTIFACT_N + _RESULT_N
+    return CompletionOutcome(
+        task=_task(row),
+        artifact=_artifact(row, _TASK_N),
+        result=_result(row, _TASK_N + _ARTIFACT_N),
+        lease=_lease(row, o) if row[o] is not None else None,
+    )
+
+
 def _check_ttl(ttl_seconds: int) -> None:
     # Checked here: a violated CHECK constraint would abort the whole transaction.
     if ttl_seconds < 1:
@@ -346,18 +576,102 @@ def _page(items: list[Any], limit: int, key: Callable[[Any], int]) -> Page:
 class PostgresTransaction(Transaction):
     """Operations on one open transaction of one pooled connection."""
 
-    def __init__(self, conn: psycopg.Connection[Any], where: str) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], where: str, prepared: set[str]) -> None:
         self._conn = conn
         self._cur = conn.cursor()
+        self._script_cur = psycopg.ClientCursor(conn)
+        self._prepared = prepared  # the SCRIPTED statements this connection has prepared
         self._where = where
-        # Set when a task became claimable: one NOTIFY goes out before commit.
+        # BEGIN goes out with the first statement, and the audit entries, the NOTIFY
+        # (when a task became claimable) and COMMIT go out together at the end.
+        self._begun = False
+        self._audit: list[AuditEntry] = []
         self.notify = False
 
+    def _begin(self) -> None:
+        if not self._begun:
+            self._cur.execute(b"BEGIN")
+            self._begun = True
+
     def _one(self, name: str, params: dict[str, Any]) -> Any:
+        self._begin()
         return self._cur.execute(Q[name], params).fetchone()
 
     def _all(self, name: str, params: dict[str, Any]) -> list[Any]:
+        self._begin()
         return self._cur.execute(Q[name], params).fetchall()
+
+    def _script(
+        self, statements: Sequence[tuple[str, dict[str, Any]]], *, begin: bool = True, end: bytes | None = None
+    ) -> list[list[Any]]:
+        """Run named statements in as few round trips as their size allows (one message
+        each up to ``SCRIPT_MAX_BYTES``), BEGIN first if ``begin`` and not yet begun,
+        ``end`` last; return
+        the rows of each statement. Parameters are bound client-side (a message of
+        several statements cannot carry bound parameters); psycopg quotes them."""
+        missing = [name for name, _ in statements if name not in self._prepared]
+        if missing and self._begun:
+            # A PREPARE inside a transaction would vanish with its rollback: run these one
+            # by one this time; the connection prepares them before its next transaction.
+            rows = [self._rows(name, params) for name, params in statements]
+            if end is not None:
+                self._cur.execute(end)
+            return rows
+        if missing:
+            self._script_cur.execute(b";\n".join(SCRIPTED[name].prepare for name in dict.fromkeys(missing)))
+            self._prepared.update(missing)
+        texts = [self._script_cur.mogrify(SCRIPTED[name].execute, params).encode() for name, params in statements]
+        head = [] if self._begun or not begin else [b"BEGIN"]
+        tail = [end] if end is not None else []
+        messages: list[list[bytes]] = [[]]
+        size = 0
+        for text in texts:
+            if messages[-1] and size + len(text) > SCRIPT_MAX_BYTES:
+                messages.append([])
+                size = 0
+            messages[-1].append(text)
+            size += len(text)
+        rows: list[list[Any]] = []
+        cur = self._script_cur
+        for n, message in enumerate(messages):
+            parts = (head if n == 0 else []) + message + (tail if n == len(messages) - 1 else [])
+            if not parts:
+                continue
+            cur.execute(b";\n".join(parts))
+            self._begun = self._begun or bool(head)
+            skip = len(head) if n == 0 else 0
+            for k in range(len(parts)):
+                if k >= skip and k - skip < len(message):
+                    result = cur.pgresult
+                    rows.append(cur.fetchall() if result is not None and result.nfields else [])
+                cur.nextset()
+        return rows
+
+    def _rows(self, name: str, params: dict[str, Any]) -> list[Any]:
+        """Run one statement; its rows, or [] when it returns none."""
+        self._begin()
+        cur = self._cur.execute(Q[name], params)
+        result = cur.pgresult
+        return cur.fetchall() if result is not None and result.nfields else []
+
+    def commit(self) -> None:
+        """Write the pending audit entries and the NOTIFY, and commit, in one message."""
+        statements: list[tuple[str, dict[str, Any]]] = []
+        if self._audit:
+            statements.append(("insert_audit", {"rows": _encode(self._audit).decode()}))
+            self._audit = []
+        if self.notify:
+            statements.append(("notify_tasks", {}))
+        if not self._begun:
+            # Nothing ran yet: one message of statements is a transaction by itself.
+            if statements:
+                self._script(statements, begin=False)
+            return
+        self._script(statements, end=b"COMMIT")
+
+    def rollback(self) -> None:
+        if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self._conn.execute(b"ROLLBACK")
 
     def _lock_task(self, task_id: str) -> Task:
         row = self._one("lock_task", {"id": task_id})
@@ -398,16 +712,14 @@ class PostgresTransaction(Transaction):
 
     @_translating
     def acquire_lease(
-        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int, lease_id: str, now: int
+        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int | None, lease_id: str, now: int
     ) -> LeaseGrant:
-        _check_ttl(ttl_seconds)
+        if ttl_seconds is not None:
+            _check_ttl(ttl_seconds)
         task = self._lock_task(task_id)
-        if task.status != "queued":
-            raise Conflict(f"task is {task.status}, not queued", task_id=task_id, status=task.status)
-        if task.not_before is not None and task.not_before > now:
-            raise Conflict("task is waiting for its retry backoff", task_id=task_id, not_before=task.not_before)
-        if task.attempts >= task.max_attempts:
-            raise Conflict("task has no attempts left", task_id=task_id)
+        _check_leasable(task, now)
+        if ttl_seconds is None:
+            ttl_seconds = task.default_ttl_seconds
         ids = list(worker_ids)
         locked = self._all("lock_workers", {"ids": ids})
         if not locked:
@@ -471,46 +783,112 @@ class PostgresTransaction(Transaction):
     ) -> CompletionOutcome:
         task = self._lock_task(task_id)
         _check_fence(task, fence)
-        not_before = None
-        if completion.status == "success":
-            status = "completed"
-        elif completion.retryable and task.attempts < task.max_attempts:
-            status = "queued"
-            not_before = now + retry_delay(task.attempts)
-        else:
-            status = "failed"
-        keep = status == "completed"  # a completed task keeps who ran it, for the record
-        row = self._one(
-            "finish_task",
-            {
-                "task_id": task_id,
-                "lease_id": task.lease_id,
-                "status": status,
-                "not_before": not_before,
-                "keep_lease_id": task.lease_id if keep else None,
-                "keep_worker_id": task.worker_id if keep else None,
-                "artifact_id": artifact_id,
-                "artifact_type": completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
-                "tags": _json(completion.artifact_tags),
-                "content": artifact_content(completion),
-                "result_id": result_id,
-                "worker_id": task.worker_id,
-                "result_status": completion.status,
-                "output": completion.output,
-                "error_message": completion.error_message,
-                "metrics": _json(completion.metrics),
-                "now": now,
-            },
-        )
-        if status == "queued":
+        params = _finish_params(task, completion, result_id, artifact_id, retry_delay, now)
+        row = self._one("finish_task", {**params, "now": now})
+        if params["status"] == "queued":
             self.notify = True
-        o = _TASK_N + _ARTIFACT_N + _RESULT_N
-        return CompletionOutcome(
-            task=_task(row),
-            artifact=_artifact(row, _TASK_N),
-            result=_result(row, _TASK_N + _ARTIFACT_N),
-            lease=_lease(row, o) if row[o] is not None else None,
-        )
+        return _outcome(row)
+
+    # --- many at once --------------------------------------------------------
+
+    @_translating
+    def apply(self, ops: Sequence[Op], now: int) -> list[Any]:
+        """A batch's operations in one round trip (see ``Transaction.apply``).
+
+        Each kind goes out as one set statement over arrays, after the tasks they name
+        are locked together in id order. Only the first operation on a task joins a
+        set statement; later ones on the same task, creates the insert skipped (a used
+        idempotency key or id) and acquires offering several workers run one by one
+        afterwards, so they see what came before them."""
+        out: list[Any] = [None] * len(ops)
+        creates: list[int] = []
+        acquires: list[int] = []
+        beats: list[int] = []
+        completes: list[int] = []
+        later: list[int] = []
+        seen: set[str] = set()
+        for i, op in enumerate(ops):
+            if isinstance(op, CreateOp):
+                creates.append(i)
+                continue
+            if op.task_id in seen or (isinstance(op, AcquireOp) and len(op.worker_ids) != 1):
+                later.append(i)
+                continue
+            if isinstance(op, AcquireOp) and op.ttl_seconds is not None and op.ttl_seconds < 1:
+                out[i] = InvalidInput("ttl_seconds must be at least 1", ttl_seconds=op.ttl_seconds)
+                continue
+            seen.add(op.task_id)
+            {AcquireOp: acquires, HeartbeatOp: beats, CompleteOp: completes}[type(op)].append(i)
+
+        statements: list[tuple[str, dict[str, Any]]] = []
+        create_chunks = list(_chunks(creates, lambda i: len(ops[i].new.prompt)))
+        statements += [("create_tasks", _create_rows([ops[i] for i in c], now)) for c in create_chunks]
+        if seen:
+            statements.append(("lock_tasks", {"ids": sorted(seen)}))
+        if acquires:
+            statements.append(("lock_workers", {"ids": sorted({ops[i].worker_ids[0] for i in acquires})}))
+            statements.append(("grant_leases", _grant_rows([ops[i] for i in acquires], now)))
+        if beats:
+            statements.append(("renew_leases", _renew_rows([ops[i] for i in beats], now)))
+        complete_chunks = list(_chunks(completes, lambda i: _completion_size(ops[i].completion)))
+        statements += [("finish_tasks", _finish_rows([ops[i] for i in c], now)) for c in complete_chunks]
+        results = iter(self._script(statements) if statements else [])
+
+        for chunk in create_chunks:
+            made = {r[0]: r for r in next(results)}
+            for i in chunk:
+                row = made.get(ops[i].task_id)
+                if row is None:
+                    later.append(i)
+                else:
+                    out[i] = (_task(row), True)
+                    self.notify = True
+        locked = {r[0]: _TaskState(*r) for r in next(results)} if seen else {}
+        if acquires:
+            held_workers = {r[0] for r in next(results)}
+            granted = {r[0]: r for r in next(results)}
+            o = _TASK_N + _LEASE_N
+            for i in acquires:
+                op, row = ops[i], granted.get(ops[i].task_id)
+                if row is not None:
+                    out[i] = LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
+                    continue
+                out[i] = _refusal(op.task_id, locked, lambda t: _check_leasable(t, now))
+                if out[i] is None:
+                    if op.worker_ids[0] not in held_workers:
+                        out[i] = NotFound("worker not found", worker_id=op.worker_ids[0])
+                    else:
+                        out[i] = NoCapacity("no worker has free capacity", task_id=op.task_id)
+        if beats:
+            renewed = {r[0]: r for r in next(results)}
+            for i in beats:
+                op, row = ops[i], renewed.get(ops[i].task_id)
+                if row is not None:
+                    out[i] = (_task(row), _lease(row, _TASK_N))
+                else:
+                    out[i] = _refusal(op.task_id, locked, lambda t, f=op.fence: _check_fence(t, f)) or Conflict(
+                        "task's lease is not active", task_id=op.task_id
+                    )
+        for chunk in complete_chunks:
+            finished = {r[0]: r for r in next(results)}
+            for i in chunk:
+                op, row = ops[i], finished.get(ops[i].task_id)
+                if row is not None:
+                    out[i] = _outcome(row)
+                    self.notify = self.notify or out[i].task.status == "queued"
+                else:
+                    out[i] = _refusal(op.task_id, locked, lambda t, f=op.fence: _check_fence(t, f)) or Conflict(
+                        "task's lease is not active", task_id=op.task_id
+                    )
+
+        for i in sorted(later):
+            try:
+                out[i] = self.apply_one(ops[i], now)
+            except StoreUnavailable:
+                raise
+            except BloomError as exc:
+                out[i] = exc
+        return out
 
     @_translating
     def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
@@ -629,22 +1007,9 @@ class PostgresTransaction(Transaction):
 
     # --- audit and settings --------------------------------------------------
 
-    @_translating
     def insert_audit(self, entries: Sequence[AuditEntry]) -> None:
-        if not entries:
-            return
-        self._cur.execute(
-            Q["insert_audit"],
-            {
-                "ids": [e.id for e in entries],
-                "timestamps": [e.timestamp for e in entries],
-                "actions": [e.action for e in entries],
-                "entity_types": [e.entity_type for e in entries],
-                "entity_ids": [e.entity_id for e in entries],
-                "actors": [e.actor for e in entries],
-                "details": [e.detail for e in entries],
-            },
-        )
+        # Written at commit, in the same message as COMMIT: one round trip fewer.
+        self._audit.extend(entries)
 
     @_translating
     def set_settings(self, values: dict[str, str]) -> None:
@@ -659,6 +1024,7 @@ class PostgresTransaction(Transaction):
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested ``conn.transaction()``: an exception undoes only this block."""
+        self._begin()
         try:
             with self._conn.transaction():
                 yield
@@ -707,6 +1073,8 @@ class PostgresStore(Store):
         self._connect_timeout = max(2, int(round(connect_timeout_s)))
         self._pool: ConnectionPool[Any] | None = None
         self._lock = threading.Lock()
+        self._returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
+        self._prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._where})"
@@ -716,6 +1084,15 @@ class PostgresStore(Store):
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
         conn.adapters.register_loader("jsonb", _RawJsonbLoader)
+
+    def _returned(self, conn: psycopg.Connection[Any]) -> None:
+        self._returned_at[conn] = time.monotonic()
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        returned = self._returned_at.get(conn)
+        if returned is not None and time.monotonic() - returned < POOL_CHECK_IDLE_S:
+            return
+        ConnectionPool.check_connection(conn)
 
     def _probe(self, deadline: float) -> None:
         """Connect once directly until ``deadline``, so a failure can name its reason."""
@@ -747,8 +1124,9 @@ class PostgresStore(Store):
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 open=False,
-                check=ConnectionPool.check_connection,
+                check=self._check,
                 configure=self._configure,
+                reset=self._returned,
                 # Autocommit: a read is one round trip; writes open `conn.transaction()`.
                 kwargs={"connect_timeout": self._connect_timeout, "autocommit": True},
                 timeout=POOL_GETCONN_TIMEOUT_S,
@@ -814,11 +1192,18 @@ class PostgresStore(Store):
     @contextlib.contextmanager
     def transaction(self) -> Iterator[PostgresTransaction]:
         try:
-            with self._conn() as conn, conn.transaction():
-                tx = PostgresTransaction(conn, self._where)
-                yield tx
-                if tx.notify:
-                    conn.execute(Q["notify_tasks"])
+            with self._conn() as conn:
+                prepared = self._prepared.get(conn)
+                if prepared is None:
+                    prepared = self._prepared[conn] = set()
+                tx = PostgresTransaction(conn, self._where, prepared)
+                try:
+                    yield tx
+                    tx.commit()
+                except BaseException:
+                    with contextlib.suppress(psycopg.Error):
+                        tx.rollback()
+                    raise
         except psycopg.Error as exc:
             raise _translate(exc, self._where) from exc
 

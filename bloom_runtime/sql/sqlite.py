@@ -319,9 +319,10 @@ class SqliteTransaction(Transaction):
 
     @_atomic
     def acquire_lease(
-        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int, lease_id: str, now: int
+        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int | None, lease_id: str, now: int
     ) -> LeaseGrant:
-        _check_ttl(ttl_seconds)
+        if ttl_seconds is not None:
+            _check_ttl(ttl_seconds)
         status, not_before, *_ = self._task_state(task_id)
         if status != "queued":
             raise Conflict(f"task is {status}, not queued", task_id=task_id, status=status)
@@ -344,7 +345,7 @@ class SqliteTransaction(Transaction):
         if row is None:  # cannot happen under the write lock; refuse rather than write half
             raise Conflict("task is no longer leasable", task_id=task_id)
         task = _task(row)
-        lease = self._insert_lease(task, lease_id, chosen, ttl_seconds, now)
+        lease = self._insert_lease(task, lease_id, chosen, ttl_seconds or task.default_ttl_seconds, now)
         worker = self._worker_by_id(chosen)
         assert worker is not None
         return LeaseGrant(task=task, lease=lease, worker=worker)

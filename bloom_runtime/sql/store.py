@@ -21,9 +21,10 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
-from bloom_runtime.engine.errors import StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, StoreUnavailable
 from bloom_runtime.engine.models import (
     Artifact,
     AuditEntry,
@@ -53,6 +54,43 @@ class TransientConflict(StoreUnavailable):
     """A deadlock or serialisation failure: the transaction was rolled back; retry it."""
 
 
+# --- operations a transaction can apply as a set (see ``Transaction.apply``) ----------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOp:
+    new: NewTask
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireOp:
+    task_id: str
+    worker_ids: tuple[str, ...]
+    ttl_seconds: int | None  # None: the task's default
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOp:
+    task_id: str
+    fence: Fence
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteOp:
+    task_id: str
+    fence: Fence
+    completion: Completion
+    result_id: str
+    artifact_id: str
+    retry_delay: RetryDelay
+
+
+Op = Union[CreateOp, AcquireOp, HeartbeatOp, CompleteOp]
+"""One hot-path write; ``Transaction.apply`` answers it with what the matching method returns."""
+
+
 class Transaction(abc.ABC):
     """One open database transaction. Obtain from ``Store.transaction()``."""
 
@@ -65,9 +103,11 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     def acquire_lease(
-        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int, lease_id: str, now: int
+        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int | None, lease_id: str, now: int
     ) -> LeaseGrant:
         """Lease a ``queued`` task to the first of ``worker_ids`` with free capacity.
+
+        ``ttl_seconds`` None means the task's default (policy.timeout_sec + 30).
 
         Locks each candidate worker's row and counts its active leases before
         granting, so ``max_concurrency`` holds across processes. Moves the task to
@@ -140,6 +180,36 @@ class Transaction(abc.ABC):
         Their tasks (``leased`` or ``running`` under that lease) go back to
         ``queued`` while attempts < max_attempts, else to ``dead``; ``lease_id``
         and ``worker_id`` are cleared. Returns what changed."""
+
+    # --- many at once --------------------------------------------------------
+
+    def apply(self, ops: Sequence[Op], now: int) -> list[Any]:
+        """Apply ``ops`` in this transaction, in order, each as its own method would.
+
+        Returns, position for position, the method's value or the ``BloomError`` it
+        refused with (a refusal writes nothing and does not stop the others);
+        ``StoreUnavailable`` propagates. Stores where a statement costs a round trip
+        override this to apply each kind of operation as one set-based statement."""
+        out: list[Any] = []
+        for op in ops:
+            try:
+                out.append(self.apply_one(op, now))
+            except StoreUnavailable:
+                raise
+            except BloomError as exc:
+                out.append(exc)
+        return out
+
+    def apply_one(self, op: Op, now: int) -> Any:
+        if isinstance(op, CreateOp):
+            return self.create_task(op.new, op.task_id, now)
+        if isinstance(op, AcquireOp):
+            return self.acquire_lease(op.task_id, op.worker_ids, op.ttl_seconds, op.lease_id, now)
+        if isinstance(op, HeartbeatOp):
+            return self.heartbeat(op.task_id, op.fence, now)
+        if isinstance(op, CompleteOp):
+            return self.complete(op.task_id, op.fence, op.completion, op.result_id, op.artifact_id, op.retry_delay, now)
+        raise TypeError(f"not an operation: {op!r}")
 
     # --- workers -------------------------------------------------------------
 
@@ -293,6 +363,11 @@ def artifact_content(completion: Completion) -> str | None:
 
 
 __all__ = [
+    "AcquireOp",
+    "CompleteOp",
+    "CreateOp",
+    "HeartbeatOp",
+    "Op",
     "Artifact",
     "Result",
     "Store",

@@ -326,6 +326,209 @@ SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.
        l.last_heartbeat, l.context_id
 FROM t CROSS JOIN a CROSS JOIN r LEFT JOIN l ON true
 
+-- ---------------------------------------------------------------- many at once
+--
+-- Transaction.apply sends a batch's hot-path writes in one round trip, each kind as one
+-- statement over a JSON array of rows (one parameter: cheap to quote and to parse): lock_tasks first (ascending id), then lock_workers,
+-- then the set statements. Each statement of a multi-statement message takes its own
+-- snapshot, so the set statements see everything committed before the locks were
+-- granted, and decide in SQL, row by row, what the one-at-a-time paths decide in Python.
+
+-- name: insert_audit
+-- The audit entries of a batch, as a JSON array of objects named like the columns.
+INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+SELECT * FROM json_to_recordset(%(rows)s::json)
+    AS a(id text, timestamp bigint, action text, entity_type text, entity_id text, actor text,
+         detail text)
+
+-- name: lock_tasks
+-- What a refusal is explained from (see _TaskState); the rows stay locked to commit.
+SELECT id, status, lease_id, worker_id, not_before, attempts, max_attempts
+FROM llm_tasks WHERE id = ANY(%(ids)s::text[])
+ORDER BY id
+FOR UPDATE
+
+-- name: create_tasks
+-- A used idempotency key or task id inserts nothing; the caller sorts those out one by one.
+INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
+                       status, created_at, updated_at, attempts, max_attempts, labels, idempotency_key)
+SELECT i.id, i.context_id, i.agent_slug, i.prompt, i.context_hints, i.policy, i.desired_format,
+       'queued', %(now)s, %(now)s, 0, i.max_attempts, i.labels, i.idempotency_key
+FROM json_to_recordset(%(rows)s::json)
+     AS i(id text, context_id text, agent_slug text, prompt text, context_hints jsonb, policy jsonb,
+          desired_format text, max_attempts int, labels jsonb, idempotency_key text)
+ON CONFLICT DO NOTHING
+RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+          not_before, idempotency_key
+
+-- name: grant_leases
+-- Acquires of tasks held by lock_tasks, each naming one worker held by lock_workers. A
+-- worker takes the batch's requests in order while active + rank <= max_concurrency.
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+                  AS i(ord int, task_id text, lease_id text, worker_id text, ttl int)
+), ok AS (
+    SELECT i.task_id, i.lease_id, i.worker_id,
+           COALESCE(i.ttl, COALESCE((t.policy ->> 'timeout_sec')::int, %(default_timeout)s::int)
+                           + %(grace)s::int) AS ttl,
+           row_number() OVER (PARTITION BY i.worker_id ORDER BY i.ord) AS rank
+    FROM i JOIN llm_tasks t ON t.id = i.task_id
+    WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= %(now)s)
+      AND t.attempts < t.max_attempts
+), w AS (
+    SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+           w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+           w.source,
+           (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active,
+           COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS cap
+    FROM workers w WHERE w.id IN (SELECT worker_id FROM ok)
+), g AS (
+    SELECT ok.*, w.active + ok.rank AS load FROM ok JOIN w ON w.id = ok.worker_id
+    WHERE w.active + ok.rank <= w.cap
+), t AS (
+    UPDATE llm_tasks
+    SET status = 'leased', attempts = attempts + 1, lease_id = g.lease_id, worker_id = g.worker_id,
+        updated_at = %(now)s
+    FROM g
+    WHERE llm_tasks.id = g.task_id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+), l AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT g.lease_id, t.id, g.worker_id, %(now)s, %(now)s::bigint + g.ttl::bigint * 1000, g.ttl,
+           'active', %(now)s, t.context_id
+    FROM g JOIN t ON t.id = g.task_id
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id,
+       w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs, w.obs_count,
+       w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method, w.source,
+       g.load
+FROM t JOIN l ON l.task_id = t.id JOIN g ON g.task_id = t.id JOIN w ON w.id = g.worker_id
+
+-- name: renew_leases
+-- Heartbeats of tasks held by lock_tasks whose fence accepts them. Worker rows are
+-- refreshed at most every 5 s (see renew_lease), locked in id order, last.
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+                  AS i(task_id text, fence_lease_id text, fence_worker_id text)
+), h AS (
+    SELECT t.id, t.lease_id FROM llm_tasks t JOIN i ON t.id = i.task_id
+    WHERE t.status IN ('leased', 'running')
+      AND (i.fence_lease_id IS NULL OR t.lease_id = i.fence_lease_id)
+      AND (i.fence_worker_id IS NULL OR t.worker_id = i.fence_worker_id)
+), l AS (
+    UPDATE leases
+    SET expires_at = %(now)s::bigint + ttl_seconds::bigint * 1000, last_heartbeat = %(now)s
+    FROM h
+    WHERE leases.id = h.lease_id AND leases.status = 'active'
+    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
+), t AS (
+    UPDATE llm_tasks SET status = 'running', updated_at = %(now)s
+    FROM l
+    WHERE llm_tasks.id = l.task_id AND llm_tasks.lease_id = l.id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+), stale AS (
+    SELECT workers.id FROM workers
+    WHERE workers.id IN (SELECT worker_id FROM l)
+      AND (workers.last_heartbeat IS NULL OR workers.last_heartbeat < %(now)s::bigint - 5000)
+    ORDER BY workers.id
+    FOR UPDATE
+), w AS (
+    UPDATE workers SET last_heartbeat = %(now)s
+    FROM stale
+    WHERE workers.id = stale.id
+    RETURNING 1
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM t JOIN l ON l.task_id = t.id
+
+-- name: finish_tasks
+-- Completions of tasks held by lock_tasks whose fence accepts them: release each lease,
+-- move each task (success -> completed; a retryable error with attempts left -> queued
+-- after delays[attempts] ms; else failed), insert each artifact and result.
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+         AS i(task_id text, fence_lease_id text, fence_worker_id text, retryable boolean, delays jsonb,
+              artifact_id text, artifact_type text, tags jsonb, content text, result_id text,
+              result_status text, output text, error_message text, metrics jsonb)
+), h AS (
+    SELECT i.*, t.lease_id AS held_lease_id, t.worker_id AS held_worker_id, t.attempts,
+           CASE WHEN i.result_status = 'success' THEN 'completed'
+                WHEN i.retryable AND t.attempts < t.max_attempts THEN 'queued'
+                ELSE 'failed' END AS next_status
+    FROM i JOIN llm_tasks t ON t.id = i.task_id
+    WHERE t.status IN ('leased', 'running')
+      AND (i.fence_lease_id IS NULL OR t.lease_id = i.fence_lease_id)
+      AND (i.fence_worker_id IS NULL OR t.worker_id = i.fence_worker_id)
+), l AS (
+    UPDATE leases SET status = 'released'
+    FROM h
+    WHERE leases.id = h.held_lease_id AND leases.status = 'active'
+    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
+), t AS (
+    UPDATE llm_tasks
+    SET status = h.next_status,
+        not_before = CASE WHEN h.next_status = 'queued'
+                          THEN %(now)s::bigint + (h.delays ->> h.attempts)::bigint
+                          ELSE llm_tasks.not_before END,
+        lease_id = CASE WHEN h.next_status = 'completed' THEN h.held_lease_id END,
+        worker_id = CASE WHEN h.next_status = 'completed' THEN h.held_worker_id END,
+        updated_at = %(now)s
+    FROM h
+    WHERE llm_tasks.id = h.task_id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key
+), a AS (
+    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
+                                   entity_refs, tags, content)
+    SELECT h.artifact_id, h.task_id, NULL, h.artifact_type, %(now)s, true, NULL, '[]'::jsonb,
+           h.tags, h.content
+    FROM h
+    RETURNING id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
+), r AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    SELECT h.result_id, h.task_id, h.held_worker_id, h.artifact_id, h.result_status, h.output,
+           h.error_message, h.metrics, %(now)s
+    FROM h
+    RETURNING id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+              completed_at
+)
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       a.id, a.task_id, a.job_id, a.type, a.created_at, a.finalized, a.url, a.entity_refs, a.tags,
+       a.content,
+       r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
+       r.completed_at,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM t JOIN a ON a.task_id = t.id JOIN r ON r.task_id = t.id LEFT JOIN l ON l.task_id = t.id
+
 -- name: lease_task_id
 SELECT task_id FROM leases WHERE id = %(id)s
 
@@ -557,13 +760,6 @@ ORDER BY completed_at DESC, id DESC
 LIMIT 1
 
 -- ---------------------------------------------------------------- audit and settings
-
--- name: insert_audit
--- One statement for the whole batch: the columns arrive as parallel arrays.
-INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-SELECT * FROM unnest(%(ids)s::text[], %(timestamps)s::bigint[], %(actions)s::text[],
-                     %(entity_types)s::text[], %(entity_ids)s::text[], %(actors)s::text[],
-                     %(details)s::text[])
 
 -- name: list_audit
 SELECT id, timestamp, action, entity_type, entity_id, actor, detail
