@@ -201,6 +201,13 @@ class BatchingActor(pykka.ThreadingActor):
         """Turn one of this actor's command messages into a ``Write``; override."""
         return None
 
+    def audit_by_store(self, actor: str, entries: int = 1) -> dict[str, Any]:
+        """The ``actor``/``audit_ids`` of an operation whose audit entries the store may
+        write itself (with group commit only: otherwise each entry has a transaction of its own)."""
+        if not self.inline_audit:
+            return {}
+        return {"actor": actor, "audit_ids": tuple(new_id() for _ in range(entries))}
+
     def on_tick(self, reply: pykka.ThreadingFuture | None) -> None:
         """Periodic job; override. Answer ``reply`` (if any) when done."""
 
@@ -220,38 +227,56 @@ class BatchingActor(pykka.ThreadingActor):
             self._run_batch(batch)
 
     def _attempt(self, batch: list[Write]) -> list[tuple[Write, Any, list[AuditEntry] | None]]:
-        """Run the batch in one transaction; domain refusals are outcomes, not failures."""
+        """Run the batch in one transaction; domain refusals are outcomes, not failures.
+
+        The store may commit the operations it applies as a set (with their audit
+        entries) before the rest of the batch runs: if the rest then fails, that part
+        stands and ``_PartlyDone`` says which writes are left."""
+        committed: list[tuple[Write, Any, list[AuditEntry] | None]] = []
         outcomes: list[tuple[Write, Any, list[AuditEntry] | None]] = []
         ordered = sorted(batch, key=_lock_order)
-        with self.store.transaction() as tx:
-            applied = [w for w in ordered if w.spec is not None]
-            if applied:
-                now = self.clock.now_ms()
-                for w, result in zip(applied, tx.apply([w.spec for w in applied], now)):
-                    if isinstance(result, BloomError):
-                        outcomes.append((w, result, None))
-                    else:
-                        value, entries = w.finish(result, now)
-                        outcomes.append((w, value, entries))
-            for w in ordered:
-                if w.op is None:
-                    continue
-                try:
-                    value, entries = w.op(tx)
-                except BloomError as exc:
-                    if isinstance(exc, StoreUnavailable):
-                        raise
-                    outcomes.append((w, exc, None))
-                    continue
-                outcomes.append((w, value, entries))
-            if self.inline_audit:
-                # The entries commit with the changes they record: neither exists without the other.
-                tx.insert_audit([e for _, _, entries in outcomes if entries for e in entries])
-        return outcomes
+        try:
+            with self.store.transaction() as tx:
+                applied = [w for w in ordered if w.spec is not None]
+                if applied:
+                    now = self.clock.now_ms()
+                    results = tx.apply([w.spec for w in applied], now, commit=True)
+                    for n, (w, result) in enumerate(zip(applied, results)):
+                        if isinstance(result, BloomError):
+                            outcome: tuple[Write, Any, list[AuditEntry] | None] = (w, result, None)
+                        else:
+                            value, entries = w.finish(result, now)
+                            outcome = (w, value, [] if n in tx.audited else entries)
+                        (committed if n in tx.committed else outcomes).append(outcome)
+                for w in ordered:
+                    if w.op is None:
+                        continue
+                    try:
+                        value, entries = w.op(tx)
+                    except BloomError as exc:
+                        if isinstance(exc, StoreUnavailable):
+                            raise
+                        outcomes.append((w, exc, None))
+                        continue
+                    outcomes.append((w, value, entries))
+                if self.inline_audit:
+                    # The entries commit with the changes they record: neither exists without the other.
+                    tx.insert_audit([e for _, _, entries in outcomes if entries for e in entries])
+        except Exception as exc:
+            if committed:
+                done = {id(w) for w, _, _ in committed}
+                raise _PartlyDone(committed, [w for w in batch if id(w) not in done]) from exc
+            raise
+        return committed + outcomes
 
     def _run_batch(self, batch: list[Write]) -> None:
         try:
             outcomes = self._attempt(batch)
+        except _PartlyDone as part:
+            self._deliver(part.done)
+            for w in part.rest:
+                self._run_single(w)
+            return
         except StoreUnavailable as exc:
             if len(batch) == 1 and not isinstance(exc, TransientConflict):
                 _fail(batch[0].reply, exc)
@@ -271,6 +296,8 @@ class BatchingActor(pykka.ThreadingActor):
         for attempt in range(TRANSIENT_RETRIES):
             try:
                 outcomes = self._attempt([w])
+            except _PartlyDone as part:  # its one write was committed; only the tail failed
+                outcomes = part.done
             except TransientConflict:
                 time.sleep(TRANSIENT_PAUSE_S * (attempt + 1))
                 continue
@@ -299,6 +326,15 @@ class BatchingActor(pykka.ThreadingActor):
                 self._audit_sink(Record(entries, w.reply, value))
             else:
                 w.reply.set(value)
+
+
+class _PartlyDone(Exception):
+    """A batch failed after the store had committed some of its writes."""
+
+    def __init__(self, done: list[tuple[Write, Any, list[AuditEntry] | None]], rest: list[Write]) -> None:
+        super().__init__(f"{len(done)} writes committed, {len(rest)} left")
+        self.done = done
+        self.rest = rest
 
 
 def _lock_order(w: Write) -> str:

@@ -66,7 +66,7 @@ class LeaseSupervisor(BatchingActor):
                     )
                 ]
 
-            spec = AcquireOp(m.task_id, tuple(m.worker_ids), m.ttl_seconds, new_id())
+            spec = AcquireOp(m.task_id, tuple(m.worker_ids), m.ttl_seconds, new_id(), **self.audit_by_store(m.actor))
             return Write(None, m.reply, key=m.task_id, spec=spec, finish=leased)
 
         if isinstance(m, Heartbeat):
@@ -77,7 +77,7 @@ class LeaseSupervisor(BatchingActor):
                     audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")
                 ]
 
-            return Write(None, m.reply, key=m.task_id, spec=HeartbeatOp(m.task_id, m.fence), finish=renewed)
+            return Write(None, m.reply, key=m.task_id, spec=HeartbeatOp(m.task_id, m.fence, **self.audit_by_store(m.actor)), finish=renewed)
 
         if isinstance(m, FailLease):
 

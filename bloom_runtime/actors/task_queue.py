@@ -43,7 +43,7 @@ class TaskQueue(BatchingActor):
                     return result, []
                 return result, [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
 
-            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=CreateOp(m.new, new_id()), finish=created)
+            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=CreateOp(m.new, new_id(), **self.audit_by_store(m.actor)), finish=created)
 
         if isinstance(m, CompleteTask):
 
@@ -57,7 +57,9 @@ class TaskQueue(BatchingActor):
                     entries.append(audit(t, "lease_released", "lease", out.lease.id, m.actor, f"task={m.task_id}"))
                 return out, entries
 
-            spec = CompleteOp(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay)
+            spec = CompleteOp(
+                m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay, **self.audit_by_store(m.actor, 2)
+            )
             return Write(
                 None, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued(), key=m.task_id,
                 spec=spec, finish=completed,

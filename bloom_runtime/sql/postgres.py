@@ -445,6 +445,15 @@ def _refusal(task_id: str, locked: dict[str, _TaskState], check: Callable[[Any],
 # Rows for the set statements, encoded as one JSON array each (see queries/postgres.sql).
 
 
+def _audit_fields(op: Op) -> dict[str, Any]:
+    """Who acted and the ids of the audit entries the statement writes for ``op``
+    (none without an actor)."""
+    if op.actor is None:
+        return {"actor": None}
+    ids = op.audit_ids
+    return {"actor": op.actor, "audit_id": ids[0], "audit_id2": ids[1] if len(ids) > 1 else None}
+
+
 def _create_rows(ops: Sequence[CreateOp], now: int) -> dict[str, Any]:
     rows = [
         {
@@ -458,6 +467,7 @@ def _create_rows(ops: Sequence[CreateOp], now: int) -> dict[str, Any]:
             "max_attempts": op.new.max_attempts,
             "labels": op.new.labels,
             "idempotency_key": op.new.idempotency_key,
+            **_audit_fields(op),
         }
         for op in ops
     ]
@@ -466,7 +476,14 @@ def _create_rows(ops: Sequence[CreateOp], now: int) -> dict[str, Any]:
 
 def _grant_rows(ops: Sequence[AcquireOp], now: int) -> dict[str, Any]:
     rows = [
-        {"ord": n, "task_id": op.task_id, "lease_id": op.lease_id, "worker_id": op.worker_ids[0], "ttl": op.ttl_seconds}
+        {
+            "ord": n,
+            "task_id": op.task_id,
+            "lease_id": op.lease_id,
+            "worker_id": op.worker_ids[0],
+            "ttl": op.ttl_seconds,
+            **_audit_fields(op),
+        }
         for n, op in enumerate(ops)
     ]
     return {"rows": _json(rows), "default_timeout": DEFAULT_TIMEOUT_SEC, "grace": LEASE_GRACE_S, "now": now}
@@ -474,7 +491,12 @@ def _grant_rows(ops: Sequence[AcquireOp], now: int) -> dict[str, Any]:
 
 def _renew_rows(ops: Sequence[HeartbeatOp], now: int) -> dict[str, Any]:
     rows = [
-        {"task_id": op.task_id, "fence_lease_id": op.fence.lease_id, "fence_worker_id": op.fence.worker_id}
+        {
+            "task_id": op.task_id,
+            "fence_lease_id": op.fence.lease_id,
+            "fence_worker_id": op.fence.worker_id,
+            **_audit_fields(op),
+        }
         for op in ops
     ]
     return {"rows": _json(rows), "now": now}
@@ -509,6 +531,7 @@ def _finish_rows(ops: Sequence[CompleteOp], now: int) -> dict[str, Any]:
             "output": op.completion.output,
             "error_message": op.completion.error_message,
             "metrics": op.completion.metrics,
+            **_audit_fields(op),
         }
         for op in ops
     ]
@@ -792,7 +815,7 @@ class PostgresTransaction(Transaction):
     # --- many at once --------------------------------------------------------
 
     @_translating
-    def apply(self, ops: Sequence[Op], now: int) -> list[Any]:
+    def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
         """A batch's operations in one round trip (see ``Transaction.apply``).
 
         Each kind goes out as one set statement over arrays, after the tasks they name
@@ -832,7 +855,15 @@ class PostgresTransaction(Transaction):
             statements.append(("renew_leases", _renew_rows([ops[i] for i in beats], now)))
         complete_chunks = list(_chunks(completes, lambda i: _completion_size(ops[i].completion)))
         statements += [("finish_tasks", _finish_rows([ops[i] for i in c], now)) for c in complete_chunks]
-        results = iter(self._script(statements) if statements else [])
+        if statements and (creates or any(ops[i].completion.status == "error" for i in completes)):
+            statements.append(("notify_tasks", {}))  # a task may have become claimable
+        if commit and statements and self._audit:
+            statements.append(("insert_audit", {"rows": _encode(self._audit).decode()}))
+            self._audit = []
+        results = iter(self._script(statements, end=b"COMMIT" if commit else None) if statements else [])
+        if statements and commit:
+            self._begun = False  # committed: later statements open a new transaction
+        audited: set[int] = set()
 
         for chunk in create_chunks:
             made = {r[0]: r for r in next(results)}
@@ -842,7 +873,7 @@ class PostgresTransaction(Transaction):
                     later.append(i)
                 else:
                     out[i] = (_task(row), True)
-                    self.notify = True
+                    audited.add(i)
         locked = {r[0]: _TaskState(*r) for r in next(results)} if seen else {}
         if acquires:
             held_workers = {r[0] for r in next(results)}
@@ -852,6 +883,7 @@ class PostgresTransaction(Transaction):
                 op, row = ops[i], granted.get(ops[i].task_id)
                 if row is not None:
                     out[i] = LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
+                    audited.add(i)
                     continue
                 out[i] = _refusal(op.task_id, locked, lambda t: _check_leasable(t, now))
                 if out[i] is None:
@@ -865,6 +897,7 @@ class PostgresTransaction(Transaction):
                 op, row = ops[i], renewed.get(ops[i].task_id)
                 if row is not None:
                     out[i] = (_task(row), _lease(row, _TASK_N))
+                    audited.add(i)
                 else:
                     out[i] = _refusal(op.task_id, locked, lambda t, f=op.fence: _check_fence(t, f)) or Conflict(
                         "task's lease is not active", task_id=op.task_id
@@ -875,12 +908,14 @@ class PostgresTransaction(Transaction):
                 op, row = ops[i], finished.get(ops[i].task_id)
                 if row is not None:
                     out[i] = _outcome(row)
-                    self.notify = self.notify or out[i].task.status == "queued"
+                    audited.add(i)
                 else:
                     out[i] = _refusal(op.task_id, locked, lambda t, f=op.fence: _check_fence(t, f)) or Conflict(
                         "task's lease is not active", task_id=op.task_id
                     )
 
+        self.audited = frozenset(i for i in audited if ops[i].actor is not None)
+        self.committed = frozenset(range(len(ops))) - set(later) if commit and statements else frozenset()
         for i in sorted(later):
             try:
                 out[i] = self.apply_one(ops[i], now)

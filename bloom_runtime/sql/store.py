@@ -61,6 +61,8 @@ class TransientConflict(StoreUnavailable):
 class CreateOp:
     new: NewTask
     task_id: str
+    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
+    audit_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +71,16 @@ class AcquireOp:
     worker_ids: tuple[str, ...]
     ttl_seconds: int | None  # None: the task's default
     lease_id: str
+    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
+    audit_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatOp:
     task_id: str
     fence: Fence
+    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
+    audit_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,8 @@ class CompleteOp:
     result_id: str
     artifact_id: str
     retry_delay: RetryDelay
+    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
+    audit_ids: tuple[str, ...] = ()
 
 
 Op = Union[CreateOp, AcquireOp, HeartbeatOp, CompleteOp]
@@ -183,13 +191,22 @@ class Transaction(abc.ABC):
 
     # --- many at once --------------------------------------------------------
 
-    def apply(self, ops: Sequence[Op], now: int) -> list[Any]:
+    audited: frozenset[int] = frozenset()
+    """Positions of the last ``apply`` whose audit entries the store wrote itself."""
+    committed: frozenset[int] = frozenset()
+    """Positions of the last ``apply(commit=True)`` whose outcome is already committed."""
+
+    def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
         """Apply ``ops`` in this transaction, in order, each as its own method would.
 
         Returns, position for position, the method's value or the ``BloomError`` it
         refused with (a refusal writes nothing and does not stop the others);
         ``StoreUnavailable`` propagates. Stores where a statement costs a round trip
-        override this to apply each kind of operation as one set-based statement."""
+        override this to apply each kind of operation as one set-based statement,
+        write the audit entries of operations that name an ``actor`` (listed in
+        ``audited``), and, with ``commit``, commit them in the same round trip; what
+        the transaction does afterwards then runs in a new one. The entries of the
+        other operations are the caller's to insert."""
         out: list[Any] = []
         for op in ops:
             try:

@@ -350,26 +350,44 @@ FOR UPDATE
 
 -- name: create_tasks
 -- A used idempotency key or task id inserts nothing; the caller sorts those out one by one.
-INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
-                       status, created_at, updated_at, attempts, max_attempts, labels, idempotency_key)
-SELECT i.id, i.context_id, i.agent_slug, i.prompt, i.context_hints, i.policy, i.desired_format,
-       'queued', %(now)s, %(now)s, 0, i.max_attempts, i.labels, i.idempotency_key
-FROM json_to_recordset(%(rows)s::json)
-     AS i(id text, context_id text, agent_slug text, prompt text, context_hints jsonb, policy jsonb,
-          desired_format text, max_attempts int, labels jsonb, idempotency_key text)
-ON CONFLICT DO NOTHING
-RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-          not_before, idempotency_key
+-- Rows naming an actor get their task_created entry here (worded as in task_queue.py).
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+        AS i(id text, context_id text, agent_slug text, prompt text, context_hints jsonb,
+             policy jsonb, desired_format text, max_attempts int, labels jsonb,
+             idempotency_key text, actor text, audit_id text)
+), ins AS (
+    INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
+                           status, created_at, updated_at, attempts, max_attempts, labels,
+                           idempotency_key)
+    SELECT i.id, i.context_id, i.agent_slug, i.prompt, i.context_hints, i.policy, i.desired_format,
+           'queued', %(now)s, %(now)s, 0, i.max_attempts, i.labels, i.idempotency_key
+    FROM i
+    ON CONFLICT DO NOTHING
+    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+              not_before, idempotency_key
+), aud AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT i.audit_id, %(now)s, 'task_created', 'task', ins.id, i.actor,
+           'agent=' || ins.agent_slug || ' context=' || ins.context_id
+    FROM ins JOIN i ON i.id = ins.id
+    WHERE i.actor IS NOT NULL
+)
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM ins
 
 -- name: grant_leases
 -- Acquires of tasks held by lock_tasks, each naming one worker held by lock_workers. A
 -- worker takes the batch's requests in order while active + rank <= max_concurrency.
 WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
-                  AS i(ord int, task_id text, lease_id text, worker_id text, ttl int)
+                  AS i(ord int, task_id text, lease_id text, worker_id text, ttl int, actor text,
+                       audit_id text)
 ), ok AS (
-    SELECT i.task_id, i.lease_id, i.worker_id,
+    SELECT i.task_id, i.lease_id, i.worker_id, i.actor, i.audit_id,
            COALESCE(i.ttl, COALESCE((t.policy ->> 'timeout_sec')::int, %(default_timeout)s::int)
                            + %(grace)s::int) AS ttl,
            row_number() OVER (PARTITION BY i.worker_id ORDER BY i.ord) AS rank
@@ -405,6 +423,14 @@ WITH i AS (
     FROM g JOIN t ON t.id = g.task_id
     RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
               context_id
+), aud AS (
+    -- task_leased, worded as in lease_supervisor.py
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT g.audit_id, %(now)s, 'task_leased', 'task', t.id, g.actor,
+           'lease=' || l.id || ' worker=' || l.worker_id || ' ttl=' || l.ttl_seconds
+           || 's attempt=' || t.attempts
+    FROM t JOIN l ON l.task_id = t.id JOIN g ON g.task_id = t.id
+    WHERE g.actor IS NOT NULL
 )
 SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
@@ -421,7 +447,8 @@ FROM t JOIN l ON l.task_id = t.id JOIN g ON g.task_id = t.id JOIN w ON w.id = g.
 -- refreshed at most every 5 s (see renew_lease), locked in id order, last.
 WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
-                  AS i(task_id text, fence_lease_id text, fence_worker_id text)
+                  AS i(task_id text, fence_lease_id text, fence_worker_id text, actor text,
+                       audit_id text)
 ), h AS (
     SELECT t.id, t.lease_id FROM llm_tasks t JOIN i ON t.id = i.task_id
     WHERE t.status IN ('leased', 'running')
@@ -454,6 +481,13 @@ WITH i AS (
     FROM stale
     WHERE workers.id = stale.id
     RETURNING 1
+), aud AS (
+    -- lease_renewed, worded as in lease_supervisor.py
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT i.audit_id, %(now)s, 'lease_renewed', 'lease', l.id, i.actor,
+           'task=' || t.id || ' expires_at=' || l.expires_at
+    FROM t JOIN l ON l.task_id = t.id JOIN i ON i.task_id = t.id
+    WHERE i.actor IS NOT NULL
 )
 SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
@@ -470,7 +504,8 @@ WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
          AS i(task_id text, fence_lease_id text, fence_worker_id text, retryable boolean, delays jsonb,
               artifact_id text, artifact_type text, tags jsonb, content text, result_id text,
-              result_status text, output text, error_message text, metrics jsonb)
+              result_status text, output text, error_message text, metrics jsonb, actor text,
+              audit_id text, audit_id2 text)
 ), h AS (
     SELECT i.*, t.lease_id AS held_lease_id, t.worker_id AS held_worker_id, t.attempts,
            CASE WHEN i.result_status = 'success' THEN 'completed'
@@ -517,6 +552,21 @@ WITH i AS (
     FROM h
     RETURNING id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
               completed_at
+), aud AS (
+    -- task_completed / task_retry / task_failed and lease_released, worded as in task_queue.py
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT h.audit_id, %(now)s,
+           CASE t.status WHEN 'completed' THEN 'task_completed' WHEN 'queued' THEN 'task_retry'
+                         ELSE 'task_failed' END,
+           'task', t.id, h.actor,
+           'result=' || h.result_status || ' attempts=' || t.attempts || '/' || t.max_attempts
+           || CASE WHEN t.status = 'queued' THEN ' not_before=' || t.not_before ELSE '' END
+    FROM t JOIN h ON h.task_id = t.id
+    WHERE h.actor IS NOT NULL
+    UNION ALL
+    SELECT h.audit_id2, %(now)s, 'lease_released', 'lease', l.id, h.actor, 'task=' || l.task_id
+    FROM l JOIN h ON h.task_id = l.task_id
+    WHERE h.actor IS NOT NULL
 )
 SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
