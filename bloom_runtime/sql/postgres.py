@@ -818,11 +818,12 @@ class PostgresTransaction(Transaction):
     def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
         """A batch's operations in one round trip (see ``Transaction.apply``).
 
-        Each kind goes out as one set statement over arrays, after the tasks they name
-        are locked together in id order. Only the first operation on a task joins a
-        set statement; later ones on the same task, creates the insert skipped (a used
-        idempotency key or id) and acquires offering several workers run one by one
-        afterwards, so they see what came before them."""
+        Each kind goes out as one set statement over JSON rows, after the tasks they
+        name are locked together in id order; the order of application is creates,
+        acquires, heartbeats, completions. Only the first operation on a task (or the
+        first create of an id) joins a set statement; repeats, creates the insert
+        skipped (a used idempotency key or id) and acquires offering several workers
+        run one by one afterwards, in list order, and see what came before them."""
         out: list[Any] = [None] * len(ops)
         creates: list[int] = []
         acquires: list[int] = []
@@ -830,9 +831,12 @@ class PostgresTransaction(Transaction):
         completes: list[int] = []
         later: list[int] = []
         seen: set[str] = set()
+        new_ids: set[str] = set()
         for i, op in enumerate(ops):
             if isinstance(op, CreateOp):
-                creates.append(i)
+                # Created rows are matched to creates by id: a repeated id waits its turn.
+                (later if op.task_id in new_ids else creates).append(i)
+                new_ids.add(op.task_id)
                 continue
             if op.task_id in seen or (isinstance(op, AcquireOp) and len(op.worker_ids) != 1):
                 later.append(i)
@@ -1051,10 +1055,7 @@ class PostgresTransaction(Transaction):
         if not values:
             return
         keys = sorted(values)
-        self._cur.execute(
-            Q["set_settings"],
-            {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000},
-        )
+        self._rows("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:

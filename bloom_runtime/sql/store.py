@@ -197,11 +197,14 @@ class Transaction(abc.ABC):
     """Positions of the last ``apply(commit=True)`` whose outcome is already committed."""
 
     def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
-        """Apply ``ops`` in this transaction, in order, each as its own method would.
+        """Apply ``ops`` in this transaction, each as its own method would.
 
-        Returns, position for position, the method's value or the ``BloomError`` it
-        refused with (a refusal writes nothing and does not stop the others);
-        ``StoreUnavailable`` propagates. Stores where a statement costs a round trip
+        The operations of one call are concurrent requests: the answers are those of
+        applying them one at a time in an order the store chooses (here: list order;
+        PostgreSQL documents its own), so a caller must not rely on one operation of a
+        call seeing another. Returns, position for position, the method's value or the
+        ``BloomError`` it refused with (a refusal writes nothing and does not stop the
+        others); ``StoreUnavailable`` propagates. Stores where a statement costs a round trip
         override this to apply each kind of operation as one set-based statement,
         write the audit entries of operations that name an ``actor`` (listed in
         ``audited``), and, with ``commit``, commit them in the same round trip; what

@@ -1189,6 +1189,15 @@ def test_settings(store: Store) -> None:
     assert store.get_settings() == {"membridge_url": "http://mb:9000", "admin_key": "s3cret"}
 
 
+def test_settings_written_first_in_a_transaction_roll_back_with_it(store: Store) -> None:
+    """A transaction's first statement must not run (and commit) on its own."""
+    with pytest.raises(NotFound):
+        with store.transaction() as tx:
+            tx.set_settings({"membridge_url": "http://mb:8000"})
+            tx.touch_worker("nobody", T0)
+    assert store.get_settings() == {}
+
+
 def test_stats_every_status_present(store: Store) -> None:
     empty = store.stats()
     assert empty == {
