@@ -69,6 +69,7 @@ from bloom_runtime.engine.models import (
     validate,
 )
 from bloom_runtime.engine.settings import Settings
+from bloom_runtime.engine.routing_keys import RoutingKeys
 from bloom_runtime.engine.stats_cache import StatsCache
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.sql import store_from_url
@@ -132,6 +133,7 @@ class Engine:
         self.retry_backoff = RetryBackoff(settings.retry_backoff_base_ms, settings.retry_backoff_cap_ms)
         self.wakeup = ClaimWakeup()
         self._stats = StatsCache(store.stats)
+        self.routing_keys = RoutingKeys()
         self.jobs = {
             "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
             "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
@@ -411,7 +413,9 @@ class TaskService(_Service):
         new = validate(new)
         # Creates with one idempotency key share a shard, so they serialise in-process.
         key = new.idempotency_key or new_id()
-        return self._engine.call("queue", lambda r: CreateTask(new, actor, r), key=key)
+        task, created = self._engine.call("queue", lambda r: CreateTask(new, actor, r), key=key)
+        self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
+        return task, created
 
     def get(self, task_id: str) -> Task:
         return self._engine.store.get_task(task_id)
@@ -465,9 +469,14 @@ class LeaseService(_Service):
         # single worker, so no two shards ever wait on each other's worker rows.
         if worker_id is not None:
             return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r), key=worker_id)
-        task = engine.store.get_task(task_id)  # routing needs its context and labels
+        routing = engine.routing_keys.get(task_id)
+        if routing is None:
+            task = engine.store.get_task(task_id)
+            routing = (task.context_id, tuple(task.labels))
+            engine.routing_keys.remember(task_id, *routing)
+        context_id, labels = routing
         for fresh in (False, True):
-            candidates = engine.call("registry", lambda r, fresh=fresh: PickWorkers(task.context_id, task.labels, r, fresh))
+            candidates = engine.call("registry", lambda r, fresh=fresh: PickWorkers(context_id, list(labels), r, fresh))
             if not candidates:
                 break
             best = candidates[0]

@@ -386,12 +386,17 @@ WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
                   AS i(ord int, task_id text, lease_id text, worker_id text, ttl int, actor text,
                        audit_id text)
+), cur AS MATERIALIZED (
+    -- The batch's tasks by primary key; materialised so their status is not looked up
+    -- through a status index, whose scan grows with the table.
+    SELECT id, status, not_before, attempts, max_attempts, policy FROM llm_tasks
+    WHERE id = ANY(ARRAY(SELECT task_id FROM i))
 ), ok AS (
     SELECT i.task_id, i.lease_id, i.worker_id, i.actor, i.audit_id,
            COALESCE(i.ttl, COALESCE((t.policy ->> 'timeout_sec')::int, %(default_timeout)s::int)
                            + %(grace)s::int) AS ttl,
            row_number() OVER (PARTITION BY i.worker_id ORDER BY i.ord) AS rank
-    FROM i JOIN llm_tasks t ON t.id = i.task_id
+    FROM i JOIN cur t ON t.id = i.task_id
     WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= %(now)s)
       AND t.attempts < t.max_attempts
 ), w AS (
@@ -449,8 +454,11 @@ WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
                   AS i(task_id text, fence_lease_id text, fence_worker_id text, actor text,
                        audit_id text)
+), cur AS MATERIALIZED (
+    -- by primary key, not through a status index (see grant_leases)
+    SELECT id, status, lease_id, worker_id FROM llm_tasks WHERE id = ANY(ARRAY(SELECT task_id FROM i))
 ), h AS (
-    SELECT t.id, t.lease_id FROM llm_tasks t JOIN i ON t.id = i.task_id
+    SELECT t.id, t.lease_id FROM cur t JOIN i ON t.id = i.task_id
     WHERE t.status IN ('leased', 'running')
       AND (i.fence_lease_id IS NULL OR t.lease_id = i.fence_lease_id)
       AND (i.fence_worker_id IS NULL OR t.worker_id = i.fence_worker_id)
@@ -506,12 +514,16 @@ WITH i AS (
               artifact_id text, artifact_type text, tags jsonb, content text, result_id text,
               result_status text, output text, error_message text, metrics jsonb, actor text,
               audit_id text, audit_id2 text)
+), cur AS MATERIALIZED (
+    -- by primary key, not through a status index (see grant_leases)
+    SELECT id, status, lease_id, worker_id, attempts, max_attempts FROM llm_tasks
+    WHERE id = ANY(ARRAY(SELECT task_id FROM i))
 ), h AS (
     SELECT i.*, t.lease_id AS held_lease_id, t.worker_id AS held_worker_id, t.attempts,
            CASE WHEN i.result_status = 'success' THEN 'completed'
                 WHEN i.retryable AND t.attempts < t.max_attempts THEN 'queued'
                 ELSE 'failed' END AS next_status
-    FROM i JOIN llm_tasks t ON t.id = i.task_id
+    FROM i JOIN cur t ON t.id = i.task_id
     WHERE t.status IN ('leased', 'running')
       AND (i.fence_lease_id IS NULL OR t.lease_id = i.fence_lease_id)
       AND (i.fence_worker_id IS NULL OR t.worker_id = i.fence_worker_id)
