@@ -1121,9 +1121,6 @@ class PostgresStore(Store):
     def _configure(conn: psycopg.Connection[Any]) -> None:
         conn.adapters.register_loader("jsonb", _RawJsonbLoader)
 
-    def _returned(self, conn: psycopg.Connection[Any]) -> None:
-        self._returned_at[conn] = time.monotonic()
-
     def _check(self, conn: psycopg.Connection[Any]) -> None:
         returned = self._returned_at.get(conn)
         if returned is not None and time.monotonic() - returned < POOL_CHECK_IDLE_S:
@@ -1162,7 +1159,6 @@ class PostgresStore(Store):
                 open=False,
                 check=self._check,
                 configure=self._configure,
-                reset=self._returned,
                 # Autocommit: a read is one round trip; writes open `conn.transaction()`.
                 kwargs={"connect_timeout": self._connect_timeout, "autocommit": True},
                 timeout=POOL_GETCONN_TIMEOUT_S,
@@ -1181,11 +1177,18 @@ class PostgresStore(Store):
         if pool is not None:
             pool.close()
 
-    def _conn(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
         pool = self._pool
         if pool is None:
             raise StoreUnavailable("the PostgreSQL store is not open")
-        return pool.connection()
+        with pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                # Not the pool's reset hook: with one, the pool returns every connection
+                # through its worker thread.
+                self._returned_at[conn] = time.monotonic()
 
     @_translating
     def migrate(self) -> list[str]:
