@@ -181,14 +181,15 @@ class MembridgeSyncer(pykka.ThreadingActor):
         self.health.succeeded(now)
         if service is not None:
             service.sync_stats.success(len(done.agents or ()), duration_ms)
-        if entries:
-            self._audit_sink(Record(entries))
         if not upserts:
-            if done.reply is not None:
+            if entries:
+                self._audit_sink(Record(entries, done.reply, []))
+            elif done.reply is not None:
                 done.reply.set([])
             return
         try:
-            self._registry().tell(UpsertWorkers(upserts, ACTOR, done.reply))
+            # The entries commit with the changes they record.
+            self._registry().tell(UpsertWorkers(upserts, ACTOR, done.reply, entries))
         except (BloomError, pykka.ActorDeadError) as exc:
             log.warning("membridge sync: registry unavailable: %s", describe(exc))
             _fail(done.reply, exc)

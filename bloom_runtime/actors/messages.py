@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pykka
 
-from bloom_runtime.engine.models import Completion, Fence, NewTask, WorkerUpsert
+from bloom_runtime.engine.models import AuditEntry, Completion, Fence, NewTask, WorkerUpsert
 
 
 @dataclass
@@ -89,6 +89,7 @@ class UpsertWorkers:
     upserts: Sequence[WorkerUpsert]
     actor: str
     reply: pykka.ThreadingFuture | None = None
+    entries: Sequence[AuditEntry] = ()  # recorded in the same transaction as the upserts
 
 
 @dataclass

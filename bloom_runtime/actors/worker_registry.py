@@ -134,7 +134,7 @@ class WorkerRegistry(BatchingActor):
 
             def upsert_many(tx: Transaction) -> tuple[list[tuple[Worker, bool]], list]:
                 t = now()
-                out, entries = [], []
+                out, entries = [], list(m.entries)
                 for u in m.upserts:
                     worker, created = tx.upsert_worker(u, t)
                     out.append((worker, created))

@@ -72,6 +72,9 @@ class EngineCollector(Collector):
         yield failing
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Metrics:
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -85,11 +88,19 @@ class Metrics:
         self.shed = Counter("bloom_http_shed", "Requests refused by load shedding", registry=self.registry)
         self.throttled = Counter("bloom_http_rate_limited", "Requests refused by the rate limit", registry=self.registry)
         self.registry.register(EngineCollector(engine))
+        # Label children by (method, route, status): bounded by the route table.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (method, route, str(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        if method not in KNOWN_METHODS:
+            method = "other"  # a client must not be able to mint label values
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            labels = (method, route, str(status))
+            children = self._children[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class MetricsResource:

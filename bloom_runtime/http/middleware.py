@@ -6,12 +6,12 @@ import logging
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import falcon
 
+from bloom_runtime.engine.models import new_id
 from bloom_runtime.engine.settings import Settings
 from bloom_runtime.http.auth import HEADER, Authenticator
 from bloom_runtime.http.metrics import Metrics
@@ -35,10 +35,10 @@ class RequestTracking:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
         given = req.get_header(REQUEST_ID_HEADER)
-        req.context.request_id = given if given and _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        req.context.request_id = given if given and _REQUEST_ID_RE.match(given) else new_id().replace("-", "")
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool) -> None:
-        rid = getattr(req.context, "request_id", None) or uuid.uuid4().hex
+        rid = getattr(req.context, "request_id", None) or new_id().replace("-", "")
         resp.set_header(REQUEST_ID_HEADER, rid)
         elapsed = time.perf_counter() - getattr(req.context, "started", time.perf_counter())
         status = resp.status_code
