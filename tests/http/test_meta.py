@@ -54,6 +54,15 @@ def test_metrics_parse(client):
     assert (f"{API}/llm-tasks", "201") in reqs and (f"{API}/llm-tasks/{{task_id}}", "404") in reqs
 
 
+def test_metrics_do_not_take_label_values_from_clients(client):
+    """Methods outside the ones the API uses are counted as "other": a client cannot grow the label set."""
+    assert client.simulate_request("TRACE", f"{API}/stats").status_code >= 400
+    r = client.simulate_get(f"{API}/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    methods = {s.labels["method"] for s in families["bloom_http_requests"].samples}
+    assert "other" in methods and "TRACE" not in methods
+
+
 def test_openapi_documents_every_route_and_nothing_else(client):
     doc = client.simulate_get(f"{API}/openapi.json").json
     assert doc["openapi"].startswith("3.1")
