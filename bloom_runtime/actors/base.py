@@ -56,15 +56,15 @@ class Write:
 
     Either ``op`` runs inside the batch transaction and returns ``(value, audit
     entries)``, or ``spec`` is an operation the batch hands to ``Transaction.apply``
-    together with the others of its kind, and ``finish(result, now)`` turns the
-    result into ``(value, audit entries)``."""
+    together with the others of its kind: its result is the value, and
+    ``entries(result, now)`` words its audit entries unless the store wrote them."""
 
     op: Callable[[Transaction], tuple[Any, list[AuditEntry]]] | None
     reply: pykka.ThreadingFuture
     after: Callable[[Any], None] | None = None  # runs on success, after commit
     key: str = ""  # the task it locks first; a batch runs in key order so batches cannot deadlock on tasks
     spec: Op | None = None
-    finish: Callable[[Any, int], tuple[Any, list[AuditEntry]]] | None = None
+    entries: Callable[[Any, int], list[AuditEntry]] | None = None
 
 
 @dataclass
@@ -245,8 +245,8 @@ class BatchingActor(pykka.ThreadingActor):
                         if isinstance(result, BloomError):
                             outcome: tuple[Write, Any, list[AuditEntry] | None] = (w, result, None)
                         else:
-                            value, entries = w.finish(result, now)
-                            outcome = (w, value, [] if n in tx.audited else entries)
+                            entries = [] if n in tx.audited else w.entries(result, now)
+                            outcome = (w, result, entries)
                         (committed if n in tx.committed else outcomes).append(outcome)
                 for w in ordered:
                     if w.op is None:

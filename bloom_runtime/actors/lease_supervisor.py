@@ -58,8 +58,8 @@ class LeaseSupervisor(BatchingActor):
         now = self.clock.now_ms
         if isinstance(m, AcquireLease):
 
-            def leased(grant: LeaseGrant, t: int) -> tuple[LeaseGrant, list]:
-                return grant, [
+            def leased(grant: LeaseGrant, t: int) -> list:
+                return [
                     audit(
                         t, "task_leased", "task", grant.task.id, m.actor,
                         f"lease={grant.lease.id} worker={grant.worker.id} ttl={grant.lease.ttl_seconds}s attempt={grant.task.attempts}",
@@ -67,17 +67,16 @@ class LeaseSupervisor(BatchingActor):
                 ]
 
             spec = AcquireOp(m.task_id, tuple(m.worker_ids), m.ttl_seconds, new_id(), **self.audit_by_store(m.actor))
-            return Write(None, m.reply, key=m.task_id, spec=spec, finish=leased)
+            return Write(None, m.reply, key=m.task_id, spec=spec, entries=leased)
 
         if isinstance(m, Heartbeat):
 
-            def renewed(result: tuple[Task, Lease], t: int) -> tuple[tuple[Task, Lease], list]:
+            def renewed(result: tuple[Task, Lease], t: int) -> list:
                 task, lease = result
-                return result, [
-                    audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")
-                ]
+                return [audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")]
 
-            return Write(None, m.reply, key=m.task_id, spec=HeartbeatOp(m.task_id, m.fence, **self.audit_by_store(m.actor)), finish=renewed)
+            spec = HeartbeatOp(m.task_id, m.fence, **self.audit_by_store(m.actor))
+            return Write(None, m.reply, key=m.task_id, spec=spec, entries=renewed)
 
         if isinstance(m, FailLease):
 

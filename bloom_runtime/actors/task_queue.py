@@ -37,17 +37,18 @@ class TaskQueue(BatchingActor):
         now = self.clock.now_ms
         if isinstance(m, CreateTask):
 
-            def created(result: tuple[Task, bool], t: int) -> tuple[tuple[Task, bool], list]:
+            def created(result: tuple[Task, bool], t: int) -> list:
                 task, is_new = result
                 if not is_new:
-                    return result, []
-                return result, [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
+                    return []
+                return [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
 
-            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=CreateOp(m.new, new_id(), **self.audit_by_store(m.actor)), finish=created)
+            spec = CreateOp(m.new, new_id(), **self.audit_by_store(m.actor))
+            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=spec, entries=created)
 
         if isinstance(m, CompleteTask):
 
-            def completed(out: CompletionOutcome, t: int) -> tuple[CompletionOutcome, list]:
+            def completed(out: CompletionOutcome, t: int) -> list:
                 action = {"completed": "task_completed", "queued": "task_retry", "failed": "task_failed"}[out.task.status]
                 detail = f"result={out.result.status} attempts={out.task.attempts}/{out.task.max_attempts}"
                 if out.task.status == "queued":
@@ -55,14 +56,14 @@ class TaskQueue(BatchingActor):
                 entries = [audit(t, action, "task", m.task_id, m.actor, detail)]
                 if out.lease is not None:
                     entries.append(audit(t, "lease_released", "lease", out.lease.id, m.actor, f"task={m.task_id}"))
-                return out, entries
+                return entries
 
             spec = CompleteOp(
                 m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay, **self.audit_by_store(m.actor, 2)
             )
             return Write(
                 None, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued(), key=m.task_id,
-                spec=spec, finish=completed,
+                spec=spec, entries=completed,
             )
 
         if isinstance(m, RequeueTask):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -96,7 +95,8 @@ def new_id() -> str:
                 _id_last_ms, _id_seq = _id_last_ms + 1, 0
         ms, seq = _id_last_ms, _id_seq
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | (bits & ((1 << 62) - 1))
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # the canonical text of uuid.UUID(int=value), without building one
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
