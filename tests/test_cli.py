@@ -47,7 +47,7 @@ def test_missing_sqlite_directory(tmp_path):
 def test_migrate_sqlite_twice(tmp_path):
     url = f"sqlite:///{tmp_path}/bloom.db"
     first = migrate("--database-url", url)
-    assert first.returncode == 0 and "applied 0001_initial" in first.stdout
+    assert first.returncode == 0 and "applied 0001_initial" in first.stdout and "applied 0002_fewer_index_entries" in first.stdout
     second = migrate("--database-url", url)
     assert second.returncode == 0 and "nothing to apply" in second.stdout
 

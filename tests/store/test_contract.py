@@ -1248,7 +1248,7 @@ def test_sqlite_wal_and_pending_migrations(tmp_path) -> None:
     try:
         with pytest.raises(StoreUnavailable, match="pending migrations"):
             store.check_schema()
-        assert store.migrate() == ["0001_initial"]
+        assert store.migrate() == ["0001_initial", "0002_fewer_index_entries"]
         store.check_schema()
     finally:
         store.close()
