@@ -99,6 +99,7 @@ def _serve(engine: Engine, settings: Settings) -> int:
         channel_timeout=60,  # longer than the longest long poll (30 s)
         clear_untrusted_proxy_headers=True,
         ident="bloom-runtime",
+        asyncore_use_poll=True,  # select() is capped at 1024 descriptors and costs more per call
     )
     holder["server"] = server
     received: list[int] = []
