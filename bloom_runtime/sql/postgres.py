@@ -629,9 +629,9 @@ class PostgresTransaction(Transaction):
     ) -> list[list[Any]]:
         """Run named statements in as few round trips as their size allows (one message
         each up to ``SCRIPT_MAX_BYTES``), BEGIN first if ``begin`` and not yet begun,
-        ``end`` last; return
-        the rows of each statement. Parameters are bound client-side (a message of
-        several statements cannot carry bound parameters); psycopg quotes them."""
+        ``end`` last; return the rows of each statement. The statements run as
+        EXECUTEs of the prepared ``SCRIPTED`` ones, their arguments quoted by psycopg
+        (a message of several statements cannot carry bound parameters)."""
         missing = [name for name, _ in statements if name not in self._prepared]
         if missing and self._begun:
             # A PREPARE inside a transaction would vanish with its rollback: run these one
@@ -654,6 +654,9 @@ class PostgresTransaction(Transaction):
                 size = 0
             messages[-1].append(text)
             size += len(text)
+        if len(messages) > 1 and not head and not self._begun:
+            # Several messages are several implicit transactions: make them one.
+            head, tail = [b"BEGIN"], [b"COMMIT"]
         rows: list[list[Any]] = []
         cur = self._script_cur
         for n, message in enumerate(messages):

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from bloom_runtime.engine.errors import (
@@ -1196,6 +1197,23 @@ def test_settings_written_first_in_a_transaction_roll_back_with_it(store: Store)
             tx.set_settings({"membridge_url": "http://mb:8000"})
             tx.touch_worker("nobody", T0)
     assert store.get_settings() == {}
+
+
+def test_audit_entries_larger_than_one_message_commit_together(store: Store) -> None:
+    """PostgreSQL sends the entries and COMMIT in one message when they fit; these do
+    not (10 MiB), and a failure must still leave none of them."""
+    entries = [AuditEntry(id=f"a-{n:05d}", timestamp=T0, action="probe", entity_type="test", entity_id="e",
+                          actor="test", detail="x" * 1024) for n in range(10 * 1024)]
+    with store.transaction() as tx:
+        tx.insert_audit(entries)
+        tx.notify = True  # a second statement after the entries
+    assert store.list_audit(1, None).items[0].id == "a-10239"
+    more = [msgspec.structs.replace(e, id=f"b-{n:05d}", entity_id="f") for n, e in enumerate(entries)]
+    with pytest.raises(StoreUnavailable):
+        with store.transaction() as tx:
+            tx.insert_audit([*more, entries[0]])  # a used id fails the insert
+            tx.notify = True
+    assert store.list_audit(MAX_PAGE, None, entity_id="f").items == []
 
 
 def test_stats_every_status_present(store: Store) -> None:
