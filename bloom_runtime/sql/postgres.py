@@ -663,7 +663,13 @@ class PostgresTransaction(Transaction):
             parts = (head if n == 0 else []) + message + (tail if n == len(messages) - 1 else [])
             if not parts:
                 continue
-            cur.execute(b";\n".join(parts))
+            try:
+                cur.execute(b";\n".join(parts))
+            except psycopg.errors.InvalidSqlStatementName:
+                # The session lost its prepared statements (DISCARD ALL, a pooler):
+                # this transaction fails; the next one on this connection prepares again.
+                self._prepared.clear()
+                raise
             self._begun = self._begun or bool(head)
             skip = len(head) if n == 0 else 0
             for k in range(len(parts)):

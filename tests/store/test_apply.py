@@ -21,7 +21,7 @@ import msgspec
 import psycopg
 import pytest
 
-from bloom_runtime.engine.errors import BloomError, Conflict, InvalidInput, NoCapacity, NotFound, StaleLease
+from bloom_runtime.engine.errors import BloomError, Conflict, InvalidInput, NoCapacity, NotFound, StaleLease, StoreUnavailable
 from bloom_runtime.engine.models import (
     AuditEntry,
     Completion,
@@ -692,3 +692,23 @@ def test_concurrent_batches_in_different_orders_do_not_deadlock(pg_store: Store,
             finished = pg_store.get_task(tid).status == "completed"
             assert len(pg_store.list_results(tid, MAX_PAGE, None).items) == (1 if finished else 0), tid
         assert_invariants(db)
+
+
+@pytest.mark.postgres
+def test_a_connection_that_lost_its_prepared_statements_prepares_again(pg_url: str) -> None:
+    """After DISCARD ALL (as a pooler may do) one transaction fails cleanly and the next
+    on the same connection works."""
+    from bloom_runtime.sql.postgres import PostgresStore
+
+    store = PostgresStore(pg_url, pool_min=1, pool_max=1)
+    store.open()
+    try:
+        task, _ = store.run(lambda tx: tx.apply([CreateOp(new_task(), new_id())], NOW))[0]
+        with store._conn() as conn:  # the pool's only connection
+            conn.execute("DISCARD ALL")
+        with pytest.raises(StoreUnavailable):
+            store.run(lambda tx: tx.apply([CreateOp(new_task(), new_id())], NOW))
+        again, created = store.run(lambda tx: tx.apply([CreateOp(new_task(prompt="again"), new_id())], NOW))[0]
+        assert created and again.prompt == "again"
+    finally:
+        store.close()
