@@ -43,7 +43,6 @@ from bloom_runtime.actors.task_queue import TaskQueue
 from bloom_runtime.actors.worker_registry import WorkerRegistry
 from bloom_runtime.engine.backoff import RetryBackoff
 from bloom_runtime.engine.clock import Clock, SystemClock
-from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
@@ -51,6 +50,7 @@ from bloom_runtime.engine.errors import (
     InvalidInput,
     NoCapacity,
 )
+from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
     MAX_TTL_SECONDS,
     TASK_STATUSES,
@@ -68,8 +68,8 @@ from bloom_runtime.engine.models import (
     new_id,
     validate,
 )
-from bloom_runtime.engine.settings import Settings
 from bloom_runtime.engine.routing_keys import RoutingKeys
+from bloom_runtime.engine.settings import Settings
 from bloom_runtime.engine.stats_cache import StatsCache
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.sql import store_from_url

@@ -64,6 +64,7 @@ from bloom_runtime.engine.models import (
     HOLDING_LEASE,
     LEASE_GRACE_S,
     LEASE_STATUSES,
+    MAX_ATTEMPTS_LIMIT,
     TASK_STATUSES,
     WORKER_STATUSES,
     Artifact,
@@ -417,6 +418,12 @@ def _finish_params(
     }
 
 
+def _fetched(cur: psycopg.Cursor[Any]) -> list[Any]:
+    """The rows of the cursor's current result; [] for a statement that returns none."""
+    result = cur.pgresult
+    return cur.fetchall() if result is not None and result.nfields else []
+
+
 class _TaskState(NamedTuple):
     """A task row as ``lock_tasks`` returns it: enough to say why an operation was refused."""
 
@@ -500,9 +507,6 @@ def _renew_rows(ops: Sequence[HeartbeatOp], now: int) -> dict[str, Any]:
         for op in ops
     ]
     return {"rows": _json(rows), "now": now}
-
-
-MAX_ATTEMPTS_LIMIT = 10  # the schema's bound on max_attempts
 
 
 def _retry_delays(op: CompleteOp) -> list[int] | None:
@@ -674,24 +678,25 @@ class PostgresTransaction(Transaction):
             skip = len(head) if n == 0 else 0
             for k in range(len(parts)):
                 if k >= skip and k - skip < len(message):
-                    result = cur.pgresult
-                    rows.append(cur.fetchall() if result is not None and result.nfields else [])
+                    rows.append(_fetched(cur))
                 cur.nextset()
         return rows
 
     def _rows(self, name: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement; its rows, or [] when it returns none."""
         self._begin()
-        cur = self._cur.execute(Q[name], params)
-        result = cur.pgresult
-        return cur.fetchall() if result is not None and result.nfields else []
+        return _fetched(self._cur.execute(Q[name], params))
+
+    def _take_audit(self) -> list[tuple[str, dict[str, Any]]]:
+        """The statement inserting the pending audit entries (none if there are none)."""
+        if not self._audit:
+            return []
+        rows, self._audit = _encode(self._audit).decode(), []
+        return [("insert_audit", {"rows": rows})]
 
     def commit(self) -> None:
         """Write the pending audit entries and the NOTIFY, and commit, in one message."""
-        statements: list[tuple[str, dict[str, Any]]] = []
-        if self._audit:
-            statements.append(("insert_audit", {"rows": _encode(self._audit).decode()}))
-            self._audit = []
+        statements = self._take_audit()
         if self.notify:
             statements.append(("notify_tasks", {}))
         if not self._begun:
@@ -870,9 +875,8 @@ class PostgresTransaction(Transaction):
         statements += [("finish_tasks", _finish_rows([ops[i] for i in c], now)) for c in complete_chunks]
         if statements and (creates or any(ops[i].completion.status == "error" for i in completes)):
             statements.append(("notify_tasks", {}))  # a task may have become claimable
-        if commit and statements and self._audit:
-            statements.append(("insert_audit", {"rows": _encode(self._audit).decode()}))
-            self._audit = []
+        if commit and statements:
+            statements += self._take_audit()
         results = iter(self._script(statements, end=b"COMMIT" if commit else None) if statements else [])
         if statements and commit:
             self._begun = False  # committed: later statements open a new transaction
@@ -930,12 +934,7 @@ class PostgresTransaction(Transaction):
         self.audited = frozenset(i for i in audited if ops[i].actor is not None)
         self.committed = frozenset(range(len(ops))) - set(later) if commit and statements else frozenset()
         for i in sorted(later):
-            try:
-                out[i] = self.apply_one(ops[i], now)
-            except StoreUnavailable:
-                raise
-            except BloomError as exc:
-                out[i] = exc
+            out[i] = self.answer(ops[i], now)
         return out
 
     @_translating

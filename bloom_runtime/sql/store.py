@@ -210,15 +210,16 @@ class Transaction(abc.ABC):
         ``audited``), and, with ``commit``, commit them in the same round trip; what
         the transaction does afterwards then runs in a new one. The entries of the
         other operations are the caller's to insert."""
-        out: list[Any] = []
-        for op in ops:
-            try:
-                out.append(self.apply_one(op, now))
-            except StoreUnavailable:
-                raise
-            except BloomError as exc:
-                out.append(exc)
-        return out
+        return [self.answer(op, now) for op in ops]
+
+    def answer(self, op: Op, now: int) -> Any:
+        """``apply_one``'s value, or the ``BloomError`` it refused with (``StoreUnavailable`` propagates)."""
+        try:
+            return self.apply_one(op, now)
+        except StoreUnavailable:
+            raise
+        except BloomError as exc:
+            return exc
 
     def apply_one(self, op: Op, now: int) -> Any:
         if isinstance(op, CreateOp):
