@@ -600,6 +600,15 @@ def _page(items: list[Any], limit: int, key: Callable[[Any], int]) -> Page:
 # --- transactions ---------------------------------------------------------------
 
 
+# Every statement a write transaction runs finds its rows by key. On a young table
+# (empty, or grown since its last ANALYZE) the planner prices a sequential scan as
+# cheaper, and a connection's cached generic plan keeps scanning the whole table until
+# the next ANALYZE invalidates it: a batch's lock of ten tasks by id came to cost more
+# than the rest of its work. Planned with sequential scans off, they always use an index.
+BEGIN_STATEMENTS = (b"BEGIN", b"SET LOCAL enable_seqscan = off")
+BEGIN = b";\n".join(BEGIN_STATEMENTS)
+
+
 class PostgresTransaction(Transaction):
     """Operations on one open transaction of one pooled connection."""
 
@@ -617,7 +626,7 @@ class PostgresTransaction(Transaction):
 
     def _begin(self) -> None:
         if not self._begun:
-            self._cur.execute(b"BEGIN")
+            self._cur.execute(BEGIN, prepare=False)  # two statements: simple protocol
             self._begun = True
 
     def _one(self, name: str, params: dict[str, Any]) -> Any:
@@ -648,7 +657,7 @@ class PostgresTransaction(Transaction):
             self._script_cur.execute(b";\n".join(SCRIPTED[name].prepare for name in dict.fromkeys(missing)))
             self._prepared.update(missing)
         texts = [self._script_cur.mogrify(SCRIPTED[name].execute, params).encode() for name, params in statements]
-        head = [] if self._begun or not begin else [b"BEGIN"]
+        head = [] if self._begun or not begin else list(BEGIN_STATEMENTS)
         tail = [end] if end is not None else []
         messages: list[list[bytes]] = [[]]
         size = 0
@@ -660,7 +669,7 @@ class PostgresTransaction(Transaction):
             size += len(text)
         if len(messages) > 1 and not head and not self._begun:
             # Several messages are several implicit transactions: make them one.
-            head, tail = [b"BEGIN"], [b"COMMIT"]
+            head, tail = list(BEGIN_STATEMENTS), [b"COMMIT"]
         rows: list[list[Any]] = []
         cur = self._script_cur
         for n, message in enumerate(messages):
