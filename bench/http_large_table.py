@@ -32,7 +32,6 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -50,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from bloom_runtime.sql import cursor as page_cursor  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from http_lifecycle import start_server  # noqa: E402
+from http_lifecycle import percentile, rss_kib, start_server, stop_server  # noqa: E402
 
 KEY = "bench-key-large-0001"
 WORKER = "bench-large-w1"
@@ -245,37 +244,7 @@ def explain_stats(url: str) -> None:
             print("    " + line)
 
 
-# --------------------------------------------------------------------------- server
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # --------------------------------------------------------------------------- measuring
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 def timed_get(s: requests.Session, url: str) -> tuple[float, requests.Response]:
@@ -348,7 +317,7 @@ def run(args: argparse.Namespace, kind: str) -> bool:
         results: dict[str, list[float]] = {}
         notes: list[str] = []
         try:
-            print(f"  server pid {proc.pid}, RSS {rss_mib(proc.pid):.1f} MiB", flush=True)
+            print(f"  server pid {proc.pid}, RSS {(rss_kib(proc.pid) or 0) / 1024:.1f} MiB", flush=True)
             with requests.Session() as s:
                 s.headers["X-Runtime-API-Key"] = KEY
                 with s.post(base + "/workers", json={"name": WORKER, "capabilities": {"max_concurrency": 32}}) as r:
@@ -389,7 +358,7 @@ def run(args: argparse.Namespace, kind: str) -> bool:
                 rnd = random.Random(7)
                 ids = [task_id(rnd.randrange(args.rows)) for _ in range(args.samples + args.warmup)]
                 results["get-task"] = measure_get(s, [f"{base}/llm-tasks/{i}" for i in ids], args.samples, args.warmup)
-            print(f"  server RSS at the end: {rss_mib(proc.pid):.1f} MiB", flush=True)
+            print(f"  server RSS at the end: {(rss_kib(proc.pid) or 0) / 1024:.1f} MiB", flush=True)
         finally:
             stop_server(proc)
 

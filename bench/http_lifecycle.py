@@ -82,6 +82,17 @@ def start_server(database_url: str, threads: int, key: str | None = None) -> tup
     raise SystemExit("server did not become healthy within 60 s")
 
 
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within 60 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Progress:
     """Completed lifecycles, counted across the client threads."""
 
@@ -308,12 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if errors else 0
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
         cleanup.close()
 
 
