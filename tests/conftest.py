@@ -8,8 +8,10 @@ started from the installed binaries.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,6 +19,28 @@ import pytest
 from bloom_runtime.sql.store import Store
 
 from .pgcluster import ClusterUnavailable, ThrowawayCluster
+
+
+def run_together(n: int, body: Callable[[int], Any]) -> list[Any]:
+    """Run ``body(i)`` on ``n`` threads released at once; return results (or exceptions) by index."""
+    barrier = threading.Barrier(n)
+    out: list[Any] = [None] * n
+
+    def target(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = body(i)
+        except BaseException as exc:  # collected, asserted on by the test
+            out[i] = exc
+
+    threads = [threading.Thread(target=target, args=(i,), name=f"conc-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a thread hung"
+    return out
+
 
 STORE_FIXTURE = {"sqlite": "sqlite_store", "postgres": "pg_store"}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ from bloom_runtime.sql.store import (
     Transaction,
 )
 
-from ..conftest import TABLES, truncate_pg
+from ..conftest import TABLES, run_together, truncate_pg
 from .test_contract import OK, T0, acquire, add_task, add_worker, delay, new_task, snapshot
 
 NOW = T0 + 60_000  # when every batch runs: well after the setup, so worker heartbeats are stale
@@ -633,28 +632,6 @@ ROUNDS = 8
 TASKS_PER_ROUND = 50
 
 
-def apply_together(store: Store, batches: list[list[Op]], now: int) -> list[Any]:
-    """Apply each batch in its own transaction on its own thread, all released at once;
-    return each batch's answers, or the error it raised."""
-    barrier = threading.Barrier(len(batches))
-    answers: list[Any] = [None] * len(batches)
-
-    def body(k: int) -> None:
-        barrier.wait(timeout=30)
-        try:
-            answers[k] = store.run(lambda tx: tx.apply(batches[k], now))
-        except BloomError as exc:  # a deadlock surfaces as TransientConflict: asserted on by the caller
-            answers[k] = exc
-
-    threads = [threading.Thread(target=body, args=(k,), name=f"apply-{k}") for k in range(len(batches))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "a batch hung"
-    return answers
-
-
 def heartbeats_and_completes(ids: list[str], seed: int) -> list[Op]:
     """Heartbeats of 30 of ``ids`` and completes of 30, in an order of this batch's own; the
     10 tasks that get both take the one-by-one path for their complete."""
@@ -681,7 +658,7 @@ def test_concurrent_batches_in_different_orders_do_not_deadlock(pg_store: Store,
             assert not [r for r in tx.apply(setup, now) if isinstance(r, BloomError)]
 
         batches = [heartbeats_and_completes(ids, rnd * 2 + k) for k in range(2)]
-        answers = apply_together(pg_store, batches, now + 1)
+        answers = run_together(len(batches), lambda k: pg_store.run(lambda tx: tx.apply(batches[k], now + 1)))
 
         for k in range(2):
             assert isinstance(answers[k], list), f"round {rnd}, batch {k} failed: {answers[k]!r}"

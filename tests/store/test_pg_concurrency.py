@@ -8,7 +8,6 @@ is all that keeps them apart. Every test ends by checking the invariants in SQL.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -26,32 +25,13 @@ from bloom_runtime.engine.models import (
 )
 from bloom_runtime.sql.postgres import PostgresStore, TaskListener
 
+from ..conftest import run_together
+
 pytestmark = pytest.mark.postgres
 
 NOW = 1_700_000_000_000
 THREADS = 16
 MAX_CAPACITY = 32  # the largest max_concurrency a worker may declare
-
-
-def run_together(n: int, body: Callable[[int], Any]) -> list[Any]:
-    """Run ``body(i)`` on ``n`` threads released at once; return results (or exceptions) by index."""
-    barrier = threading.Barrier(n)
-    out: list[Any] = [None] * n
-
-    def target(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = body(i)
-        except BaseException as exc:  # collected, asserted on by the test
-            out[i] = exc
-
-    threads = [threading.Thread(target=target, args=(i,), name=f"conc-{i}") for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "a thread hung"
-    return out
 
 
 def add_workers(store: PostgresStore, ids: list[str], max_concurrency: int, labels: list[str] | None = None) -> None:
