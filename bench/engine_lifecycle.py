@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bloom_runtime.engine.engine import Engine  # noqa: E402
-from bloom_runtime.engine.models import Capabilities, Completion, Fence, NewTask, WorkerUpsert  # noqa: E402
-from bloom_runtime.engine.settings import Settings  # noqa: E402
+from bloom_runtime.engine.engine import Engine
+from bloom_runtime.engine.models import Capabilities, Completion, Fence, NewTask, WorkerUpsert
+from bloom_runtime.engine.settings import Settings
 
 
 def rss_mib() -> float:

@@ -166,7 +166,7 @@ def main() -> int:
         failed_syncs = h["sync"]["failures"] - before_failures
         new_lines = log_path.read_text().splitlines()[len(log_before):]
         sync_lines = [line for line in new_lines if "membridge sync failed" in line]
-        traceback_lines = [line for line in new_lines if line.startswith("Traceback") or line.startswith("  File ")]
+        traceback_lines = [line for line in new_lines if line.startswith(("Traceback", "  File "))]
         membridge_lines = [line for line in new_lines if "membridge" in line.lower()]
         print(f"  outage {time.monotonic() - down_started:.1f} s: failed syncs counted {failed_syncs}, skipped ticks {h['sync']['skipped']}")
         print(f"  log lines 'membridge sync failed': {len(sync_lines)}; other membridge lines: "

@@ -253,7 +253,7 @@ def _make_handler(server: MembridgeServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"  # one request per connection: nothing left open at close
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _send(self, status: int, payload: bytes, content_type: str = "application/json",

@@ -84,7 +84,10 @@ class ThrowawayCluster:
     def start(self) -> str:
         data = os.path.join(self.dir, "data")
         self._run([os.path.join(self.bindir, "initdb"), "-D", data, "-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-sync"])
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        opts = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
         self._run([os.path.join(self.bindir, "pg_ctl"), "-D", data, "-l", os.path.join(self.dir, "log"), "-o", opts, "-w", "-t", "60", "start"])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

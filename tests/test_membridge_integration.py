@@ -70,16 +70,16 @@ def make_engine(tmp_path, clock: ManualClock, membridge_server: MembridgeServer)
     engines: list[Engine] = []
 
     def make(database_url: str | None = None, **over: Any) -> Engine:
-        values: dict[str, Any] = dict(
-            database_url=database_url or "sqlite:///" + str(tmp_path / f"bloom{len(engines)}.db"),
-            membridge_server_url=membridge_server.url,
-            membridge_admin_key=Secret(ADMIN_KEY),
-            membridge_sync_interval_s=3600.0,  # the tests run the syncs
-            lease_sweep_interval_s=3600.0,
-            worker_offline_after_s=60.0,
-            ask_timeout_s=10.0,
-            extra=dict(TUNING),
-        )
+        values: dict[str, Any] = {
+            "database_url": database_url or "sqlite:///" + str(tmp_path / f"bloom{len(engines)}.db"),
+            "membridge_server_url": membridge_server.url,
+            "membridge_admin_key": Secret(ADMIN_KEY),
+            "membridge_sync_interval_s": 3600.0,  # the tests run the syncs
+            "lease_sweep_interval_s": 3600.0,
+            "worker_offline_after_s": 60.0,
+            "ask_timeout_s": 10.0,
+            "extra": dict(TUNING),
+        }
         values.update(over)
         engine = Engine.start(Settings(**values), clock=clock)
         engines.append(engine)
@@ -193,7 +193,7 @@ def test_tick_while_sync_running_is_skipped(make_engine, membridge_server):  # n
 def _raises(call: Callable[[], Any]) -> BaseException | None:
     try:
         call()
-    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+    except BaseException as exc:
         return exc
     return None
 

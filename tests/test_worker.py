@@ -377,7 +377,7 @@ def test_embedded_stop_waits_for_a_running_handler(fake: FakeRuntime) -> None:
 
     task = fake.add_task()
     stop = threading.Event()
-    thread = threading.Thread(target=run, args=(handler,), kwargs=dict(runtime_url=fake.url, name="py", stop_event=stop, poll_wait_s=POLL_WAIT_S))
+    thread = threading.Thread(target=run, args=(handler,), kwargs={"runtime_url": fake.url, "name": "py", "stop_event": stop, "poll_wait_s": POLL_WAIT_S})
     thread.start()
     try:
         assert entered.wait(10)

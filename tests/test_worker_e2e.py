@@ -309,7 +309,7 @@ def test_200_tasks_complete_exactly_once(cluster: Cluster) -> None:
     assert len(rows) == 200  # exactly one result per task, no duplicates, no errors
     by_task = {task_id: (worker, status, output) for task_id, worker, status, output in rows}
     assert set(by_task) == set(prompts)
-    for task_id, (worker, status, output) in by_task.items():
+    for task_id, (_worker, status, output) in by_task.items():
         assert status == "success"
         assert output == expected_output(prompts[task_id])
     # each task was leased once and that lease was released by its completion
@@ -367,7 +367,7 @@ def test_timed_out_command_is_an_error_retried_per_max_attempts(cluster: Cluster
     assert done["status"] == "failed" and done["attempts"] == 2, done
     results = cluster.results(task["id"])
     assert len(results) == 2, results
-    for worker, status, output, error in results:
+    for worker, status, _output, error in results:
         assert worker in cluster.workers and status == "error"
         assert error is not None and "timed out after 1 s" in error, error
     assert [s for _, s in cluster.leases(task["id"])] == ["released", "released"]

@@ -237,15 +237,15 @@ class BatchingActor(pykka.ThreadingActor):
         ordered = sorted(batch, key=_lock_order)
         try:
             with self.store.transaction() as tx:
-                applied = [w for w in ordered if w.spec is not None]
+                applied = [(w, w.spec) for w in ordered if w.spec is not None]
                 if applied:
                     now = self.clock.now_ms()
-                    results = tx.apply([w.spec for w in applied], now, commit=True)
-                    for n, (w, result) in enumerate(zip(applied, results)):
+                    results = tx.apply([spec for _, spec in applied], now, commit=True)
+                    for n, ((w, _), result) in enumerate(zip(applied, results, strict=True)):
                         if isinstance(result, BloomError):
                             outcome: tuple[Write, Any, list[AuditEntry] | None] = (w, result, None)
                         else:
-                            entries = [] if n in tx.audited else w.entries(result, now)
+                            entries = [] if n in tx.audited or w.entries is None else w.entries(result, now)
                             outcome = (w, result, entries)
                         (committed if n in tx.committed else outcomes).append(outcome)
                 for w in ordered:

@@ -75,8 +75,8 @@ class LeaseSupervisor(BatchingActor):
                 task, lease = result
                 return [audit(t, "lease_renewed", "lease", lease.id, m.actor, f"task={task.id} expires_at={lease.expires_at}")]
 
-            spec = HeartbeatOp(m.task_id, m.fence, **self.audit_by_store(m.actor))
-            return Write(None, m.reply, key=m.task_id, spec=spec, entries=renewed)
+            beat = HeartbeatOp(m.task_id, m.fence, **self.audit_by_store(m.actor))
+            return Write(None, m.reply, key=m.task_id, spec=beat, entries=renewed)
 
         if isinstance(m, FailLease):
 

@@ -60,7 +60,7 @@ def seconds_to_ms(value: Any) -> int | None:
     """Membridge sends float seconds; we store integer milliseconds."""
     if value is None or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
-    return int(round(value * 1000))
+    return round(value * 1000)
 
 
 def map_status(value: Any) -> str:

@@ -43,8 +43,8 @@ class TaskQueue(BatchingActor):
                     return []
                 return [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
 
-            spec = CreateOp(m.new, new_id(), **self.audit_by_store(m.actor))
-            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=spec, entries=created)
+            create = CreateOp(m.new, new_id(), **self.audit_by_store(m.actor))
+            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=create, entries=created)
 
         if isinstance(m, CompleteTask):
 

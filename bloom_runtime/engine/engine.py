@@ -11,6 +11,8 @@ from any thread, so they never queue behind writes.
 
 from __future__ import annotations
 
+import builtins
+import functools
 import logging
 import threading
 import time
@@ -400,6 +402,14 @@ class Engine:
         return self._stats.get()
 
 
+def _pick_message(context_id: str, labels: list[str], reply: pykka.ThreadingFuture, *, fresh: bool) -> PickWorkers:
+    return PickWorkers(context_id, labels, reply, fresh)
+
+
+def _acquire_message(task_id: str, worker_id: str, ttl: int | None, actor: str, reply: pykka.ThreadingFuture) -> AcquireLease:
+    return AcquireLease(task_id, [worker_id], ttl, actor, reply)
+
+
 class _Service:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -476,12 +486,12 @@ class LeaseService(_Service):
             engine.routing_keys.remember(task_id, *routing)
         context_id, labels = routing
         for fresh in (False, True):
-            candidates = engine.call("registry", lambda r, fresh=fresh: PickWorkers(context_id, list(labels), r, fresh))
+            candidates = engine.call("registry", functools.partial(_pick_message, context_id, list(labels), fresh=fresh))
             if not candidates:
                 break
             best = candidates[0]
             try:
-                return engine.call("leases", lambda r: AcquireLease(task_id, [best], ttl, actor, r), key=best)
+                return engine.call("leases", functools.partial(_acquire_message, task_id, best, ttl, actor), key=best)
             except NoCapacity:
                 if fresh:
                     raise  # the routing snapshot was current: the fleet really is full
@@ -565,7 +575,7 @@ class WorkerService(_Service):
         """Offline the workers not seen for ``worker_offline_after``; returns once done and audited."""
         self._engine.call("registry", lambda r: Tick(r))
 
-    def pick(self, context_id: str, labels: Sequence[str] = ()) -> list[str]:
+    def pick(self, context_id: str, labels: Sequence[str] = ()) -> builtins.list[str]:
         """Worker ids that could take a task of this context and labels, best first."""
         return self._engine.call("registry", lambda r: PickWorkers(context_id, list(labels), r))
 
@@ -575,4 +585,4 @@ class AuditService(_Service):
         return self._engine.store.list_audit(check_limit(limit), cursor, entity_id)
 
 
-__all__ = ["Engine", "TaskService", "LeaseService", "WorkerService", "AuditService"]
+__all__ = ["AuditService", "Engine", "LeaseService", "TaskService", "WorkerService"]

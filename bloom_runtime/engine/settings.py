@@ -31,7 +31,7 @@ class Secret:
     def reveal(self) -> str:
         return self._value
 
-    def masked(self) -> str:
+    def masked(self) -> str | None:
         return mask(self._value)
 
     def __repr__(self) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import falcon
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -62,7 +62,9 @@ class EngineCollector(Collector):
         configured = GaugeMetricFamily("bloom_membridge_configured", "1 when a membridge client is wired")
         configured.add_metric([], 1 if state.get("configured") else 0)
         yield configured
-        sync = state.get("sync") if isinstance(state.get("sync"), dict) else {}
+        sync = state.get("sync")
+        if not isinstance(sync, dict):
+            sync = {}
         syncs = CounterMetricFamily("bloom_membridge_sync", "Membridge worker syncs by outcome (skipped: one was still running)", labels=["outcome"])
         for outcome, key in (("success", "successes"), ("failure", "failures"), ("skipped", "skipped")):
             syncs.add_metric([outcome], sync.get(key, 0))

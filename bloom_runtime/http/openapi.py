@@ -43,7 +43,7 @@ def build_document() -> dict[str, Any]:
                 types.append(op.body)
             types.extend(t for t, _ in op.responses.values() if t is not None)
     found, components = msgspec.json.schema_components(types, ref_template=REF)
-    schema_of = {id(t): s for t, s in zip(types, found)}
+    schema_of = {id(t): s for t, s in zip(types, found, strict=True)}
     error_ref = schema_of[id(schemas.ErrorBody)]
 
     paths: dict[str, Any] = {}

@@ -39,4 +39,4 @@ def store_from_url(url: str | None, *, pool_min: int = 2, pool_max: int = 10, co
     raise ConfigError("DATABASE_URL must start with postgresql://, postgres:// or sqlite:///")
 
 
-__all__ = ["Store", "Transaction", "TransientConflict", "store_from_url", "DEFAULT_SQLITE_FILE"]
+__all__ = ["DEFAULT_SQLITE_FILE", "Store", "Transaction", "TransientConflict", "store_from_url"]

@@ -33,6 +33,7 @@ surfaces as ``TransientConflict`` (retry the batch).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -649,10 +650,10 @@ class PostgresTransaction(Transaction):
         if missing and self._begun:
             # A PREPARE inside a transaction would vanish with its rollback: run these one
             # by one this time; the connection prepares them before its next transaction.
-            rows = [self._rows(name, params) for name, params in statements]
+            one_by_one = [self._rows(name, params) for name, params in statements]
             if end is not None:
                 self._cur.execute(end)
-            return rows
+            return one_by_one
         if missing:
             self._script_cur.execute(b";\n".join(SCRIPTED[name].prepare for name in dict.fromkeys(missing)))
             self._prepared.update(missing)
@@ -848,6 +849,7 @@ class PostgresTransaction(Transaction):
         skipped (a used idempotency key or id) and acquires offering several workers
         run one by one afterwards, in list order, and see what came before them."""
         out: list[Any] = [None] * len(ops)
+        at: Sequence[Any] = ops  # each index list below holds operations of one kind
         creates: list[int] = []
         acquires: list[int] = []
         beats: list[int] = []
@@ -871,18 +873,18 @@ class PostgresTransaction(Transaction):
             {AcquireOp: acquires, HeartbeatOp: beats, CompleteOp: completes}[type(op)].append(i)
 
         statements: list[tuple[str, dict[str, Any]]] = []
-        create_chunks = list(_chunks(creates, lambda i: len(ops[i].new.prompt)))
-        statements += [("create_tasks", _create_rows([ops[i] for i in c], now)) for c in create_chunks]
+        create_chunks = list(_chunks(creates, lambda i: len(at[i].new.prompt)))
+        statements += [("create_tasks", _create_rows([at[i] for i in c], now)) for c in create_chunks]
         if seen:
             statements.append(("lock_tasks", {"ids": sorted(seen)}))
         if acquires:
-            statements.append(("lock_workers", {"ids": sorted({ops[i].worker_ids[0] for i in acquires})}))
-            statements.append(("grant_leases", _grant_rows([ops[i] for i in acquires], now)))
+            statements.append(("lock_workers", {"ids": sorted({at[i].worker_ids[0] for i in acquires})}))
+            statements.append(("grant_leases", _grant_rows([at[i] for i in acquires], now)))
         if beats:
-            statements.append(("renew_leases", _renew_rows([ops[i] for i in beats], now)))
-        complete_chunks = list(_chunks(completes, lambda i: _completion_size(ops[i].completion)))
-        statements += [("finish_tasks", _finish_rows([ops[i] for i in c], now)) for c in complete_chunks]
-        if statements and (creates or any(ops[i].completion.status == "error" for i in completes)):
+            statements.append(("renew_leases", _renew_rows([at[i] for i in beats], now)))
+        complete_chunks = list(_chunks(completes, lambda i: _completion_size(at[i].completion)))
+        statements += [("finish_tasks", _finish_rows([at[i] for i in c], now)) for c in complete_chunks]
+        if statements and (creates or any(at[i].completion.status == "error" for i in completes)):
             statements.append(("notify_tasks", {}))  # a task may have become claimable
         if commit and statements:
             statements += self._take_audit()
@@ -894,7 +896,7 @@ class PostgresTransaction(Transaction):
         for chunk in create_chunks:
             made = {r[0]: r for r in next(results)}
             for i in chunk:
-                row = made.get(ops[i].task_id)
+                row = made.get(at[i].task_id)
                 if row is None:
                     later.append(i)
                 else:
@@ -906,7 +908,7 @@ class PostgresTransaction(Transaction):
             granted = {r[0]: r for r in next(results)}
             o = _TASK_N + _LEASE_N
             for i in acquires:
-                op, row = ops[i], granted.get(ops[i].task_id)
+                op, row = at[i], granted.get(at[i].task_id)
                 if row is not None:
                     out[i] = LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
                     audited.add(i)
@@ -920,30 +922,30 @@ class PostgresTransaction(Transaction):
         if beats:
             renewed = {r[0]: r for r in next(results)}
             for i in beats:
-                op, row = ops[i], renewed.get(ops[i].task_id)
+                op, row = at[i], renewed.get(at[i].task_id)
                 if row is not None:
                     out[i] = (_task(row), _lease(row, _TASK_N))
                     audited.add(i)
                 else:
-                    out[i] = _refusal(op.task_id, locked, lambda t, f=op.fence: _check_fence(t, f)) or Conflict(
+                    out[i] = _refusal(op.task_id, locked, functools.partial(_check_fence, fence=op.fence)) or Conflict(
                         "task's lease is not active", task_id=op.task_id
                     )
         for chunk in complete_chunks:
             finished = {r[0]: r for r in next(results)}
             for i in chunk:
-                op, row = ops[i], finished.get(ops[i].task_id)
+                op, row = at[i], finished.get(at[i].task_id)
                 if row is not None:
                     out[i] = _outcome(row)
                     audited.add(i)
                 else:
-                    out[i] = _refusal(op.task_id, locked, lambda t, f=op.fence: _check_fence(t, f)) or Conflict(
+                    out[i] = _refusal(op.task_id, locked, functools.partial(_check_fence, fence=op.fence)) or Conflict(
                         "task's lease is not active", task_id=op.task_id
                     )
 
-        self.audited = frozenset(i for i in audited if ops[i].actor is not None)
+        self.audited = frozenset(i for i in audited if at[i].actor is not None)
         self.committed = frozenset(range(len(ops))) - set(later) if commit and statements else frozenset()
         for i in sorted(later):
-            out[i] = self.answer(ops[i], now)
+            out[i] = self.answer(at[i], now)
         return out
 
     @_translating
@@ -1123,7 +1125,7 @@ class PostgresStore(Store):
         self._pool_min = pool_min
         self._pool_max = pool_max
         # libpq counts connect_timeout in whole seconds and treats anything below 2 as 2.
-        self._connect_timeout = max(2, int(round(connect_timeout_s)))
+        self._connect_timeout = max(2, round(connect_timeout_s))
         self._pool: ConnectionPool[Any] | None = None
         self._lock = threading.Lock()
         self._returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
@@ -1231,7 +1233,8 @@ class PostgresStore(Store):
     def check_schema(self) -> None:
         with self._conn() as conn:
             done: set[str] = set()
-            if conn.execute(Q["schema_migrations_exists"]).fetchone()[0]:
+            exists = conn.execute(Q["schema_migrations_exists"]).fetchone()
+            if exists is not None and exists[0]:
                 done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
         todo = migrations.pending("postgres", done)
         if todo:

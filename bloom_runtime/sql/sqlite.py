@@ -362,6 +362,7 @@ class SqliteTransaction(Transaction):
                 "context_id": task.context_id,
             },
         )
+        assert row is not None  # an INSERT … RETURNING returns its row
         return _lease(row)
 
     @_atomic
@@ -475,6 +476,7 @@ class SqliteTransaction(Transaction):
                 "now": now,
             },
         )
+        assert result_row is not None and artifact_row is not None  # INSERT … RETURNING
         return CompletionOutcome(
             task=_task(row), result=_result(result_row), artifact=_artifact(artifact_row), lease=_lease(lease_row)
         )
@@ -896,7 +898,7 @@ class SqliteStore(Store):
         return self._page("list_audit_by_entity", {"entity_id": entity_id}, limit, cursor, _audit, 1)
 
     def get_settings(self) -> dict[str, str]:
-        return {k: v for k, v in self._read("get_settings")}
+        return dict(self._read("get_settings"))
 
     def stats(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {

@@ -22,7 +22,7 @@ import abc
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from bloom_runtime.engine.errors import BloomError, StoreUnavailable
 from bloom_runtime.engine.models import (
@@ -95,7 +95,7 @@ class CompleteOp:
     audit_ids: tuple[str, ...] = ()
 
 
-Op = Union[CreateOp, AcquireOp, HeartbeatOp, CompleteOp]
+Op = CreateOp | AcquireOp | HeartbeatOp | CompleteOp
 """One hot-path write; ``Transaction.apply`` answers it with what the matching method returns."""
 
 
@@ -384,18 +384,18 @@ def artifact_content(completion: Completion) -> str | None:
 
 
 __all__ = [
+    "MAX_PAGE",
     "AcquireOp",
+    "Artifact",
     "CompleteOp",
     "CreateOp",
     "HeartbeatOp",
     "Op",
-    "Artifact",
     "Result",
+    "RetryDelay",
     "Store",
     "Transaction",
     "TransientConflict",
-    "RetryDelay",
     "artifact_content",
-    "MAX_PAGE",
 ]
 

@@ -52,7 +52,7 @@ def worker_api_key(spec: str | None) -> str | None:
     if not spec or not spec.strip():
         return None
     last = [part.strip() for part in spec.split(",") if part.strip()][-1]
-    name, sep, secret = last.partition("=")
+    _name, sep, secret = last.partition("=")
     return secret.strip() if sep and secret.strip() else last
 
 

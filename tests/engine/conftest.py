@@ -20,14 +20,14 @@ SLOW = 3600.0  # timer intervals long enough that only the test triggers the job
 
 
 def settings(**over: Any) -> Settings:
-    base = dict(
-        lease_sweep_interval_s=SLOW,
-        membridge_sync_interval_s=SLOW,
-        worker_offline_after_s=60.0,
-        ask_timeout_s=30.0,
-        retry_backoff_base_ms=1000,
-        retry_backoff_cap_ms=8000,
-    )
+    base = {
+        "lease_sweep_interval_s": SLOW,
+        "membridge_sync_interval_s": SLOW,
+        "worker_offline_after_s": 60.0,
+        "ask_timeout_s": 30.0,
+        "retry_backoff_base_ms": 1000,
+        "retry_backoff_cap_ms": 8000,
+    }
     base.update(over)
     return Settings(**base)
 
@@ -106,7 +106,7 @@ def engine(make_engine) -> Engine:
 
 
 def new_task(**over: Any) -> NewTask:
-    base: dict[str, Any] = dict(context_id="ctx-1", agent_slug="writer", prompt="say hi")
+    base: dict[str, Any] = {"context_id": "ctx-1", "agent_slug": "writer", "prompt": "say hi"}
     base.update(over)
     return NewTask(**base)
 

@@ -83,7 +83,7 @@ def test_dead_actor_is_restarted(engine):
     old = engine._slots["queue"].ref
     old.stop()
     wait_for(lambda: engine._slots["queue"].ref is not old and engine._slots["queue"].ref.is_alive())
-    task, created = engine.tasks.create(new_task())
+    _task, created = engine.tasks.create(new_task())
     assert created
     assert engine._slots["queue"].restarts == 1
 

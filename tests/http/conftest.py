@@ -18,7 +18,7 @@ CLIENT_KEY = "client-key-0001"
 OTHER_KEY = "other-key-00002"
 ADMIN_KEY = "admin-key-00003"
 
-FAST = dict(lease_sweep_interval_s=0.1, ask_timeout_s=10.0, retry_backoff_base_ms=10, retry_backoff_cap_ms=50)
+FAST = {"lease_sweep_interval_s": 0.1, "ask_timeout_s": 10.0, "retry_backoff_base_ms": 10, "retry_backoff_cap_ms": 50}
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_lifecycle_push_and_pull(server):
     def claim() -> None:
         with requests.post(srv.url + "/workers/puller/claim", json={"wait_seconds": 10}, headers={HEADER: CLIENT_KEY}, timeout=20) as r:
             got.append(r)
-            r.content  # read before the connection closes
+            _ = r.content  # read before the connection closes
 
     t = threading.Thread(target=claim)
     t.start()
@@ -130,7 +130,7 @@ def test_sigterm_during_50_long_polls(server):
         try:
             with requests.post(srv.url + f"/workers/w{i}/claim", json={"wait_seconds": 25},
                                headers={HEADER: CLIENT_KEY}, timeout=40) as r:
-                r.content
+                _ = r.content
                 with lock:
                     codes.append(r.status_code)
         except requests.ConnectionError:

@@ -32,7 +32,7 @@ def test_fuzz_no_5xx(make_client):
         if path == "workers/w1/claim" and isinstance(body, dict):
             body.pop("wait_seconds", None)  # keep the run fast: no long polls
         r = client.simulate_post(f"{API}/{path.format(t=tid)}", json=body)
-        assert r.status_code < 500 or r.status_code == 503 and "capacity" in r.json["error"], (path, body, r.text)
+        assert r.status_code < 500 or (r.status_code == 503 and "capacity" in r.json["error"]), (path, body, r.text)
         assert isinstance(r.json, (dict, list)) or r.status_code == 204
 
     @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -36,18 +36,18 @@ def build(tmp_path, membridge_server: MembridgeServer) -> Iterator[Callable[...,
     engines: list[Engine] = []
 
     def make(clock: Any = None, **over: Any) -> falcon.testing.TestClient:
-        values: dict[str, Any] = dict(
-            database_url="sqlite:///" + str(tmp_path / f"bloom{len(engines)}.db"),
-            api_keys=parse_api_keys(f"ops={CLIENT_KEY}"),
-            admin_keys=parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"),
-            membridge_server_url=membridge_server.url,
-            membridge_admin_key=Secret(MB_ADMIN_KEY),
-            membridge_agent_key=Secret(AGENT_KEY),
-            membridge_sync_interval_s=3600.0,
-            lease_sweep_interval_s=3600.0,
-            public_url="http://runtime.example:5000",
-            extra=dict(TUNING),
-        )
+        values: dict[str, Any] = {
+            "database_url": "sqlite:///" + str(tmp_path / f"bloom{len(engines)}.db"),
+            "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"),
+            "admin_keys": parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"),
+            "membridge_server_url": membridge_server.url,
+            "membridge_admin_key": Secret(MB_ADMIN_KEY),
+            "membridge_agent_key": Secret(AGENT_KEY),
+            "membridge_sync_interval_s": 3600.0,
+            "lease_sweep_interval_s": 3600.0,
+            "public_url": "http://runtime.example:5000",
+            "extra": dict(TUNING),
+        }
         values.update(over)
         settings = Settings(**values)
         engine = Engine.start(settings, clock=clock) if clock is not None else Engine.start(settings)
@@ -211,9 +211,9 @@ def served(tmp_path) -> Iterator[Callable[..., tuple[str, Engine]]]:
     def serve(**over: Any) -> tuple[str, Engine]:
         server = create_server(lambda env, start: [], host="127.0.0.1", port=0, threads=4)  # app set below, once the port is known
         port = server.effective_port
-        settings = Settings(**{**dict(database_url="sqlite:///" + str(tmp_path / "served.db"),
-                                      api_keys=parse_api_keys(f"ops={CLIENT_KEY}"), lease_sweep_interval_s=3600.0,
-                                      public_url=f"http://127.0.0.1:{port}", extra=dict(TUNING)), **over})
+        settings = Settings(**{"database_url": "sqlite:///" + str(tmp_path / "served.db"),
+                                      "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"), "lease_sweep_interval_s": 3600.0,
+                                      "public_url": f"http://127.0.0.1:{port}", "extra": dict(TUNING), **over})
         engine = Engine.start(settings)
         server.application = create_app(engine, settings)
         thread = threading.Thread(target=server.run, name="waitress-test")

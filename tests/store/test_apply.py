@@ -114,7 +114,7 @@ def differences(expected: Any, got: Any, path: str = "") -> list[str]:
             for d in differences(getattr(expected, f), getattr(got, f), f"{path}.{f}" if path else f)
         ]
     if isinstance(expected, tuple) and len(expected) == len(got):
-        return [d for n, (e, g) in enumerate(zip(expected, got)) for d in differences(e, g, f"{path}[{n}]")]
+        return [d for n, (e, g) in enumerate(zip(expected, got, strict=False)) for d in differences(e, g, f"{path}[{n}]")]
     return [] if got == expected else [f"{path}: expected {expected!r:.200}, got {got!r:.200}"]
 
 
@@ -153,7 +153,7 @@ def run_apply(
             return Transaction.apply(tx, ops, now)
         answers = Transaction.apply(tx, [ops[i] for i in order], now)
         out: list[Any] = [None] * len(ops)
-        for i, answer in zip(order, answers):
+        for i, answer in zip(order, answers, strict=True):
             out[i] = answer
         return out
 
@@ -267,7 +267,7 @@ MIXED_OPS: list[Op] = [
 @pytest.mark.parametrize("begun", [False, True], ids=["fresh-tx", "begun-tx"])
 def test_mixed_batch_answers_like_the_single_methods(db: Db, begun: bool) -> None:
     """Every outcome each kind of operation can have, in one batch."""
-    out = dict(zip((describe(op) for op in MIXED_OPS), check_apply(db, mixed_setup, MIXED_OPS, begun=begun)))
+    out = dict(zip((describe(op) for op in MIXED_OPS), check_apply(db, mixed_setup, MIXED_OPS, begun=begun), strict=False))
     store = db.store
 
     created, was_new = out["CreateOp(t-new-1, key=None)"]
@@ -658,11 +658,11 @@ def test_concurrent_batches_in_different_orders_do_not_deadlock(pg_store: Store,
             assert not [r for r in tx.apply(setup, now) if isinstance(r, BloomError)]
 
         batches = [heartbeats_and_completes(ids, rnd * 2 + k) for k in range(2)]
-        answers = run_together(len(batches), lambda k: pg_store.run(lambda tx: tx.apply(batches[k], now + 1)))
+        answers = run_together(len(batches), lambda k, batches=batches, now=now: pg_store.run(lambda tx: tx.apply(batches[k], now + 1)))
 
         for k in range(2):
             assert isinstance(answers[k], list), f"round {rnd}, batch {k} failed: {answers[k]!r}"
-            for op, answer in zip(batches[k], answers[k]):
+            for op, answer in zip(batches[k], answers[k], strict=True):
                 # A task the other batch completed first refuses (no fence: Conflict).
                 assert isinstance(answer, (CompletionOutcome, tuple, Conflict)), (rnd, describe(op), answer)
         for tid in ids:
@@ -680,7 +680,7 @@ def test_a_connection_that_lost_its_prepared_statements_prepares_again(pg_url: s
     store = PostgresStore(pg_url, pool_min=1, pool_max=1)
     store.open()
     try:
-        task, _ = store.run(lambda tx: tx.apply([CreateOp(new_task(), new_id())], NOW))[0]
+        _task, _ = store.run(lambda tx: tx.apply([CreateOp(new_task(), new_id())], NOW))[0]
         with store._conn() as conn:  # the pool's only connection
             conn.execute("DISCARD ALL")
         with pytest.raises(StoreUnavailable):

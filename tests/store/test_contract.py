@@ -328,7 +328,7 @@ def test_idempotency_key_returns_the_first_task(store: Store) -> None:
 
 def test_idempotency_key_still_answers_after_the_task_moved_on(store: Store) -> None:
     worker = add_worker(store)
-    first, _ = store.run(lambda tx: tx.create_task(new_task(idempotency_key="k"), "t-1", T0))
+    _first, _ = store.run(lambda tx: tx.create_task(new_task(idempotency_key="k"), "t-1", T0))
     acquire(store, "t-1", [worker.id])
     again, created = store.run(lambda tx: tx.create_task(new_task(idempotency_key="k"), "t-2", T0 + 5))
     assert not created
@@ -930,7 +930,7 @@ def test_upsert_worker_update_changes_only_given_fields(store: Store) -> None:
         install_method="pip",
         source="membridge",
     )
-    created_worker, created = store.run(lambda tx: tx.upsert_worker(full, T0))
+    _created_worker, created = store.run(lambda tx: tx.upsert_worker(full, T0))
     assert created
     updated, created = store.run(lambda tx: tx.upsert_worker(WorkerUpsert(id="w-1", url="http://10.0.0.2:8001"), T0 + 500))
     assert not created
@@ -1033,7 +1033,7 @@ def test_touch_worker(store: Store) -> None:
     add_worker(store, "w-api", source="api", status="offline")
     add_worker(store, "w-err", source="pull", status="error")
     for worker_id in ("w-pull", "w-mb", "w-api", "w-err"):
-        store.run(lambda tx: tx.touch_worker(worker_id, T0 + 5))
+        store.run(lambda tx, worker_id=worker_id: tx.touch_worker(worker_id, T0 + 5))
     workers = {w.id: w for w in store.list_workers()}
     assert {w.last_heartbeat for w in workers.values()} == {T0 + 5}
     assert workers["w-pull"].status == "online"

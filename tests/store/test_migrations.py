@@ -233,7 +233,7 @@ def test_pg_upgrade_from_the_first_schema_keeps_idempotency_keys(fresh_pg: Postg
         conn.execute(first.sql.encode())
         conn.execute("INSERT INTO schema_migrations VALUES (%s, 0)", (first.version,))
     keyed = NewTask(context_id="c", agent_slug="a", prompt="p", idempotency_key="k-1")
-    task, created = fresh_pg.run(lambda tx: tx.create_task(keyed, "t-old", 1))
+    _task, created = fresh_pg.run(lambda tx: tx.create_task(keyed, "t-old", 1))
     assert created
     fresh_pg.run(lambda tx: tx.create_task(NewTask(context_id="c", agent_slug="a", prompt="p"), "t-nokey", 1))
 

@@ -155,7 +155,7 @@ def test_worker_capacity_holds_under_concurrent_acquire_and_claim(pg_store: Post
                     r = pg_store.run(lambda tx: tx.claim_next("busy", 60, new_id(), NOW + 1000))
                 else:
                     tid = task_ids[(i * 3 + k) % len(task_ids)]
-                    r = pg_store.run(lambda tx: tx.acquire_lease(tid, ["busy"], 60, new_id(), NOW + 1000))
+                    r = pg_store.run(lambda tx, tid=tid: tx.acquire_lease(tid, ["busy"], 60, new_id(), NOW + 1000))
             except (Conflict, NoCapacity) as exc:
                 r = exc
             outcomes.append(r)
@@ -196,7 +196,7 @@ def test_expiry_racing_completions_leaves_each_task_one_fate(pg_store: PostgresS
                 )
                 try:
                     out = pg_store.run(
-                        lambda tx: tx.complete(
+                        lambda tx, tid=tid, completion=completion: tx.complete(
                             tid, Fence(lease_id=leases[tid]), completion, new_id(), new_id(), lambda a: 0, expire_at + 1
                         )
                     )

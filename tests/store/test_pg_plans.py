@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bloom_runtime.engine.models import Fence
-from bloom_runtime.sql.postgres import Q, PostgresStore
+from bloom_runtime.sql.postgres import PostgresStore, Q
 from bloom_runtime.sql.store import HeartbeatOp
 
 from .test_contract import T0
