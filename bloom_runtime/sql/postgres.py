@@ -647,14 +647,8 @@ class PostgresTransaction(Transaction):
         EXECUTEs of the prepared ``SCRIPTED`` ones, their arguments quoted by psycopg
         (a message of several statements cannot carry bound parameters)."""
         missing = [name for name, _ in statements if name not in self._prepared]
-        if missing and self._begun:
-            # A PREPARE inside a transaction would vanish with its rollback: run these one
-            # by one this time; the connection prepares them before its next transaction.
-            one_by_one = [self._rows(name, params) for name, params in statements]
-            if end is not None:
-                self._cur.execute(end)
-            return one_by_one
         if missing:
+            # A prepared statement belongs to the session: a rollback does not undo it.
             self._script_cur.execute(b";\n".join(SCRIPTED[name].prepare for name in dict.fromkeys(missing)))
             self._prepared.update(missing)
         texts = [self._script_cur.mogrify(SCRIPTED[name].execute, params).encode() for name, params in statements]
@@ -1139,6 +1133,10 @@ class PostgresStore(Store):
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
         conn.adapters.register_loader("jsonb", _RawJsonbLoader)
+        # The store prepares the statements it runs often itself (SCRIPTED). The driver's
+        # own cache must stay off: after any rollback it deallocates every prepared
+        # statement of the session, ours included, and the next batch would fail.
+        conn.prepare_threshold = None
 
     def _check(self, conn: psycopg.Connection[Any]) -> None:
         returned = self._returned_at.get(conn)
