@@ -20,9 +20,9 @@ from typing import Any
 import pykka
 
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, OutcomeUnknown, StoreUnavailable
 from bloom_runtime.engine.models import AuditEntry, new_id
-from bloom_runtime.sql.store import Op, Store, Transaction, TransientConflict
+from bloom_runtime.sql.store import Op, SessionLost, Store, Transaction, TransientConflict
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class BatchingActor(pykka.ThreadingActor):
                     try:
                         value, entries = w.op(tx)
                     except BloomError as exc:
-                        if isinstance(exc, StoreUnavailable):
+                        if isinstance(exc, (StoreUnavailable, OutcomeUnknown)):
                             raise
                         outcomes.append((w, exc, None))
                         continue
@@ -270,38 +270,66 @@ class BatchingActor(pykka.ThreadingActor):
         return committed + outcomes
 
     def _run_batch(self, batch: list[Write]) -> None:
-        try:
-            outcomes = self._attempt(batch)
-        except _PartlyDone as part:
-            self._deliver(part.done)
-            for w in part.rest:
-                self._run_single(w)
-            return
-        except StoreUnavailable as exc:
-            if len(batch) == 1 and not isinstance(exc, TransientConflict):
-                _fail(batch[0].reply, exc)
+        for attempt in (1, 2):
+            try:
+                outcomes = self._attempt(batch)
+            except _PartlyDone as part:
+                self._deliver(part.done)
+                if isinstance(part.__cause__, OutcomeUnknown):
+                    for w in part.rest:
+                        _fail(w.reply, part.__cause__)
+                    return
+                for w in part.rest:
+                    self._run_single(w)
                 return
-            # One bad write or a deadlock must not fail its neighbours: go one by one.
-            for w in batch:
-                self._run_single(w)
+            except SessionLost as exc:
+                if attempt == 1:
+                    continue  # nothing of it can have committed: once more, on another connection
+                for w in batch:
+                    _fail(w.reply, exc)
+                return
+            except OutcomeUnknown as exc:
+                for w in batch:
+                    _fail(w.reply, exc)
+                return
+            except StoreUnavailable as exc:
+                if len(batch) == 1 and not isinstance(exc, TransientConflict):
+                    _fail(batch[0].reply, exc)
+                    return
+                # One bad write or a deadlock must not fail its neighbours: go one by one.
+                for w in batch:
+                    self._run_single(w)
+                return
+            except Exception:
+                log.exception("%s: batch failed", type(self).__name__)
+                for w in batch:
+                    _fail(w.reply, StoreUnavailable("internal error while writing"))
+                return
+            self._deliver(outcomes)
             return
-        except Exception:
-            log.exception("%s: batch failed", type(self).__name__)
-            for w in batch:
-                _fail(w.reply, StoreUnavailable("internal error while writing"))
-            return
-        self._deliver(outcomes)
 
     def _run_single(self, w: Write) -> None:
-        for attempt in range(TRANSIENT_RETRIES):
+        conflicts = 0
+        session_retried = False
+        while True:
             try:
                 outcomes = self._attempt([w])
             except _PartlyDone as part:  # its one write was committed; only the tail failed
                 outcomes = part.done
             except TransientConflict:
-                time.sleep(TRANSIENT_PAUSE_S * (attempt + 1))
+                conflicts += 1
+                if conflicts >= TRANSIENT_RETRIES:
+                    _fail(w.reply, StoreUnavailable("database busy, retry"))
+                    return
+                time.sleep(TRANSIENT_PAUSE_S * conflicts)
                 continue
-            except StoreUnavailable as exc:
+            except SessionLost as exc:
+                if not session_retried:
+                    session_retried = True
+                    continue
+                _fail(w.reply, exc)
+                return
+            except (StoreUnavailable, OutcomeUnknown) as exc:
                 _fail(w.reply, exc)
                 return
             except Exception:
@@ -310,7 +338,6 @@ class BatchingActor(pykka.ThreadingActor):
                 return
             self._deliver(outcomes)
             return
-        _fail(w.reply, StoreUnavailable("database busy, retry"))
 
     def _deliver(self, outcomes: list[tuple[Write, Any, list[AuditEntry] | None]]) -> None:
         for w, value, entries in outcomes:

@@ -56,7 +56,13 @@ class ConfigError(BloomError):
 
 
 class EngineTimeout(BloomError):
-    """An actor did not answer within the ask timeout (HTTP 503)."""
+    """A write was not started within the ask timeout, and now never will be: nothing
+    changed (HTTP 503)."""
+
+
+class OutcomeUnknown(BloomError):
+    """A write was under way when its time ran out, or the database connection failed
+    while its commit was in flight: it may or may not have been applied (HTTP 504)."""
 
 
 class EngineStopped(BloomError):

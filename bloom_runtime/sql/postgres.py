@@ -36,6 +36,7 @@ import contextlib
 import functools
 import logging
 import re
+import select
 import threading
 import time
 import weakref
@@ -56,6 +57,7 @@ from bloom_runtime.engine.errors import (
     InvalidInput,
     NoCapacity,
     NotFound,
+    OutcomeUnknown,
     StaleLease,
     StoreUnavailable,
 )
@@ -96,6 +98,7 @@ from bloom_runtime.sql.store import (
     HeartbeatOp,
     Op,
     RetryDelay,
+    SessionLost,
     Store,
     Transaction,
     TransientConflict,
@@ -333,12 +336,31 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+# Server errors that end or empty the session: terminated, crashed or refusing
+# connections, and prepared statements gone (DISCARD ALL, a pooler). Class 08 too.
+_SESSION_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "26000"})
+
+
+def _session_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the session failed rather than the statement."""
+    if isinstance(exc, PoolTimeout):
+        return False
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _SESSION_SQLSTATES or sqlstate.startswith("08")
+    # No SQLSTATE: the driver itself lost the connection.
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
 def _translate(exc: BaseException, where: str) -> BloomError:
-    """Map a driver error onto our taxonomy (the caller chains the original)."""
+    """Map a driver error onto our taxonomy (the caller chains the original). Errors of
+    a message that carried a commit are classified by ``_script`` before they get here."""
     if isinstance(exc, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
         return TransientConflict(f"PostgreSQL rolled the transaction back ({_reason(exc)}); retry it")
     if isinstance(exc, PoolTimeout):
         return StoreUnavailable(f"no PostgreSQL connection available at {where} in time")
+    if _session_lost(exc):
+        return SessionLost(f"PostgreSQL at {where} lost the session: {_reason(exc)}")
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(f"PostgreSQL at {where} is unavailable: {_reason(exc)}")
     sqlstate = getattr(exc, "sqlstate", None)
@@ -417,6 +439,22 @@ def _finish_params(
         "error_message": completion.error_message,
         "metrics": _json(completion.metrics),
     }
+
+
+_OK_STATUSES = frozenset({psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK})
+
+
+class _ScriptCursor(psycopg.ClientCursor[Any]):
+    """A client-side cursor that remembers, for its last message of several statements,
+    how many completed before the one that failed (None: the driver failed before any
+    answer was read). Statements run in order and the server stops at the first error,
+    so an error answered for a statement before COMMIT proves COMMIT never ran."""
+
+    failed_at: int | None = None
+
+    def _check_results(self, results: list[Any]) -> None:
+        self.failed_at = next((i for i, r in enumerate(results) if r.status not in _OK_STATUSES), None)
+        super()._check_results(results)
 
 
 def _fetched(cur: psycopg.Cursor[Any]) -> list[Any]:
@@ -616,7 +654,7 @@ class PostgresTransaction(Transaction):
     def __init__(self, conn: psycopg.Connection[Any], where: str, prepared: set[str]) -> None:
         self._conn = conn
         self._cur = conn.cursor()
-        self._script_cur = psycopg.ClientCursor(conn)
+        self._script_cur = _ScriptCursor(conn)
         self._prepared = prepared  # the SCRIPTED statements this connection has prepared
         self._where = where
         # BEGIN goes out with the first statement, and the audit entries, the NOTIFY
@@ -671,12 +709,26 @@ class PostgresTransaction(Transaction):
             parts = (head if n == 0 else []) + message + (tail if n == len(messages) - 1 else [])
             if not parts:
                 continue
+            # Where this message commits, if it does: at its COMMIT, or after its last
+            # statement when it is a transaction by itself (no BEGIN before or in it).
+            commit_at = None
+            if n == len(messages) - 1 and tail:
+                commit_at = len(parts) - 1
+            elif not self._begun and not head:
+                commit_at = len(parts)
+            cur.failed_at = None
             try:
                 cur.execute(b";\n".join(parts))
-            except psycopg.errors.InvalidSqlStatementName:
-                # The session lost its prepared statements (DISCARD ALL, a pooler):
-                # this transaction fails; the next one on this connection prepares again.
-                self._prepared.clear()
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.errors.InvalidSqlStatementName):
+                    # The session lost its prepared statements (DISCARD ALL, a pooler):
+                    # prepare them again on its next transaction.
+                    self._prepared.clear()
+                if commit_at is not None and not self._refused_before_commit(exc, cur.failed_at, commit_at):
+                    raise OutcomeUnknown(
+                        f"the connection to PostgreSQL at {self._where} failed while a commit was in flight "
+                        f"({_reason(exc)}); whether it was applied is unknown"
+                    ) from exc
                 raise
             self._begun = self._begun or bool(head)
             skip = len(head) if n == 0 else 0
@@ -685,6 +737,14 @@ class PostgresTransaction(Transaction):
                     rows.append(_fetched(cur))
                 cur.nextset()
         return rows
+
+    def _refused_before_commit(self, exc: psycopg.Error, failed_at: int | None, commit_at: int) -> bool:
+        """Whether the server's own answer proves a failed message did not commit: it
+        reported an error (a SQLSTATE, not a lost connection) for a statement before
+        the commit, or for the COMMIT itself on a session that lives on."""
+        if getattr(exc, "sqlstate", None) is None or failed_at is None:
+            return False
+        return failed_at < commit_at or not self._conn.broken
 
     def _rows(self, name: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement; its rows, or [] when it returns none."""
@@ -1138,11 +1198,23 @@ class PostgresStore(Store):
         # statement of the session, ours included, and the next batch would fail.
         conn.prepare_threshold = None
 
-    def _check(self, conn: psycopg.Connection[Any]) -> None:
+    def _live(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether a pooled connection can be used. One handed back moments ago is only
+        looked at: a terminated or closed session has left something to read on its
+        socket (its last error, or the end of the stream); others run the check query."""
+        if conn.closed or conn.broken:
+            return False
         returned = self._returned_at.get(conn)
         if returned is not None and time.monotonic() - returned < POOL_CHECK_IDLE_S:
-            return
-        ConnectionPool.check_connection(conn)
+            poll = select.poll()
+            poll.register(conn.fileno(), select.POLLIN)
+            if not poll.poll(0):
+                return True
+        try:
+            ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            return False
+        return True
 
     def _probe(self, deadline: float) -> None:
         """Connect once directly until ``deadline``, so a failure can name its reason."""
@@ -1174,7 +1246,6 @@ class PostgresStore(Store):
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 open=False,
-                check=self._check,
                 configure=self._configure,
                 # Autocommit: a read is one round trip; writes open `conn.transaction()`.
                 kwargs={"connect_timeout": self._connect_timeout, "autocommit": True},
@@ -1199,13 +1270,24 @@ class PostgresStore(Store):
         pool = self._pool
         if pool is None:
             raise StoreUnavailable("the PostgreSQL store is not open")
-        with pool.connection() as conn:
-            try:
-                yield conn
-            finally:
-                # Not the pool's reset hook: with one, the pool returns every connection
-                # through its worker thread.
-                self._returned_at[conn] = time.monotonic()
+        # Dead connections (the server restarted, or terminated their sessions) are
+        # dropped here rather than by the pool's check, which pauses a second or more
+        # after each failed one; the pool opens replacements in the background.
+        for _ in range(self._pool_max + 1):
+            conn = pool.getconn()
+            if self._live(conn):
+                break
+            conn.close()
+            pool.putconn(conn)
+        else:
+            raise StoreUnavailable(f"no live PostgreSQL connection to {self._where}")
+        try:
+            yield conn
+        finally:
+            # Not the pool's reset hook: with one, the pool returns every connection
+            # through its worker thread.
+            self._returned_at[conn] = time.monotonic()
+            pool.putconn(conn)
 
     @_translating
     def migrate(self) -> list[str]:
@@ -1272,13 +1354,23 @@ class PostgresStore(Store):
 
     # --- reads ---------------------------------------------------------------
 
-    def _read_one(self, name: str, params: dict[str, Any]) -> Any:
+    def _read(self, name: str, params: dict[str, Any], fetch: Callable[[psycopg.Cursor[Any]], Any]) -> Any:
+        """Run a read; once more on another connection if the session was lost (a read
+        changes nothing, so running it twice is harmless)."""
+        try:
+            with self._conn() as conn:
+                return fetch(conn.execute(Q[name], params))
+        except psycopg.Error as exc:
+            if not _session_lost(exc):
+                raise
         with self._conn() as conn:
-            return conn.execute(Q[name], params).fetchone()
+            return fetch(conn.execute(Q[name], params))
+
+    def _read_one(self, name: str, params: dict[str, Any]) -> Any:
+        return self._read(name, params, psycopg.Cursor.fetchone)
 
     def _read_all(self, name: str, params: dict[str, Any]) -> list[Any]:
-        with self._conn() as conn:
-            return conn.execute(Q[name], params).fetchall()
+        return self._read(name, params, psycopg.Cursor.fetchall)
 
     @_translating
     def get_task(self, task_id: str) -> Task:

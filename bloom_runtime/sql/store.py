@@ -11,9 +11,11 @@ Contract for every write operation:
   ``NotFound`` / ``Conflict`` / ``StaleLease`` / ``NoCapacity`` when the state
   forbids it, **leaving nothing written** (so the surrounding transaction stays
   usable for the next operation in the batch);
-- driver errors are translated to ``StoreUnavailable`` (connection problems) or
-  ``TransientConflict`` (deadlock / serialisation failure: retry the operation
-  in a new transaction), original on ``__cause__``.
+- driver errors are translated to ``StoreUnavailable`` (nothing was applied),
+  ``SessionLost`` (the connection failed before anything could commit: retry on
+  another connection), ``TransientConflict`` (deadlock / serialisation failure:
+  retry in a new transaction) or ``OutcomeUnknown`` (the connection failed while
+  the commit was in flight), original on ``__cause__``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bloom_runtime.engine.errors import BloomError, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, OutcomeUnknown, StoreUnavailable
 from bloom_runtime.engine.models import (
     Artifact,
     AuditEntry,
@@ -52,6 +54,11 @@ RetryDelay = Callable[[int], int]
 
 class TransientConflict(StoreUnavailable):
     """A deadlock or serialisation failure: the transaction was rolled back; retry it."""
+
+
+class SessionLost(StoreUnavailable):
+    """The database session failed before anything of the transaction could commit:
+    nothing was written, and the same work may run again on another connection."""
 
 
 # --- operations a transaction can apply as a set (see ``Transaction.apply``) ----------
@@ -216,7 +223,7 @@ class Transaction(abc.ABC):
         """``apply_one``'s value, or the ``BloomError`` it refused with (``StoreUnavailable`` propagates)."""
         try:
             return self.apply_one(op, now)
-        except StoreUnavailable:
+        except (StoreUnavailable, OutcomeUnknown):
             raise
         except BloomError as exc:
             return exc
@@ -393,6 +400,7 @@ __all__ = [
     "Op",
     "Result",
     "RetryDelay",
+    "SessionLost",
     "Store",
     "Transaction",
     "TransientConflict",
