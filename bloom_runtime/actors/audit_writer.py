@@ -8,7 +8,7 @@ from typing import Any
 
 import pykka
 
-from bloom_runtime.actors.base import Flush, JobHealth, Record, Tick
+from bloom_runtime.actors.base import Flush, JobHealth, Record, Tick, started
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.errors import BloomError
 from bloom_runtime.sql.store import Store
@@ -66,6 +66,9 @@ class AuditWriter(pykka.ThreadingActor):
         return sum(len(r.entries) for r in self._pending)
 
     def _flush(self) -> None:
+        # Entries whose caller gave up before they were taken are not written: that
+        # caller was told nothing changed.
+        self._pending = deque(rec for rec in self._pending if started(rec.reply))
         while self._pending:
             if self.group_commit:
                 batch, count = [], 0

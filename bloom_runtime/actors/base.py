@@ -1,11 +1,14 @@
 """What the actors share: replies, group commit, periodic ticks and job health.
 
-Callers at the edge (the engine facade) send a message carrying a
-``pykka.ThreadingFuture`` and block on it with a timeout; actors never block on
-each other. A ``BatchingActor`` gathers the write messages waiting in its inbox
-and runs them in one transaction, then hands the audit entries and the replies
-to the ``AuditWriter``, which answers the callers once their entries are
-committed.
+Callers at the edge (the engine facade) send a message carrying a ``Reply``
+and block on it until its deadline; actors never block on each other. A
+``BatchingActor`` gathers the write messages waiting in its inbox and runs them
+in one transaction, audit entries included, then answers the callers.
+
+A write runs only if the actor starts it before its caller gives up: the two
+race for the ``Reply``, and whichever comes first decides. A caller whose time
+ran out on a write that never started says so for certain (nothing changed);
+one that ran out on a write under way cannot know its outcome.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import pykka
 
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, OutcomeUnknown, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreUnavailable
 from bloom_runtime.engine.models import AuditEntry, new_id
 from bloom_runtime.sql.store import Op, SessionLost, Store, Transaction, TransientConflict
 
@@ -28,6 +31,49 @@ log = logging.getLogger(__name__)
 
 TRANSIENT_RETRIES = 3
 TRANSIENT_PAUSE_S = 0.005  # grows linearly per retry after a deadlock
+
+
+_REPLY_LOCK = threading.Lock()  # held for a state check only; shared by every Reply
+
+
+class Reply(pykka.ThreadingFuture):
+    """The answer to one command, and the one decision of whether it runs: the actor
+    ``start``s it, or its caller, out of time, ``abandon``s it; the first one wins.
+    ``deadline`` (``time.monotonic()``; None: none) is when the caller stops waiting;
+    past it the actor abandons the command itself rather than start it."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        super().__init__()
+        self.deadline = deadline
+        self._state: str | None = None  # "started" or "abandoned", once decided
+
+    def start(self) -> bool:
+        """Claim the command for running; False if it was abandoned (never run it then)."""
+        with _REPLY_LOCK:
+            if self._state is None:
+                late = self.deadline is not None and time.monotonic() >= self.deadline
+                self._state = "abandoned" if late else "started"
+            return self._state == "started"
+
+    def abandon(self) -> bool:
+        """Give the command up; False if it had already started (its outcome is then unknown)."""
+        with _REPLY_LOCK:
+            if self._state is None:
+                self._state = "abandoned"
+            return self._state == "abandoned"
+
+    @property
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def started(reply: pykka.ThreadingFuture | None) -> bool:
+    """Whether a command may run: its ``Reply`` was not abandoned (plain futures always may)."""
+    return not isinstance(reply, Reply) or reply.start()
+
+
+def not_applied(name: str) -> EngineTimeout:
+    return EngineTimeout(f"{name} did not start the write before its deadline; nothing was changed")
 
 
 def audit(now: int, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None = None) -> AuditEntry:
@@ -189,6 +235,8 @@ class BatchingActor(pykka.ThreadingActor):
             return None
         if isinstance(message, Tick):
             self._flush()
+            if not started(message.reply):
+                return None  # its caller gave up; the next periodic tick does the work
             try:
                 self.on_tick(message.reply)
             except Exception as exc:  # a periodic job must never stop the actor
@@ -270,7 +318,12 @@ class BatchingActor(pykka.ThreadingActor):
         return committed + outcomes
 
     def _run_batch(self, batch: list[Write]) -> None:
+        batch = [w for w in batch if started(w.reply)]
         for attempt in (1, 2):
+            if attempt == 2:
+                batch = self._still_awaited(batch)
+            if not batch:
+                return
             try:
                 outcomes = self._attempt(batch)
             except _PartlyDone as part:
@@ -324,11 +377,13 @@ class BatchingActor(pykka.ThreadingActor):
                 time.sleep(TRANSIENT_PAUSE_S * conflicts)
                 continue
             except SessionLost as exc:
-                if not session_retried:
-                    session_retried = True
-                    continue
-                _fail(w.reply, exc)
-                return
+                if session_retried:
+                    _fail(w.reply, exc)
+                    return
+                if not self._still_awaited([w]):
+                    return
+                session_retried = True
+                continue
             except (StoreUnavailable, OutcomeUnknown) as exc:
                 _fail(w.reply, exc)
                 return
@@ -338,6 +393,17 @@ class BatchingActor(pykka.ThreadingActor):
                 return
             self._deliver(outcomes)
             return
+
+    def _still_awaited(self, batch: list[Write]) -> list[Write]:
+        """The writes whose callers still wait; the others, which provably did not
+        commit, are answered "not applied" and not run again."""
+        awaited = []
+        for w in batch:
+            if isinstance(w.reply, Reply) and w.reply.overdue:
+                _fail(w.reply, not_applied(type(self).__name__))
+            else:
+                awaited.append(w)
+        return awaited
 
     def _deliver(self, outcomes: list[tuple[Write, Any, list[AuditEntry] | None]]) -> None:
         for w, value, entries in outcomes:

@@ -24,7 +24,7 @@ import pykka
 
 from bloom_runtime import __version__
 from bloom_runtime.actors.audit_writer import AuditWriter
-from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
+from bloom_runtime.actors.base import JobHealth, Record, Reply, Tick, Ticker, not_applied
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
 from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
 from bloom_runtime.actors.messages import (
@@ -48,9 +48,9 @@ from bloom_runtime.engine.clock import Clock, SystemClock
 from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
-    EngineTimeout,
     InvalidInput,
     NoCapacity,
+    OutcomeUnknown,
 )
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
@@ -350,24 +350,20 @@ class Engine:
         if key is not None and slot in self._shards:
             names = self._shards[slot]
             slot = names[zlib.crc32(key.encode()) % len(names)]
-        reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
+        timeout = timeout_s or self.settings.ask_timeout_s
+        reply = Reply(time.monotonic() + timeout)
         self._slots[slot].tell(make(reply))
-        try:
-            return reply.get(timeout=timeout_s or self.settings.ask_timeout_s)
-        except pykka.Timeout:
-            raise EngineTimeout(f"{self._slots[slot].name} did not answer in time") from None
+        return _answer(reply, timeout, self._slots[slot].name)
 
     def record(self, entries: list[Any], wait: bool = True) -> None:
         """Write audit entries not tied to another write (e.g. configuration changes)."""
         if not wait:
             self._audit_sink(Record(entries))
             return
-        reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
+        timeout = self.settings.ask_timeout_s
+        reply = Reply(time.monotonic() + timeout)
         self._audit_sink(Record(entries, reply, None))
-        try:
-            reply.get(timeout=self.settings.ask_timeout_s)
-        except pykka.Timeout:
-            raise EngineTimeout("audit writer did not answer in time") from None
+        _answer(reply, timeout, "audit writer")
 
     # --- health ----------------------------------------------------------------
 
@@ -400,6 +396,23 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counts by status (tasks, leases, workers); see ``StatsCache`` for freshness."""
         return self._stats.get()
+
+
+def _answer(reply: Reply, timeout_s: float, name: str) -> Any:
+    """Wait for the reply until its deadline. Then either the write never started (and
+    now never will: nothing changed) or it was under way, and its outcome is unknown."""
+    try:
+        return reply.get(timeout=timeout_s)
+    except pykka.Timeout:
+        pass
+    if reply.abandon():
+        raise not_applied(name)
+    try:
+        return reply.get(timeout=0)  # it may have finished just now
+    except pykka.Timeout:
+        raise OutcomeUnknown(
+            f"{name} was still writing when the {timeout_s:g} s ask timeout ran out; whether it was applied is unknown"
+        ) from None
 
 
 def _pick_message(context_id: str, labels: list[str], reply: pykka.ThreadingFuture, *, fresh: bool) -> PickWorkers:
