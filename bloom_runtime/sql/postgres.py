@@ -36,7 +36,6 @@ import contextlib
 import functools
 import logging
 import re
-import select
 import threading
 import time
 import weakref
@@ -1199,17 +1198,15 @@ class PostgresStore(Store):
         conn.prepare_threshold = None
 
     def _live(self, conn: psycopg.Connection[Any]) -> bool:
-        """Whether a pooled connection can be used. One handed back moments ago is only
-        looked at: a terminated or closed session has left something to read on its
-        socket (its last error, or the end of the stream); others run the check query."""
+        """Whether a pooled connection can be used. One handed back moments ago is lent
+        as it is (a check is one more round trip on every batch and read); should its
+        session have died meanwhile, the server's answer says so and nothing is lost
+        (see ``SessionLost``)."""
         if conn.closed or conn.broken:
             return False
         returned = self._returned_at.get(conn)
         if returned is not None and time.monotonic() - returned < POOL_CHECK_IDLE_S:
-            poll = select.poll()
-            poll.register(conn.fileno(), select.POLLIN)
-            if not poll.poll(0):
-                return True
+            return True
         try:
             ConnectionPool.check_connection(conn)
         except psycopg.Error:
@@ -1287,7 +1284,12 @@ class PostgresStore(Store):
             # Not the pool's reset hook: with one, the pool returns every connection
             # through its worker thread.
             self._returned_at[conn] = time.monotonic()
+            lost = conn.broken
             pool.putconn(conn)
+            if lost:
+                # A lost session seldom comes alone (a restart, sessions terminated
+                # together): check the idle ones before the retry takes one.
+                pool.check()
 
     @_translating
     def migrate(self) -> list[str]:
