@@ -13,6 +13,7 @@ one that ran out on a write under way cannot know its outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +25,8 @@ import pykka
 
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreUnavailable
-from bloom_runtime.engine.models import AuditEntry, new_id
+from bloom_runtime.engine.models import AuditEntry
+from bloom_runtime.sql import audit_trail
 from bloom_runtime.sql.store import Op, SessionLost, Store, Transaction, TransientConflict
 
 log = logging.getLogger(__name__)
@@ -76,10 +78,7 @@ def not_applied(name: str) -> EngineTimeout:
     return EngineTimeout(f"{name} did not start the write before its deadline; nothing was changed")
 
 
-def audit(now: int, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None = None) -> AuditEntry:
-    return AuditEntry(
-        id=new_id(), timestamp=now, action=action, entity_type=entity_type, entity_id=entity_id, actor=actor, detail=detail
-    )
+audit = audit_trail.entry  # one audit entry, for writes outside the state changes
 
 
 @dataclass
@@ -97,20 +96,23 @@ class Flush:
 
 @dataclass
 class Write:
-    """A write for a ``BatchingActor``; ``reply`` receives its value once its audit
-    entries are committed, or the error.
+    """A write for a ``BatchingActor``; ``reply`` receives its value once it is committed
+    with its audit entries, or the error.
 
-    Either ``op`` runs inside the batch transaction and returns ``(value, audit
-    entries)``, or ``spec`` is an operation the batch hands to ``Transaction.apply``
-    together with the others of its kind: its result is the value, and
-    ``entries(result, now)`` words its audit entries unless the store wrote them."""
+    A state change is ``ops``: the batch hands them to ``Transaction.apply`` with the
+    other writes', and the answer is the value (``many``: the list of answers, refusals
+    as values; else the one answer, a refusal raised). The store writes the audit
+    entries of operations naming an actor; without group commit they name none, and
+    the actor words the entries for ``actor`` and sends them to the ``AuditWriter``.
+    Any other write is ``run``, which returns ``(value, audit entries)``."""
 
-    op: Callable[[Transaction], tuple[Any, list[AuditEntry]]] | None
+    run: Callable[[Transaction], tuple[Any, list[AuditEntry]]] | None
     reply: pykka.ThreadingFuture
     after: Callable[[Any], None] | None = None  # runs on success, after commit
-    key: str = ""  # the task it locks first; a batch runs in key order so batches cannot deadlock on tasks
-    spec: Op | None = None
-    entries: Callable[[Any, int], list[AuditEntry]] | None = None
+    key: str = ""  # the task it locks first; a batch runs in key order
+    ops: tuple[Op, ...] = ()
+    many: bool = False
+    actor: str = ""
 
 
 @dataclass
@@ -249,12 +251,12 @@ class BatchingActor(pykka.ThreadingActor):
         """Turn one of this actor's command messages into a ``Write``; override."""
         return None
 
-    def audit_by_store(self, actor: str, entries: int = 1) -> dict[str, Any]:
-        """The ``actor``/``audit_ids`` of an operation whose audit entries the store may
-        write itself (with group commit only: otherwise each entry has a transaction of its own)."""
-        if not self.inline_audit:
-            return {}
-        return {"actor": actor, "audit_ids": tuple(new_id() for _ in range(entries))}
+    def change(self, reply: pykka.ThreadingFuture, actor: str, *ops: Op, many: bool = False, **kw: Any) -> Write:
+        """A ``Write`` of state changes by ``actor``. With group commit the store writes
+        their audit entries; without, each entry gets a transaction of its own."""
+        if self.inline_audit:
+            ops = tuple(dataclasses.replace(op, actor=actor) for op in ops)
+        return Write(None, reply, ops=ops, many=many, actor=actor, **kw)
 
     def on_tick(self, reply: pykka.ThreadingFuture | None) -> None:
         """Periodic job; override. Answer ``reply`` (if any) when done."""
@@ -275,47 +277,47 @@ class BatchingActor(pykka.ThreadingActor):
             self._run_batch(batch)
 
     def _attempt(self, batch: list[Write]) -> list[tuple[Write, Any, list[AuditEntry] | None]]:
-        """Run the batch in one transaction; domain refusals are outcomes, not failures.
-
-        The store may commit the operations it applies as a set (with their audit
-        entries) before the rest of the batch runs: if the rest then fails, that part
-        stands and ``_PartlyDone`` says which writes are left."""
-        committed: list[tuple[Write, Any, list[AuditEntry] | None]] = []
+        """Run the batch in one transaction; return each write's value and the audit
+        entries left to record (None: it was refused, the value is the refusal)."""
         outcomes: list[tuple[Write, Any, list[AuditEntry] | None]] = []
         ordered = sorted(batch, key=_lock_order)
-        try:
-            with self.store.transaction() as tx:
-                applied = [(w, w.spec) for w in ordered if w.spec is not None]
-                if applied:
-                    now = self.clock.now_ms()
-                    results = tx.apply([spec for _, spec in applied], now, commit=True)
-                    for n, ((w, _), result) in enumerate(zip(applied, results, strict=True)):
-                        if isinstance(result, BloomError):
-                            outcome: tuple[Write, Any, list[AuditEntry] | None] = (w, result, None)
-                        else:
-                            entries = [] if n in tx.audited or w.entries is None else w.entries(result, now)
-                            outcome = (w, result, entries)
-                        (committed if n in tx.committed else outcomes).append(outcome)
-                for w in ordered:
-                    if w.op is None:
-                        continue
-                    try:
-                        value, entries = w.op(tx)
-                    except BloomError as exc:
-                        if isinstance(exc, (StoreUnavailable, OutcomeUnknown)):
-                            raise
-                        outcomes.append((w, exc, None))
-                        continue
-                    outcomes.append((w, value, entries))
-                if self.inline_audit:
-                    # The entries commit with the changes they record: neither exists without the other.
-                    tx.insert_audit([e for _, _, entries in outcomes if entries for e in entries])
-        except Exception as exc:
-            if committed:
-                done = {id(w) for w, _, _ in committed}
-                raise _PartlyDone(committed, [w for w in batch if id(w) not in done]) from exc
-            raise
-        return committed + outcomes
+        changes = [w for w in ordered if w.ops]
+        others = [w for w in ordered if not w.ops]
+        with self.store.transaction() as tx:
+            if changes:
+                now = self.clock.now_ms()
+                # Nothing else in the transaction: the store commits with the changes.
+                answers = iter(tx.apply([op for w in changes for op in w.ops], now, commit=not others))
+                for w in changes:
+                    mine = [next(answers) for _ in w.ops]
+                    outcomes.append(self._outcome(w, mine, now))
+            for w in others:
+                assert w.run is not None
+                try:
+                    value, entries = w.run(tx)
+                except BloomError as exc:
+                    if isinstance(exc, (StoreUnavailable, OutcomeUnknown)):
+                        raise
+                    outcomes.append((w, exc, None))
+                    continue
+                outcomes.append((w, value, entries))
+            if self.inline_audit and others:
+                # The entries commit with the changes they record: neither exists without the other.
+                tx.insert_audit([e for w, _, entries in outcomes if entries and not w.ops for e in entries])
+        return outcomes
+
+    def _outcome(self, w: Write, answers: list[Any], now: int) -> tuple[Write, Any, list[AuditEntry] | None]:
+        """A write's outcome from its operations' answers, and the entries still to write."""
+        entries: list[AuditEntry] = []
+        if not self.inline_audit:
+            for op, answer in zip(w.ops, answers, strict=True):
+                if not isinstance(answer, BloomError):
+                    entries += audit_trail.entries(op, answer, now, w.actor)
+        if w.many:
+            return w, answers, entries
+        if isinstance(answers[0], BloomError):
+            return w, answers[0], None
+        return w, answers[0], entries
 
     def _run_batch(self, batch: list[Write]) -> None:
         batch = [w for w in batch if started(w.reply)]
@@ -326,15 +328,6 @@ class BatchingActor(pykka.ThreadingActor):
                 return
             try:
                 outcomes = self._attempt(batch)
-            except _PartlyDone as part:
-                self._deliver(part.done)
-                if isinstance(part.__cause__, OutcomeUnknown):
-                    for w in part.rest:
-                        _fail(w.reply, part.__cause__)
-                    return
-                for w in part.rest:
-                    self._run_single(w)
-                return
             except SessionLost as exc:
                 if attempt == 1:
                     continue  # nothing of it can have committed: once more, on another connection
@@ -367,8 +360,6 @@ class BatchingActor(pykka.ThreadingActor):
         while True:
             try:
                 outcomes = self._attempt([w])
-            except _PartlyDone as part:  # its one write was committed; only the tail failed
-                outcomes = part.done
             except TransientConflict:
                 conflicts += 1
                 if conflicts >= TRANSIENT_RETRIES:
@@ -419,15 +410,6 @@ class BatchingActor(pykka.ThreadingActor):
                 self._audit_sink(Record(entries, w.reply, value))
             else:
                 w.reply.set(value)
-
-
-class _PartlyDone(Exception):
-    """A batch failed after the store had committed some of its writes."""
-
-    def __init__(self, done: list[tuple[Write, Any, list[AuditEntry] | None]], rest: list[Write]) -> None:
-        super().__init__(f"{len(done)} writes committed, {len(rest)} left")
-        self.done = done
-        self.rest = rest
 
 
 def _lock_order(w: Write) -> str:

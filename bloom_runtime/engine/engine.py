@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import pykka
 
@@ -32,7 +32,7 @@ from bloom_runtime.actors.messages import (
     CancelTask,
     ClaimNext,
     CompleteTask,
-    CreateTask,
+    CreateTasks,
     FailLease,
     Heartbeat,
     PickWorkers,
@@ -84,6 +84,8 @@ T = TypeVar("T")
 WATCHDOG_INTERVAL_S = 1.0
 AUDIT_RETRY_INTERVAL_S = 0.5
 MAX_CLAIM_WAIT_S = 30.0
+MAX_CLAIM_TASKS = 32  # a worker's capacity is at most 32 (Capabilities.max_concurrency)
+MAX_CREATE_BATCH = 1000  # tasks one create_many (one transaction) takes
 # A claimer re-checks at least this often, so tasks whose retry backoff ends
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0
@@ -436,9 +438,30 @@ class TaskService(_Service):
         new = validate(new)
         # Creates with one idempotency key share a shard, so they serialise in-process.
         key = new.idempotency_key or new_id()
-        task, created = self._engine.call("queue", lambda r: CreateTask(new, actor, r), key=key)
+        task, created = self._engine.call("queue", lambda r: CreateTasks([new], actor, r), key=key)
         self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
         return task, created
+
+    def create_many(self, news: Sequence[NewTask], actor: str = "api") -> builtins.list[tuple[Task, bool]]:
+        """Queue up to ``MAX_CREATE_BATCH`` tasks in one transaction; for each, in order, the
+        task and whether it is new (False: its idempotency key was used before, by an
+        earlier call or earlier in this list). All are validated before any is queued."""
+        if not 1 <= len(news) <= MAX_CREATE_BATCH:
+            raise InvalidInput(f"a batch holds 1 to {MAX_CREATE_BATCH} tasks")
+        checked = []
+        for n, new in enumerate(news):
+            try:
+                checked.append(validate(new))
+            except InvalidInput as exc:
+                raise InvalidInput(f"task {n}: {exc.message}", index=n) from None
+        key = next((t.idempotency_key for t in checked if t.idempotency_key), None) or new_id()
+        answers = self._engine.call("queue", lambda r: CreateTasks(checked, actor, r, many=True), key=key)
+        for answer in answers:
+            if isinstance(answer, BloomError):
+                raise answer  # only an id already taken, which fresh ids never are
+        for task, _ in answers:
+            self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
+        return answers
 
     def get(self, task_id: str) -> Task:
         return self._engine.store.get_task(task_id)
@@ -460,7 +483,9 @@ class TaskService(_Service):
         return self._engine.call("queue", lambda r: RequeueTask(task_id, actor, r), key=task_id)
 
     def cancel(self, task_id: str, actor: str = "api") -> Task:
-        return self._engine.call("queue", lambda r: CancelTask(task_id, actor, r), key=task_id)
+        """queued/leased/running → cancelled; the lease it held is released."""
+        task, _released = self._engine.call("queue", lambda r: CancelTask(task_id, actor, r), key=task_id)
+        return task
 
     def result(self, task_id: str) -> Result:
         self._engine.store.get_task(task_id)  # 404 for an unknown task, not just "no result"
@@ -510,28 +535,50 @@ class LeaseService(_Service):
                     raise  # the routing snapshot was current: the fleet really is full
         raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
 
+    @overload
     def claim(
-        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None
-    ) -> LeaseGrant | None:
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None,
+        max_tasks: None = None,
+    ) -> LeaseGrant | None: ...
+
+    @overload
+    def claim(
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None,
+        *, max_tasks: int,
+    ) -> builtins.list[LeaseGrant]: ...
+
+    def claim(
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None,
+        max_tasks: int | None = None,
+    ) -> LeaseGrant | builtins.list[LeaseGrant] | None:
         """Lease the oldest task this worker can take, waiting up to ``wait_seconds`` for one.
 
-        Counts as the worker's heartbeat. Returns ``None`` if nothing arrived in time."""
+        With ``max_tasks``, lease up to that many (and up to the worker's free capacity)
+        in one transaction, oldest first, and answer the list (empty if nothing arrived
+        in time). Counts as the worker's heartbeat. Without, the one grant or ``None``."""
         engine = self._engine
         if isinstance(wait_seconds, bool) or not isinstance(wait_seconds, (int, float)) or not 0 <= wait_seconds <= MAX_CLAIM_WAIT_S:
             raise InvalidInput(f"wait_seconds must be between 0 and {MAX_CLAIM_WAIT_S:g}")
+        if max_tasks is not None and (isinstance(max_tasks, bool) or not isinstance(max_tasks, int)
+                                      or not 1 <= max_tasks <= MAX_CLAIM_TASKS):
+            raise InvalidInput(f"max_tasks must be an integer between 1 and {MAX_CLAIM_TASKS}")
         ttl = check_ttl(ttl_seconds)
+        want = max_tasks or 1
         deadline = time.monotonic() + wait_seconds
         while True:
             seen = engine.wakeup.generation
-            grant = engine.call("leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r), key=worker_id)
-            if grant is not None:
-                return grant
+            grants = engine.call(
+                "leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r, want), key=worker_id
+            )
+            if grants:
+                return grants if max_tasks is not None else grants[0]
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not engine.running:
-                return None
+                break
             engine.wakeup.wait(seen, min(remaining, CLAIM_RECHECK_S))
             if not engine.running:
-                return None  # shutting down: the poll ends empty, not with an error
+                break  # shutting down: the poll ends empty, not with an error
+        return [] if max_tasks is not None else None
 
     def heartbeat(self, task_id: str, fence: Fence = Fence(), actor: str | None = None) -> tuple[Task, Lease]:
         """Renew the task's active lease (now + TTL) and move the task to running."""

@@ -23,7 +23,8 @@ class ClaimWakeup:
         with self._cond:
             return self._generation
 
-    def notify(self) -> None:
+    def notify(self, count: int | None = None) -> None:
+        """Tasks became claimable (``count`` of them; None: an unknown number)."""
         with self._cond:
             self._generation += 1
             self._cond.notify_all()

@@ -1,112 +1,56 @@
 """The PostgreSQL store: psycopg 3, a connection pool, every statement by name.
 
-Several engine processes may share one database, so every transition is a short
-transaction of conditional statements under row locks.
-
-Lock order (one operation takes its row locks in this order, never backwards):
-
-    task row  ->  worker rows (ascending id)  ->  lease rows
-
-- Every task transition (acquire_lease, heartbeat, complete, fail_lease, cancel)
-  starts with ``lock_task`` (``SELECT ... FOR UPDATE``); its later statements run
-  in a fresh READ COMMITTED snapshot taken after the lock, so they see everything
-  the previous holder committed. Lease rows are only written by a holder of their
-  task's lock, so the lease statements never wait.
-- acquire_lease: task -> candidate workers (``lock_workers``, ascending id, so two
-  acquirers with overlapping candidate lists cannot cross) -> lease insert.
-- heartbeat: task -> lease -> worker (the worker update runs last in its statement).
-- claim_next: worker -> tasks with ``FOR UPDATE SKIP LOCKED``. This is the one
-  operation that takes a worker before a task, and it is safe because it never
-  *waits* for a task lock: an edge worker->task cannot close a cycle.
-- expire_due: tasks with ``SKIP LOCKED`` (never waits) -> leases.
-- requeue: the task row only. mark_stale_workers_offline and lock_workers lock
-  workers in ascending id; set_settings locks settings keys in sorted order.
-- Worker capacity is exact because every lease insert for a worker happens under
-  that worker's row lock, and the count is taken in a statement after the lock.
-
-The order holds within one operation. A transaction that batches several
-operations holds earlier locks while taking later ones, so two processes batching
-the same rows in different orders can deadlock; PostgreSQL aborts one, which
-surfaces as ``TransientConflict`` (retry the batch).
+This module holds the store's lifecycle (pool, migrations), its reads and the
+cross-process wake-ups; writes go through ``PostgresTransaction`` (see
+``pg_transaction.py`` for the write path and its lock order).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-import msgspec
 import psycopg
-import psycopg.errors
-from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from bloom_runtime.engine.errors import (
-    BloomError,
-    ConfigError,
-    Conflict,
-    InvalidInput,
-    NoCapacity,
-    NotFound,
-    OutcomeUnknown,
-    StaleLease,
-    StoreUnavailable,
-)
+from bloom_runtime.engine.errors import ConfigError, InvalidInput, NotFound, StoreUnavailable
 from bloom_runtime.engine.models import (
-    CANCELLABLE,
-    DEFAULT_TIMEOUT_SEC,
-    HOLDING_LEASE,
-    LEASE_GRACE_S,
     LEASE_STATUSES,
-    MAX_ATTEMPTS_LIMIT,
     TASK_STATUSES,
     WORKER_STATUSES,
-    Artifact,
-    AuditEntry,
-    Capabilities,
-    Completion,
-    CompletionOutcome,
-    Expiry,
-    Fence,
     Lease,
-    LeaseGrant,
-    NewTask,
     Page,
-    Policy,
     Result,
     Task,
     Worker,
-    WorkerUpsert,
 )
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
-from bloom_runtime.sql.queries import load
-from bloom_runtime.sql.store import (
-    MAX_PAGE,
-    AcquireOp,
-    CompleteOp,
-    CreateOp,
-    HeartbeatOp,
-    Op,
-    RetryDelay,
-    SessionLost,
-    Store,
-    Transaction,
-    TransientConflict,
-    artifact_content,
+from bloom_runtime.sql.pg_errors import reason as _reason
+from bloom_runtime.sql.pg_errors import session_lost as _session_lost
+from bloom_runtime.sql.pg_errors import translate as _translate
+from bloom_runtime.sql.pg_errors import translating as _translating
+from bloom_runtime.sql.pg_messages import Q
+from bloom_runtime.sql.pg_records import (
+    RawJsonbLoader,
+    artifact_record,
+    audit_record,
+    lease_record,
+    result_record,
+    task_record,
+    to_json,
+    worker_row,
 )
+from bloom_runtime.sql.pg_transaction import PostgresTransaction
+from bloom_runtime.sql.store import MAX_PAGE, Store
 
 log = logging.getLogger(__name__)
-
-Q: dict[str, str] = load("postgres")
 
 NOTIFY_CHANNEL = "bloom_tasks"
 POOL_GETCONN_TIMEOUT_S = 10.0  # how long a caller waits for a free pooled connection
@@ -117,507 +61,6 @@ OPEN_RETRY_INITIAL_S = 0.05  # first pause between connection attempts in open()
 OPEN_RETRY_MAX_S = 1.0
 # First page of a keyset listing: every real row sorts below this bound.
 _FIRST_PAGE = (2**63 - 1, "")
-DEFAULT_ARTIFACT_TYPE = "llm_output"
-
-# --- statements sent several to a message ---------------------------------------
-#
-# A message of several statements cannot carry bound parameters, so these run as
-# EXECUTE of statements prepared once per connection, their arguments quoted by psycopg:
-# one round trip for the lot, and no re-planning.
-
-_SCRIPT_PARAM_TYPES = {"now": "bigint", "rows": "json", "ids": "text[]", "default_timeout": "integer", "grace": "integer"}
-_PARAM = re.compile(r"%\((\w+)\)s")
-
-
-class _Scripted(NamedTuple):
-    prepare: bytes  # PREPARE bloom_<name> (types) AS <statement with $n>
-    execute: str  # EXECUTE bloom_<name>(%(param)s, ...), for client-side binding
-
-
-def _scripted(name: str) -> _Scripted:
-    order: list[str] = []
-
-    def positional(m: re.Match[str]) -> str:
-        if m.group(1) not in order:
-            order.append(m.group(1))
-        return f"${order.index(m.group(1)) + 1}"
-
-    body = _PARAM.sub(positional, Q[name])
-    types = ", ".join(_SCRIPT_PARAM_TYPES[p] for p in order)
-    server = f"bloom_{name}"
-    prepare = f"PREPARE {server}" + (f" ({types})" if order else "") + f" AS {body}"
-    execute = f"EXECUTE {server}" + ("(" + ", ".join(f"%({p})s" for p in order) + ")" if order else "")
-    return _Scripted(prepare.encode(), execute)
-
-
-SCRIPTED = {
-    name: _scripted(name)
-    for name in (
-        "create_tasks", "lock_tasks", "lock_workers", "grant_leases", "renew_leases", "finish_tasks",
-        "insert_audit", "notify_tasks",
-    )
-}
-
-# --- decoding rows into records -----------------------------------------------
-#
-# JSONB columns arrive as raw bytes (see _RawJsonbLoader) and are decoded straight
-# into their typed field by msgspec: one C call per field, no dict in between.
-
-class _StoredPolicy(msgspec.Struct):
-    """What a stored policy holds, without the request-time limits: reads stay lenient
-    (rows written by the first version, or before a limit changed, still load)."""
-
-    timeout_sec: int = DEFAULT_TIMEOUT_SEC
-    budget: float = 0
-
-
-class _StoredCapabilities(msgspec.Struct):
-    claude_cli: bool = True
-    max_concurrency: int = 1
-    labels: list[str] = []
-
-
-_strs = msgspec.json.Decoder(list[str]).decode
-_policy_dec = msgspec.json.Decoder(_StoredPolicy).decode
-_caps_dec = msgspec.json.Decoder(_StoredCapabilities).decode
-
-
-def _policy(raw: bytes) -> Policy:
-    p = _policy_dec(raw)
-    return Policy(timeout_sec=p.timeout_sec, budget=p.budget)
-
-
-def _caps(raw: bytes) -> Capabilities:
-    c = _caps_dec(raw)
-    return Capabilities(claude_cli=c.claude_cli, max_concurrency=c.max_concurrency, labels=c.labels)
-
-
-_obj = msgspec.json.Decoder(dict[str, Any]).decode
-_encode = msgspec.json.Encoder().encode
-
-
-def _json(value: Any) -> str:
-    return _encode(value).decode()
-
-
-class _RawJsonbLoader(Loader):
-    """Hand JSONB over as bytes; the record builders decode it with its type."""
-
-    def load(self, data: Any) -> bytes:
-        return bytes(data)
-
-
-def _task(r: Sequence[Any], o: int = 0) -> Task:
-    return Task(
-        id=r[o],
-        context_id=r[o + 1],
-        agent_slug=r[o + 2],
-        prompt=r[o + 3],
-        context_hints=_strs(r[o + 4]),
-        policy=_policy(r[o + 5]),
-        desired_format=r[o + 6],
-        status=r[o + 7],
-        created_at=r[o + 8],
-        updated_at=r[o + 9],
-        lease_id=r[o + 10],
-        worker_id=r[o + 11],
-        attempts=r[o + 12],
-        max_attempts=r[o + 13],
-        labels=_strs(r[o + 14]),
-        not_before=r[o + 15],
-        idempotency_key=r[o + 16],
-    )
-
-
-_TASK_N = 17
-
-
-def _lease(r: Sequence[Any], o: int = 0) -> Lease:
-    return Lease(
-        id=r[o],
-        task_id=r[o + 1],
-        worker_id=r[o + 2],
-        started_at=r[o + 3],
-        expires_at=r[o + 4],
-        ttl_seconds=r[o + 5],
-        status=r[o + 6],
-        last_heartbeat=r[o + 7],
-        context_id=r[o + 8],
-    )
-
-
-_LEASE_N = 9
-
-
-def _worker(r: Sequence[Any], active: int, o: int = 0) -> Worker:
-    return Worker(
-        id=r[o],
-        node_id=r[o + 1],
-        url=r[o + 2],
-        status=r[o + 3],
-        capabilities=_caps(r[o + 4]),
-        last_heartbeat=r[o + 5],
-        ip_addrs=_strs(r[o + 6]),
-        obs_count=r[o + 7],
-        db_sha=r[o + 8],
-        registered_at=r[o + 9],
-        active_leases=active,
-        agent_version=r[o + 10],
-        os_info=r[o + 11],
-        install_method=r[o + 12],
-        source=r[o + 13],
-    )
-
-
-_WORKER_N = 14  # stored columns; the active-lease count follows them
-
-
-def _worker_row(r: Sequence[Any]) -> Worker:
-    return _worker(r, r[_WORKER_N])
-
-
-def _artifact(r: Sequence[Any], o: int = 0) -> Artifact:
-    return Artifact(
-        id=r[o],
-        task_id=r[o + 1],
-        job_id=r[o + 2],
-        type=r[o + 3],
-        created_at=r[o + 4],
-        finalized=r[o + 5],
-        url=r[o + 6],
-        entity_refs=_strs(r[o + 7]),
-        tags=_strs(r[o + 8]),
-        content=r[o + 9],
-    )
-
-
-_ARTIFACT_N = 10
-
-
-def _result(r: Sequence[Any], o: int = 0) -> Result:
-    return Result(
-        id=r[o],
-        task_id=r[o + 1],
-        worker_id=r[o + 2],
-        artifact_id=r[o + 3],
-        status=r[o + 4],
-        output=r[o + 5],
-        error_message=r[o + 6],
-        metrics=_obj(r[o + 7]),
-        completed_at=r[o + 8],
-    )
-
-
-_RESULT_N = 9
-
-
-def _audit(r: Sequence[Any]) -> AuditEntry:
-    return AuditEntry(
-        id=r[0], timestamp=r[1], action=r[2], entity_type=r[3], entity_id=r[4], actor=r[5], detail=r[6]
-    )
-
-
-# --- errors -------------------------------------------------------------------
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying what went wrong, without SQL text."""
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    text = primary or str(exc) or type(exc).__name__
-    # Connection errors repeat the target before the reason; the caller names it already.
-    for prefix in ("connection failed: ",):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    if " failed: " in text and text.startswith("connection to server"):
-        text = text.split(" failed: ", 1)[1]
-    text = text.replace("FATAL:  ", "")
-    return " ".join(text.split())
-
-
-# Server errors that end or empty the session: terminated, crashed or refusing
-# connections, and prepared statements gone (DISCARD ALL, a pooler). Class 08 too.
-_SESSION_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "26000"})
-
-
-def _session_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the session failed rather than the statement."""
-    if isinstance(exc, PoolTimeout):
-        return False
-    sqlstate = getattr(exc, "sqlstate", None)
-    if sqlstate is not None:
-        return sqlstate in _SESSION_SQLSTATES or sqlstate.startswith("08")
-    # No SQLSTATE: the driver itself lost the connection.
-    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
-
-
-def _translate(exc: BaseException, where: str) -> BloomError:
-    """Map a driver error onto our taxonomy (the caller chains the original). Errors of
-    a message that carried a commit are classified by ``_script`` before they get here."""
-    if isinstance(exc, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
-        return TransientConflict(f"PostgreSQL rolled the transaction back ({_reason(exc)}); retry it")
-    if isinstance(exc, PoolTimeout):
-        return StoreUnavailable(f"no PostgreSQL connection available at {where} in time")
-    if _session_lost(exc):
-        return SessionLost(f"PostgreSQL at {where} lost the session: {_reason(exc)}")
-    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
-        return StoreUnavailable(f"PostgreSQL at {where} is unavailable: {_reason(exc)}")
-    sqlstate = getattr(exc, "sqlstate", None)
-    return StoreUnavailable(
-        f"PostgreSQL at {where} failed: {_reason(exc)}" + (f" (sqlstate {sqlstate})" if sqlstate else "")
-    )
-
-
-def _translating(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Translate driver errors raised by a store or transaction method."""
-
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        except psycopg.Error as exc:
-            raise _translate(exc, self._where) from exc
-        except msgspec.DecodeError as exc:
-            raise StoreUnavailable(f"PostgreSQL at {self._where} holds a malformed JSON value: {exc}") from exc
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__qualname__ = fn.__qualname__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
-def _check_fence(task: Task, fence: Fence) -> None:
-    """The stale-lease rule shared by heartbeat and complete (NotFound checked before)."""
-    if task.status not in HOLDING_LEASE:
-        if fence.lease_id is not None:
-            # A late callback for a lease that has already ended.
-            raise StaleLease("lease is no longer active", task_id=task.id, lease_id=fence.lease_id)
-        raise Conflict(f"task is {task.status}, it holds no lease", task_id=task.id, status=task.status)
-    if fence.lease_id is not None and fence.lease_id != task.lease_id:
-        raise StaleLease("lease is not the task's active lease", task_id=task.id, lease_id=fence.lease_id)
-    if fence.worker_id is not None and fence.worker_id != task.worker_id:
-        raise StaleLease("worker does not hold the task's lease", task_id=task.id, worker_id=fence.worker_id)
-
-
-def _check_leasable(task: Task, now: int) -> None:
-    if task.status != "queued":
-        raise Conflict(f"task is {task.status}, not queued", task_id=task.id, status=task.status)
-    if task.not_before is not None and task.not_before > now:
-        raise Conflict("task is waiting for its retry backoff", task_id=task.id, not_before=task.not_before)
-    if task.attempts >= task.max_attempts:
-        raise Conflict("task has no attempts left", task_id=task.id)
-
-
-def _finish_params(
-    task: Task, completion: Completion, result_id: str, artifact_id: str, retry_delay: RetryDelay, now: int
-) -> dict[str, Any]:
-    """What finishing ``task`` (locked, fence checked) with ``completion`` writes."""
-    not_before = None
-    if completion.status == "success":
-        status = "completed"
-    elif completion.retryable and task.attempts < task.max_attempts:
-        status = "queued"
-        not_before = now + retry_delay(task.attempts)
-    else:
-        status = "failed"
-    keep = status == "completed"  # a completed task keeps who ran it, for the record
-    return {
-        "task_id": task.id,
-        "lease_id": task.lease_id,
-        "status": status,
-        "not_before": not_before,
-        "keep_lease_id": task.lease_id if keep else None,
-        "keep_worker_id": task.worker_id if keep else None,
-        "artifact_id": artifact_id,
-        "artifact_type": completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
-        "tags": _json(completion.artifact_tags),
-        "content": artifact_content(completion),
-        "result_id": result_id,
-        "worker_id": task.worker_id,
-        "result_status": completion.status,
-        "output": completion.output,
-        "error_message": completion.error_message,
-        "metrics": _json(completion.metrics),
-    }
-
-
-_OK_STATUSES = frozenset({psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK})
-
-
-class _ScriptCursor(psycopg.ClientCursor[Any]):
-    """A client-side cursor that remembers, for its last message of several statements,
-    how many completed before the one that failed (None: the driver failed before any
-    answer was read). Statements run in order and the server stops at the first error,
-    so an error answered for a statement before COMMIT proves COMMIT never ran."""
-
-    failed_at: int | None = None
-
-    def _check_results(self, results: list[Any]) -> None:
-        self.failed_at = next((i for i, r in enumerate(results) if r.status not in _OK_STATUSES), None)
-        super()._check_results(results)
-
-
-def _fetched(cur: psycopg.Cursor[Any]) -> list[Any]:
-    """The rows of the cursor's current result; [] for a statement that returns none."""
-    result = cur.pgresult
-    return cur.fetchall() if result is not None and result.nfields else []
-
-
-class _TaskState(NamedTuple):
-    """A task row as ``lock_tasks`` returns it: enough to say why an operation was refused."""
-
-    id: str
-    status: str
-    lease_id: str | None
-    worker_id: str | None
-    not_before: int | None
-    attempts: int
-    max_attempts: int
-
-
-def _refusal(task_id: str, locked: dict[str, _TaskState], check: Callable[[Any], None]) -> BloomError | None:
-    """Why a set statement left an operation out: the task is missing or ``check`` refuses
-    it. None: it passes the check (the caller names what else went wrong)."""
-    task = locked.get(task_id)
-    if task is None:
-        return NotFound("task not found", task_id=task_id)
-    try:
-        check(task)
-    except BloomError as exc:
-        return exc
-    return None
-
-
-# Rows for the set statements, encoded as one JSON array each (see queries/postgres.sql).
-
-
-def _audit_fields(op: Op) -> dict[str, Any]:
-    """Who acted and the ids of the audit entries the statement writes for ``op``
-    (none without an actor)."""
-    if op.actor is None:
-        return {"actor": None}
-    ids = op.audit_ids
-    return {"actor": op.actor, "audit_id": ids[0], "audit_id2": ids[1] if len(ids) > 1 else None}
-
-
-def _create_rows(ops: Sequence[CreateOp], now: int) -> dict[str, Any]:
-    rows = [
-        {
-            "id": op.task_id,
-            "context_id": op.new.context_id,
-            "agent_slug": op.new.agent_slug,
-            "prompt": op.new.prompt,
-            "context_hints": op.new.context_hints,
-            "policy": op.new.policy,
-            "desired_format": op.new.desired_format,
-            "max_attempts": op.new.max_attempts,
-            "labels": op.new.labels,
-            "idempotency_key": op.new.idempotency_key,
-            **_audit_fields(op),
-        }
-        for op in ops
-    ]
-    return {"rows": _json(rows), "now": now}
-
-
-def _grant_rows(ops: Sequence[AcquireOp], now: int) -> dict[str, Any]:
-    rows = [
-        {
-            "ord": n,
-            "task_id": op.task_id,
-            "lease_id": op.lease_id,
-            "worker_id": op.worker_ids[0],
-            "ttl": op.ttl_seconds,
-            **_audit_fields(op),
-        }
-        for n, op in enumerate(ops)
-    ]
-    return {"rows": _json(rows), "default_timeout": DEFAULT_TIMEOUT_SEC, "grace": LEASE_GRACE_S, "now": now}
-
-
-def _renew_rows(ops: Sequence[HeartbeatOp], now: int) -> dict[str, Any]:
-    rows = [
-        {
-            "task_id": op.task_id,
-            "fence_lease_id": op.fence.lease_id,
-            "fence_worker_id": op.fence.worker_id,
-            **_audit_fields(op),
-        }
-        for op in ops
-    ]
-    return {"rows": _json(rows), "now": now}
-
-
-def _retry_delays(op: CompleteOp) -> list[int] | None:
-    """The wait before a retry after each possible number of attempts, which the
-    statement indexes by the task's attempts; None when no retry can follow."""
-    c = op.completion
-    if c.status == "success" or not c.retryable:
-        return None
-    return [op.retry_delay(n) for n in range(MAX_ATTEMPTS_LIMIT + 1)]
-
-
-def _finish_rows(ops: Sequence[CompleteOp], now: int) -> dict[str, Any]:
-    rows = [
-        {
-            "task_id": op.task_id,
-            "fence_lease_id": op.fence.lease_id,
-            "fence_worker_id": op.fence.worker_id,
-            "retryable": op.completion.retryable,
-            "delays": _retry_delays(op),
-            "artifact_id": op.artifact_id,
-            "artifact_type": op.completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
-            "tags": op.completion.artifact_tags,
-            "content": artifact_content(op.completion),
-            "result_id": op.result_id,
-            "result_status": op.completion.status,
-            "output": op.completion.output,
-            "error_message": op.completion.error_message,
-            "metrics": op.completion.metrics,
-            **_audit_fields(op),
-        }
-        for op in ops
-    ]
-    return {"rows": _json(rows), "now": now}
-
-
-def _completion_size(c: Completion) -> int:
-    return 2 * len(c.output or "") + 2 * len(c.error_message or "") + 256
-
-
-SET_STATEMENT_MAX_BYTES = 4 << 20  # text one set statement carries; prompts and outputs may be 1 MiB each
-SCRIPT_MAX_BYTES = 8 << 20  # text one message of several statements carries
-
-
-def _chunks(items: Iterable[int], size: Callable[[int], int]) -> Iterator[list[int]]:
-    """Split ``items`` so the text each chunk carries stays near ``SET_STATEMENT_MAX_BYTES``."""
-    chunk: list[int] = []
-    total = 0
-    for i in items:
-        n = size(i)
-        if chunk and total + n > SET_STATEMENT_MAX_BYTES:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(i)
-        total += n
-    if chunk:
-        yield chunk
-
-
-def _outcome(row: Sequence[Any]) -> CompletionOutcome:
-    """A ``finish_task(s)`` row: task, artifact, result, then the released lease (maybe null)."""
-    o = _TASK_N + _ARTIFACT_N + _RESULT_N
-    return CompletionOutcome(
-        task=_task(row),
-        artifact=_artifact(row, _TASK_N),
-        result=_result(row, _TASK_N + _ARTIFACT_N),
-        lease=_lease(row, o) if row[o] is not None else None,
-    )
-
-
-def _check_ttl(ttl_seconds: int) -> None:
-    # Checked here: a violated CHECK constraint would abort the whole transaction.
-    if ttl_seconds < 1:
-        raise InvalidInput("ttl_seconds must be at least 1", ttl_seconds=ttl_seconds)
 
 
 def _page_args(limit: int, cursor: str | None) -> dict[str, Any]:
@@ -633,514 +76,6 @@ def _page(items: list[Any], limit: int, key: Callable[[Any], int]) -> Page:
         last = items[-1]
         return Page(items=items, next_cursor=cursors.encode(key(last), last.id))
     return Page(items=items, next_cursor=None)
-
-
-# --- transactions ---------------------------------------------------------------
-
-
-# Every statement a write transaction runs finds its rows by key. On a young table
-# (empty, or grown since its last ANALYZE) the planner prices a sequential scan as
-# cheaper, and a connection's cached generic plan keeps scanning the whole table until
-# the next ANALYZE invalidates it: a batch's lock of ten tasks by id came to cost more
-# than the rest of its work. Planned with sequential scans off, they always use an index.
-BEGIN_STATEMENTS = (b"BEGIN", b"SET LOCAL enable_seqscan = off")
-BEGIN = b";\n".join(BEGIN_STATEMENTS)
-
-
-class PostgresTransaction(Transaction):
-    """Operations on one open transaction of one pooled connection."""
-
-    def __init__(self, conn: psycopg.Connection[Any], where: str, prepared: set[str]) -> None:
-        self._conn = conn
-        self._cur = conn.cursor()
-        self._script_cur = _ScriptCursor(conn)
-        self._prepared = prepared  # the SCRIPTED statements this connection has prepared
-        self._where = where
-        # BEGIN goes out with the first statement, and the audit entries, the NOTIFY
-        # (when a task became claimable) and COMMIT go out together at the end.
-        self._begun = False
-        self._audit: list[AuditEntry] = []
-        self.notify = False
-
-    def _begin(self) -> None:
-        if not self._begun:
-            self._cur.execute(BEGIN, prepare=False)  # two statements: simple protocol
-            self._begun = True
-
-    def _one(self, name: str, params: dict[str, Any]) -> Any:
-        self._begin()
-        return self._cur.execute(Q[name], params).fetchone()
-
-    def _all(self, name: str, params: dict[str, Any]) -> list[Any]:
-        self._begin()
-        return self._cur.execute(Q[name], params).fetchall()
-
-    def _script(
-        self, statements: Sequence[tuple[str, dict[str, Any]]], *, begin: bool = True, end: bytes | None = None
-    ) -> list[list[Any]]:
-        """Run named statements in as few round trips as their size allows (one message
-        each up to ``SCRIPT_MAX_BYTES``), BEGIN first if ``begin`` and not yet begun,
-        ``end`` last; return the rows of each statement. The statements run as
-        EXECUTEs of the prepared ``SCRIPTED`` ones, their arguments quoted by psycopg
-        (a message of several statements cannot carry bound parameters)."""
-        missing = [name for name, _ in statements if name not in self._prepared]
-        if missing:
-            # A prepared statement belongs to the session: a rollback does not undo it.
-            self._script_cur.execute(b";\n".join(SCRIPTED[name].prepare for name in dict.fromkeys(missing)))
-            self._prepared.update(missing)
-        texts = [self._script_cur.mogrify(SCRIPTED[name].execute, params).encode() for name, params in statements]
-        head = [] if self._begun or not begin else list(BEGIN_STATEMENTS)
-        tail = [end] if end is not None else []
-        messages: list[list[bytes]] = [[]]
-        size = 0
-        for text in texts:
-            if messages[-1] and size + len(text) > SCRIPT_MAX_BYTES:
-                messages.append([])
-                size = 0
-            messages[-1].append(text)
-            size += len(text)
-        if len(messages) > 1 and not head and not self._begun:
-            # Several messages are several implicit transactions: make them one.
-            head, tail = list(BEGIN_STATEMENTS), [b"COMMIT"]
-        rows: list[list[Any]] = []
-        cur = self._script_cur
-        for n, message in enumerate(messages):
-            parts = (head if n == 0 else []) + message + (tail if n == len(messages) - 1 else [])
-            if not parts:
-                continue
-            # Where this message commits, if it does: at its COMMIT, or after its last
-            # statement when it is a transaction by itself (no BEGIN before or in it).
-            commit_at = None
-            if n == len(messages) - 1 and tail:
-                commit_at = len(parts) - 1
-            elif not self._begun and not head:
-                commit_at = len(parts)
-            cur.failed_at = None
-            try:
-                cur.execute(b";\n".join(parts))
-            except psycopg.Error as exc:
-                if isinstance(exc, psycopg.errors.InvalidSqlStatementName):
-                    # The session lost its prepared statements (DISCARD ALL, a pooler):
-                    # prepare them again on its next transaction.
-                    self._prepared.clear()
-                if commit_at is not None and not self._refused_before_commit(exc, cur.failed_at, commit_at):
-                    raise OutcomeUnknown(
-                        f"the connection to PostgreSQL at {self._where} failed while a commit was in flight "
-                        f"({_reason(exc)}); whether it was applied is unknown"
-                    ) from exc
-                raise
-            self._begun = self._begun or bool(head)
-            skip = len(head) if n == 0 else 0
-            for k in range(len(parts)):
-                if k >= skip and k - skip < len(message):
-                    rows.append(_fetched(cur))
-                cur.nextset()
-        return rows
-
-    def _refused_before_commit(self, exc: psycopg.Error, failed_at: int | None, commit_at: int) -> bool:
-        """Whether the server's own answer proves a failed message did not commit: it
-        reported an error (a SQLSTATE, not a lost connection) for a statement before
-        the commit, or for the COMMIT itself on a session that lives on."""
-        if getattr(exc, "sqlstate", None) is None or failed_at is None:
-            return False
-        return failed_at < commit_at or not self._conn.broken
-
-    def _rows(self, name: str, params: dict[str, Any]) -> list[Any]:
-        """Run one statement; its rows, or [] when it returns none."""
-        self._begin()
-        return _fetched(self._cur.execute(Q[name], params))
-
-    def _take_audit(self) -> list[tuple[str, dict[str, Any]]]:
-        """The statement inserting the pending audit entries (none if there are none)."""
-        if not self._audit:
-            return []
-        rows, self._audit = _encode(self._audit).decode(), []
-        return [("insert_audit", {"rows": rows})]
-
-    def commit(self) -> None:
-        """Write the pending audit entries and the NOTIFY, and commit, in one message."""
-        statements = self._take_audit()
-        if self.notify:
-            statements.append(("notify_tasks", {}))
-        if not self._begun:
-            # Nothing ran yet: one message of statements is a transaction by itself.
-            if statements:
-                self._script(statements, begin=False)
-            return
-        self._script(statements, end=b"COMMIT")
-
-    def rollback(self) -> None:
-        if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            self._conn.execute(b"ROLLBACK")
-
-    def _lock_task(self, task_id: str) -> Task:
-        row = self._one("lock_task", {"id": task_id})
-        if row is None:
-            raise NotFound("task not found", task_id=task_id)
-        return _task(row)
-
-    # --- tasks ---------------------------------------------------------------
-
-    @_translating
-    def create_task(self, new: NewTask, task_id: str, now: int) -> tuple[Task, bool]:
-        row = self._one(
-            "create_task",
-            {
-                "id": task_id,
-                "context_id": new.context_id,
-                "agent_slug": new.agent_slug,
-                "prompt": new.prompt,
-                "context_hints": _json(new.context_hints),
-                "policy": _json(new.policy),
-                "desired_format": new.desired_format,
-                "now": now,
-                "max_attempts": new.max_attempts,
-                "labels": _json(new.labels),
-                "idempotency_key": new.idempotency_key,
-            },
-        )
-        if row is not None:
-            self.notify = True
-            return _task(row), True
-        # The key was used (by a committed task, or by one whose insert we just waited
-        # for: this fresh statement sees it), or the id exists.
-        if new.idempotency_key is not None:
-            row = self._one("get_task_by_idempotency_key", {"key": new.idempotency_key})
-            if row is not None:
-                return _task(row), False
-        raise Conflict("task id already exists", task_id=task_id)
-
-    @_translating
-    def acquire_lease(
-        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int | None, lease_id: str, now: int
-    ) -> LeaseGrant:
-        if ttl_seconds is not None:
-            _check_ttl(ttl_seconds)
-        task = self._lock_task(task_id)
-        _check_leasable(task, now)
-        if ttl_seconds is None:
-            ttl_seconds = task.default_ttl_seconds
-        ids = list(worker_ids)
-        locked = self._all("lock_workers", {"ids": ids})
-        if not locked:
-            if len(ids) == 1:
-                raise NotFound("worker not found", worker_id=ids[0])
-            raise NoCapacity("no worker can take the task", task_id=task_id)
-        row = self._one(
-            "grant_lease", {"ids": ids, "task_id": task_id, "lease_id": lease_id, "ttl": ttl_seconds, "now": now}
-        )
-        if row is None:
-            raise NoCapacity("no worker has free capacity", task_id=task_id)
-        o = _TASK_N + _LEASE_N
-        return LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
-
-    @_translating
-    def claim_next(self, worker_id: str, ttl_seconds: int | None, lease_id: str, now: int) -> LeaseGrant | None:
-        if ttl_seconds is not None:
-            _check_ttl(ttl_seconds)
-        wrow = self._one("claim_touch_worker", {"worker_id": worker_id, "now": now})
-        if wrow is None:
-            raise NotFound("worker not found", worker_id=worker_id)
-        row = self._one(
-            "claim_task",
-            {"worker_id": worker_id, "lease_id": lease_id, "ttl": ttl_seconds, "grace": LEASE_GRACE_S, "now": now},
-        )
-        if row is None:
-            return None
-        return LeaseGrant(
-            task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(wrow, row[_TASK_N + _LEASE_N])
-        )
-
-    @_translating
-    def heartbeat(self, task_id: str, fence: Fence, now: int) -> tuple[Task, Lease]:
-        # The usual case, an accepted heartbeat, is one statement; a refusal reads the
-        # locked task to give the same answer as the two-step path below.
-        row = self._one(
-            "heartbeat_fenced",
-            {"task_id": task_id, "fence_lease_id": fence.lease_id, "fence_worker_id": fence.worker_id, "now": now},
-        )
-        if row is not None:
-            return _task(row), _lease(row, _TASK_N)
-        task = self._lock_task(task_id)
-        _check_fence(task, fence)
-        row = self._one(
-            "renew_lease", {"task_id": task_id, "lease_id": task.lease_id, "worker_id": task.worker_id, "now": now}
-        )
-        if row is None:  # the task names a lease that is not active: nothing was written
-            raise Conflict("task's lease is not active", task_id=task_id, lease_id=task.lease_id)
-        return _task(row), _lease(row, _TASK_N)
-
-    @_translating
-    def complete(
-        self,
-        task_id: str,
-        fence: Fence,
-        completion: Completion,
-        result_id: str,
-        artifact_id: str,
-        retry_delay: RetryDelay,
-        now: int,
-    ) -> CompletionOutcome:
-        task = self._lock_task(task_id)
-        _check_fence(task, fence)
-        params = _finish_params(task, completion, result_id, artifact_id, retry_delay, now)
-        row = self._one("finish_task", {**params, "now": now})
-        if params["status"] == "queued":
-            self.notify = True
-        return _outcome(row)
-
-    # --- many at once --------------------------------------------------------
-
-    @_translating
-    def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
-        """A batch's operations in one round trip (see ``Transaction.apply``).
-
-        Each kind goes out as one set statement over JSON rows, after the tasks they
-        name are locked together in id order; the order of application is creates,
-        acquires, heartbeats, completions. Only the first operation on a task (or the
-        first create of an id) joins a set statement; repeats, creates the insert
-        skipped (a used idempotency key or id) and acquires offering several workers
-        run one by one afterwards, in list order, and see what came before them."""
-        out: list[Any] = [None] * len(ops)
-        at: Sequence[Any] = ops  # each index list below holds operations of one kind
-        creates: list[int] = []
-        acquires: list[int] = []
-        beats: list[int] = []
-        completes: list[int] = []
-        later: list[int] = []
-        seen: set[str] = set()
-        new_ids: set[str] = set()
-        for i, op in enumerate(ops):
-            if isinstance(op, CreateOp):
-                # Created rows are matched to creates by id: a repeated id waits its turn.
-                (later if op.task_id in new_ids else creates).append(i)
-                new_ids.add(op.task_id)
-                continue
-            if op.task_id in seen or (isinstance(op, AcquireOp) and len(op.worker_ids) != 1):
-                later.append(i)
-                continue
-            if isinstance(op, AcquireOp) and op.ttl_seconds is not None and op.ttl_seconds < 1:
-                out[i] = InvalidInput("ttl_seconds must be at least 1", ttl_seconds=op.ttl_seconds)
-                continue
-            seen.add(op.task_id)
-            {AcquireOp: acquires, HeartbeatOp: beats, CompleteOp: completes}[type(op)].append(i)
-
-        statements: list[tuple[str, dict[str, Any]]] = []
-        create_chunks = list(_chunks(creates, lambda i: len(at[i].new.prompt)))
-        statements += [("create_tasks", _create_rows([at[i] for i in c], now)) for c in create_chunks]
-        if seen:
-            statements.append(("lock_tasks", {"ids": sorted(seen)}))
-        if acquires:
-            statements.append(("lock_workers", {"ids": sorted({at[i].worker_ids[0] for i in acquires})}))
-            statements.append(("grant_leases", _grant_rows([at[i] for i in acquires], now)))
-        if beats:
-            statements.append(("renew_leases", _renew_rows([at[i] for i in beats], now)))
-        complete_chunks = list(_chunks(completes, lambda i: _completion_size(at[i].completion)))
-        statements += [("finish_tasks", _finish_rows([at[i] for i in c], now)) for c in complete_chunks]
-        if statements and (creates or any(at[i].completion.status == "error" for i in completes)):
-            statements.append(("notify_tasks", {}))  # a task may have become claimable
-        if commit and statements:
-            statements += self._take_audit()
-        results = iter(self._script(statements, end=b"COMMIT" if commit else None) if statements else [])
-        if statements and commit:
-            self._begun = False  # committed: later statements open a new transaction
-        audited: set[int] = set()
-
-        for chunk in create_chunks:
-            made = {r[0]: r for r in next(results)}
-            for i in chunk:
-                row = made.get(at[i].task_id)
-                if row is None:
-                    later.append(i)
-                else:
-                    out[i] = (_task(row), True)
-                    audited.add(i)
-        locked = {r[0]: _TaskState(*r) for r in next(results)} if seen else {}
-        if acquires:
-            held_workers = {r[0] for r in next(results)}
-            granted = {r[0]: r for r in next(results)}
-            o = _TASK_N + _LEASE_N
-            for i in acquires:
-                op, row = at[i], granted.get(at[i].task_id)
-                if row is not None:
-                    out[i] = LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
-                    audited.add(i)
-                    continue
-                out[i] = _refusal(op.task_id, locked, lambda t: _check_leasable(t, now))
-                if out[i] is None:
-                    if op.worker_ids[0] not in held_workers:
-                        out[i] = NotFound("worker not found", worker_id=op.worker_ids[0])
-                    else:
-                        out[i] = NoCapacity("no worker has free capacity", task_id=op.task_id)
-        if beats:
-            renewed = {r[0]: r for r in next(results)}
-            for i in beats:
-                op, row = at[i], renewed.get(at[i].task_id)
-                if row is not None:
-                    out[i] = (_task(row), _lease(row, _TASK_N))
-                    audited.add(i)
-                else:
-                    out[i] = _refusal(op.task_id, locked, functools.partial(_check_fence, fence=op.fence)) or Conflict(
-                        "task's lease is not active", task_id=op.task_id
-                    )
-        for chunk in complete_chunks:
-            finished = {r[0]: r for r in next(results)}
-            for i in chunk:
-                op, row = at[i], finished.get(at[i].task_id)
-                if row is not None:
-                    out[i] = _outcome(row)
-                    audited.add(i)
-                else:
-                    out[i] = _refusal(op.task_id, locked, functools.partial(_check_fence, fence=op.fence)) or Conflict(
-                        "task's lease is not active", task_id=op.task_id
-                    )
-
-        self.audited = frozenset(i for i in audited if at[i].actor is not None)
-        self.committed = frozenset(range(len(ops))) - set(later) if commit and statements else frozenset()
-        for i in sorted(later):
-            out[i] = self.answer(at[i], now)
-        return out
-
-    @_translating
-    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
-        row = self._one("lease_task_id", {"id": lease_id})
-        if row is None:
-            raise NotFound("lease not found", lease_id=lease_id)
-        task = self._lock_task(row[0])
-        if task.lease_id != lease_id or task.status not in HOLDING_LEASE:
-            raise Conflict("lease is not active", lease_id=lease_id)
-        if task.attempts < task.max_attempts:
-            status, not_before = "queued", now + retry_delay(task.attempts)
-        else:
-            status, not_before = "failed", None
-        row = self._one(
-            "end_lease",
-            {
-                "task_id": task.id,
-                "lease_id": lease_id,
-                "lease_status": "failed",
-                "status": status,
-                "not_before": not_before,
-                "now": now,
-            },
-        )
-        if row[_TASK_N] is None:  # pragma: no cover - the task pointed at an inactive lease
-            raise StoreUnavailable("task and lease disagree", lease_id=lease_id)
-        if status == "queued":
-            self.notify = True
-        return _task(row), _lease(row, _TASK_N)
-
-    @_translating
-    def requeue(self, task_id: str, now: int) -> Task:
-        row = self._one("requeue_task", {"id": task_id, "now": now})
-        if row is None:
-            status = self._one("task_status", {"id": task_id})
-            if status is None:
-                raise NotFound("task not found", task_id=task_id)
-            raise Conflict(
-                f"task is {status[0]}, only failed or dead tasks can be requeued", task_id=task_id, status=status[0]
-            )
-        self.notify = True
-        return _task(row)
-
-    @_translating
-    def cancel(self, task_id: str, now: int) -> tuple[Task, Lease | None]:
-        task = self._lock_task(task_id)
-        if task.status not in CANCELLABLE:
-            raise Conflict(f"task is {task.status}, it cannot be cancelled", task_id=task_id, status=task.status)
-        row = self._one(
-            "end_lease",
-            {
-                "task_id": task_id,
-                "lease_id": task.lease_id,
-                "lease_status": "released",
-                "status": "cancelled",
-                "not_before": None,
-                "now": now,
-            },
-        )
-        return _task(row), (_lease(row, _TASK_N) if row[_TASK_N] is not None else None)
-
-    @_translating
-    def expire_due(self, now: int, limit: int) -> list[Expiry]:
-        if limit < 1:
-            return []
-        rows = self._all("expire_due", {"now": now, "limit": limit})
-        out = [Expiry(lease=_lease(r), task=_task(r, _LEASE_N)) for r in rows]
-        out.sort(key=lambda e: (e.lease.expires_at, e.lease.id))  # oldest expiry first
-        if any(e.task.status == "queued" for e in out):
-            self.notify = True
-        return out
-
-    # --- workers -------------------------------------------------------------
-
-    @_translating
-    def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
-        caps = upsert.capabilities
-        row = self._one(
-            "upsert_worker",
-            {
-                "id": upsert.id,
-                "node_id": upsert.node_id,
-                "url": upsert.url,
-                "status": upsert.status,
-                "capabilities": _json(caps) if caps is not None else None,
-                "capabilities_new": _json(caps if caps is not None else Capabilities()),
-                "last_heartbeat": upsert.last_heartbeat,
-                "ip_addrs": _json(upsert.ip_addrs) if upsert.ip_addrs is not None else None,
-                "obs_count": upsert.obs_count,
-                "db_sha": upsert.db_sha,
-                "now": now,
-                "agent_version": upsert.agent_version,
-                "os_info": upsert.os_info,
-                "install_method": upsert.install_method,
-                "source": upsert.source,
-            },
-        )
-        return _worker_row(row), bool(row[_WORKER_N + 1])
-
-    @_translating
-    def remove_worker(self, worker_id: str) -> Worker:
-        row = self._one("delete_worker", {"id": worker_id})
-        if row is None:
-            raise NotFound("worker not found", worker_id=worker_id)
-        return _worker_row(row)
-
-    @_translating
-    def touch_worker(self, worker_id: str, now: int) -> None:
-        if self._one("touch_worker", {"id": worker_id, "now": now}) is None:
-            raise NotFound("worker not found", worker_id=worker_id)
-
-    @_translating
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        rows = self._all("mark_stale_workers_offline", {"seen_before": seen_before})
-        return sorted((_worker_row(r) for r in rows), key=lambda w: w.id)
-
-    # --- audit and settings --------------------------------------------------
-
-    def insert_audit(self, entries: Sequence[AuditEntry]) -> None:
-        # Written at commit, in the same message as COMMIT: one round trip fewer.
-        self._audit.extend(entries)
-
-    @_translating
-    def set_settings(self, values: dict[str, str]) -> None:
-        if not values:
-            return
-        keys = sorted(values)
-        self._rows("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
-
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """A nested ``conn.transaction()``: an exception undoes only this block."""
-        self._begin()
-        try:
-            with self._conn.transaction():
-                yield
-        except psycopg.Error as exc:
-            raise _translate(exc, self._where) from exc
-
-
-# --- the store ---------------------------------------------------------------------
 
 
 def _parse_url(url: str) -> tuple[dict[str, Any], str]:
@@ -1191,7 +126,7 @@ class PostgresStore(Store):
 
     @staticmethod
     def _configure(conn: psycopg.Connection[Any]) -> None:
-        conn.adapters.register_loader("jsonb", _RawJsonbLoader)
+        conn.adapters.register_loader("jsonb", RawJsonbLoader)
         # The store prepares the statements it runs often itself (SCRIPTED). The driver's
         # own cache must stay off: after any rollback it deallocates every prepared
         # statement of the session, ours included, and the next batch would fail.
@@ -1379,12 +314,12 @@ class PostgresStore(Store):
         row = self._read_one("get_task", {"id": task_id})
         if row is None:
             raise NotFound("task not found", task_id=task_id)
-        return _task(row)
+        return task_record(row)
 
     @_translating
     def get_task_by_idempotency_key(self, key: str) -> Task | None:
         row = self._read_one("get_task_by_idempotency_key", {"key": key})
-        return _task(row) if row is not None else None
+        return task_record(row) if row is not None else None
 
     @_translating
     def list_tasks(self, status: str | None, limit: int, cursor: str | None) -> Page:
@@ -1393,14 +328,14 @@ class PostgresStore(Store):
             rows = self._read_all("list_tasks", args)
         else:
             rows = self._read_all("list_tasks_by_status", {**args, "status": status})
-        return _page([_task(r) for r in rows], limit, lambda t: t.created_at)
+        return _page([task_record(r) for r in rows], limit, lambda t: t.created_at)
 
     @_translating
     def get_lease(self, lease_id: str) -> Lease:
         row = self._read_one("get_lease", {"id": lease_id})
         if row is None:
             raise NotFound("lease not found", lease_id=lease_id)
-        return _lease(row)
+        return lease_record(row)
 
     @_translating
     def list_leases(self, status: str | None, limit: int, cursor: str | None) -> Page:
@@ -1409,14 +344,14 @@ class PostgresStore(Store):
             rows = self._read_all("list_leases", args)
         else:
             rows = self._read_all("list_leases_by_status", {**args, "status": status})
-        return _page([_lease(r) for r in rows], limit, lambda lease: lease.started_at)
+        return _page([lease_record(r) for r in rows], limit, lambda lease: lease.started_at)
 
     @_translating
     def get_worker(self, worker_id: str) -> Worker:
         row = self._read_one("get_worker", {"id": worker_id})
         if row is None:
             raise NotFound("worker not found", worker_id=worker_id)
-        return _worker_row(row)
+        return worker_row(row)
 
     @_translating
     def list_workers(self, status: str | None = None) -> list[Worker]:
@@ -1424,12 +359,12 @@ class PostgresStore(Store):
             rows = self._read_all("list_workers", {})
         else:
             rows = self._read_all("list_workers_by_status", {"status": status})
-        return [_worker_row(r) for r in rows]
+        return [worker_row(r) for r in rows]
 
     @_translating
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
-        rows = self._read_all("worker_candidates", {"labels": _json(list(labels))})
-        return [_worker_row(r) for r in rows]
+        rows = self._read_all("worker_candidates", {"labels": to_json(list(labels))})
+        return [worker_row(r) for r in rows]
 
     @_translating
     def active_lease_owners(self) -> list[tuple[str, str]]:
@@ -1446,7 +381,7 @@ class PostgresStore(Store):
             rows = self._read_all("list_artifacts", args)
         else:
             rows = self._read_all("list_artifacts_by_task", {**args, "task_id": task_id})
-        return _page([_artifact(r) for r in rows], limit, lambda a: a.created_at)
+        return _page([artifact_record(r) for r in rows], limit, lambda a: a.created_at)
 
     @_translating
     def list_results(self, task_id: str | None, limit: int, cursor: str | None) -> Page:
@@ -1455,14 +390,14 @@ class PostgresStore(Store):
             rows = self._read_all("list_results", args)
         else:
             rows = self._read_all("list_results_by_task", {**args, "task_id": task_id})
-        return _page([_result(r) for r in rows], limit, lambda r: r.completed_at)
+        return _page([result_record(r) for r in rows], limit, lambda r: r.completed_at)
 
     @_translating
     def get_result(self, task_id: str) -> Result:
         row = self._read_one("latest_result", {"task_id": task_id})
         if row is None:
             raise NotFound("no result for task", task_id=task_id)
-        return _result(row)
+        return result_record(row)
 
     @_translating
     def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
@@ -1471,7 +406,7 @@ class PostgresStore(Store):
             rows = self._read_all("list_audit", args)
         else:
             rows = self._read_all("list_audit_by_entity", {**args, "entity_id": entity_id})
-        return _page([_audit(r) for r in rows], limit, lambda e: e.timestamp)
+        return _page([audit_record(r) for r in rows], limit, lambda e: e.timestamp)
 
     @_translating
     def get_settings(self) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """Audit entries read the same whoever writes them.
 
-On PostgreSQL the set statements of a batch write the audit entries of the rows
-they change themselves (queries/postgres.sql); everywhere else the actors word
-them in Python. The same story, on both stores and with audit group commit on
-and off, must leave the same log.
+On PostgreSQL the set statements write the audit entries of the rows they change
+themselves (queries/postgres.sql); SQLite's store and the actors (without group
+commit) word them in Python (sql/audit_trail.py). The same story, through every
+kind of change, on both stores and with audit group commit on and off, must
+leave the same log: one entry per change, naming the task and its lease.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 
 import pytest
 
+from bloom_runtime.engine.errors import Conflict
 from bloom_runtime.engine.models import Completion, Fence
 
 from .conftest import new_task, worker
@@ -24,13 +26,21 @@ EXPECTED = [
     ("task_created", "task", "<id1>", "api", "agent=writer context=ctx-1"),
     ("task_leased", "task", "<id1>", "api", "lease=<id2> worker=w1 ttl=45s attempt=1"),
     ("lease_renewed", "lease", "<id2>", "w1", "task=<id1> expires_at=<ms>"),
-    ("task_retry", "task", "<id1>", "w1", "result=error attempts=1/3 not_before=<ms>"),
-    ("lease_released", "lease", "<id2>", "w1", "task=<id1>"),
+    ("task_retry", "task", "<id1>", "w1", "result=error attempts=1/3 not_before=<ms> lease=<id2>"),
     ("task_leased", "task", "<id1>", "api", "lease=<id3> worker=w1 ttl=150s attempt=2"),
     ("lease_renewed", "lease", "<id3>", "api", "task=<id1> expires_at=<ms>"),
-    ("task_completed", "task", "<id1>", "api", "result=success attempts=2/3"),
-    ("lease_released", "lease", "<id3>", "api", "task=<id1>"),
+    ("task_completed", "task", "<id1>", "api", "result=success attempts=2/3 lease=<id3>"),
     ("task_created", "task", "<id4>", "api", "agent=writer context=ctx-2"),
+    ("task_leased", "task", "<id4>", "w1", "lease=<id5> worker=w1 ttl=150s attempt=1 claimed"),
+    ("task_cancelled", "task", "<id4>", "ops", "lease=<id5> released"),
+    ("task_created", "task", "<id6>", "api", "agent=writer context=ctx-3"),
+    ("task_cancelled", "task", "<id6>", "ops", ""),
+    ("task_created", "task", "<id7>", "api", "agent=writer context=ctx-4"),
+    ("task_leased", "task", "<id7>", "api", "lease=<id8> worker=w1 ttl=1s attempt=1"),
+    ("lease_expired", "lease", "<id8>", "lease-supervisor", "task=<id7> worker=w1 queued attempts=1/2"),
+    ("task_leased", "task", "<id7>", "w1", "lease=<id9> worker=w1 ttl=150s attempt=2 claimed"),
+    ("lease_failed", "lease", "<id9>", "dispatch", "task=<id7> failed attempts=2/2: agent unreachable"),
+    ("task_requeued", "task", "<id7>", "ops", "attempts reset"),
 ]
 
 
@@ -63,7 +73,21 @@ def test_a_lifecycle_leaves_the_same_log_on_every_store(make_engine, clock, grou
     engine.tasks.complete(task.id, Completion(status="success", output="hi"))
     again, created = engine.tasks.create(new_task(policy={"timeout_sec": 15}, idempotency_key="once"))
     assert (again.id, created) == (task.id, False)  # a replay writes no entry
-    engine.tasks.create(new_task(context_id="ctx-2"))
+    other, _ = engine.tasks.create(new_task(context_id="ctx-2"))
+    assert engine.leases.claim("w1", ttl_seconds=150) is not None
+    engine.tasks.cancel(other.id, actor="ops")
+    with pytest.raises(Conflict):
+        engine.tasks.requeue(other.id, actor="ops")  # a refusal writes no entry
+    queued, _ = engine.tasks.create(new_task(context_id="ctx-3"))
+    engine.tasks.cancel(queued.id, actor="ops")
+    last, _ = engine.tasks.create(new_task(context_id="ctx-4", max_attempts=2))
+    engine.leases.acquire(last.id, worker_id="w1", ttl_seconds=1)
+    clock.advance(2_000)
+    assert engine.leases.sweep_now() == 1
+    clock.advance(1)  # the sweep's entries have random ids: keep them apart in time
+    (grant,) = engine.leases.claim("w1", ttl_seconds=150, max_tasks=4)
+    engine.leases.fail(grant.lease.id, "agent unreachable")
+    engine.tasks.requeue(last.id, actor="ops")
 
-    entries = list(reversed(engine.audit.list(limit=100).items))  # oldest first
+    entries = sorted(engine.audit.list(limit=100).items, key=lambda e: (e.timestamp, e.id))  # oldest first
     assert _normalised(entries) == EXPECTED

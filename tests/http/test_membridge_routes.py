@@ -272,7 +272,7 @@ def test_dispatch_to_dead_agent_fails_lease_and_requeues(build, dead_agent_serve
     assert lease.status == "failed"
     assert c.engine.tasks.get(task["id"]).status == "queued"
     text = audit_text(c.engine)
-    assert "lease_failed" in text and "task_retry" in text and "dispatch failed" in text
+    assert "lease_failed" in text and " queued attempts=1/3: dispatch failed" in text
     assert AGENT_KEY not in text and AGENT_KEY not in r.text
 
 

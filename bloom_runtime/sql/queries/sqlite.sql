@@ -334,8 +334,11 @@ WHERE id = :id;
 DELETE FROM workers WHERE id = :id;
 
 -- name: claim_touch_worker
--- A claim is contact from a pull worker.
-UPDATE workers SET last_heartbeat = :now, status = 'online', source = 'pull' WHERE id = :id;
+-- A claim is contact from a pull worker; its row is written only when that changes
+-- something worth keeping (a heartbeat older than 5 s, not online, not a pull worker).
+UPDATE workers SET last_heartbeat = :now, status = 'online', source = 'pull'
+WHERE id = :id
+  AND (last_heartbeat IS NULL OR last_heartbeat < :now - 5000 OR status <> 'online' OR source <> 'pull');
 
 -- name: heartbeat_worker
 -- Refreshed at most every 5 s, as on PostgreSQL (see Transaction.heartbeat).

@@ -1,0 +1,192 @@
+"""PostgreSQL rows into records: every statement returns its columns in fixed orders
+(listed at the top of ``queries/postgres.sql``), read here by position.
+
+JSONB columns arrive as raw bytes (see ``RawJsonbLoader``) and are decoded straight
+into their typed field by msgspec: one C call per field, no dict in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from psycopg.adapt import Loader
+
+from bloom_runtime.engine.models import (
+    DEFAULT_TIMEOUT_SEC,
+    Artifact,
+    AuditEntry,
+    Capabilities,
+    CompletionOutcome,
+    Lease,
+    Policy,
+    Result,
+    Task,
+    Worker,
+)
+
+
+class _StoredPolicy(msgspec.Struct):
+    """What a stored policy holds, without the request-time limits: reads stay lenient
+    (rows written by the first version, or before a limit changed, still load)."""
+
+    timeout_sec: int = DEFAULT_TIMEOUT_SEC
+    budget: float = 0
+
+
+class _StoredCapabilities(msgspec.Struct):
+    claude_cli: bool = True
+    max_concurrency: int = 1
+    labels: list[str] = []
+
+
+_strs = msgspec.json.Decoder(list[str]).decode
+_policy_dec = msgspec.json.Decoder(_StoredPolicy).decode
+_caps_dec = msgspec.json.Decoder(_StoredCapabilities).decode
+
+
+def _policy(raw: bytes) -> Policy:
+    p = _policy_dec(raw)
+    return Policy(timeout_sec=p.timeout_sec, budget=p.budget)
+
+
+def _caps(raw: bytes) -> Capabilities:
+    c = _caps_dec(raw)
+    return Capabilities(claude_cli=c.claude_cli, max_concurrency=c.max_concurrency, labels=c.labels)
+
+
+json_object = msgspec.json.Decoder(dict[str, Any]).decode
+encode = msgspec.json.Encoder().encode
+
+
+def to_json(value: Any) -> str:
+    return encode(value).decode()
+
+
+class RawJsonbLoader(Loader):
+    """Hand JSONB over as bytes; the record builders decode it with its type."""
+
+    def load(self, data: Any) -> bytes:
+        return bytes(data)
+
+
+def task_record(r: Sequence[Any], o: int = 0) -> Task:
+    return Task(
+        id=r[o],
+        context_id=r[o + 1],
+        agent_slug=r[o + 2],
+        prompt=r[o + 3],
+        context_hints=_strs(r[o + 4]),
+        policy=_policy(r[o + 5]),
+        desired_format=r[o + 6],
+        status=r[o + 7],
+        created_at=r[o + 8],
+        updated_at=r[o + 9],
+        lease_id=r[o + 10],
+        worker_id=r[o + 11],
+        attempts=r[o + 12],
+        max_attempts=r[o + 13],
+        labels=_strs(r[o + 14]),
+        not_before=r[o + 15],
+        idempotency_key=r[o + 16],
+    )
+
+
+TASK_N = 17
+
+
+def lease_record(r: Sequence[Any], o: int = 0) -> Lease:
+    return Lease(
+        id=r[o],
+        task_id=r[o + 1],
+        worker_id=r[o + 2],
+        started_at=r[o + 3],
+        expires_at=r[o + 4],
+        ttl_seconds=r[o + 5],
+        status=r[o + 6],
+        last_heartbeat=r[o + 7],
+        context_id=r[o + 8],
+    )
+
+
+LEASE_N = 9
+
+
+def worker_record(r: Sequence[Any], active: int, o: int = 0) -> Worker:
+    return Worker(
+        id=r[o],
+        node_id=r[o + 1],
+        url=r[o + 2],
+        status=r[o + 3],
+        capabilities=_caps(r[o + 4]),
+        last_heartbeat=r[o + 5],
+        ip_addrs=_strs(r[o + 6]),
+        obs_count=r[o + 7],
+        db_sha=r[o + 8],
+        registered_at=r[o + 9],
+        active_leases=active,
+        agent_version=r[o + 10],
+        os_info=r[o + 11],
+        install_method=r[o + 12],
+        source=r[o + 13],
+    )
+
+
+WORKER_N = 14  # stored columns; the active-lease count follows them
+
+
+def worker_row(r: Sequence[Any]) -> Worker:
+    return worker_record(r, r[WORKER_N])
+
+
+def artifact_record(r: Sequence[Any], o: int = 0) -> Artifact:
+    return Artifact(
+        id=r[o],
+        task_id=r[o + 1],
+        job_id=r[o + 2],
+        type=r[o + 3],
+        created_at=r[o + 4],
+        finalized=r[o + 5],
+        url=r[o + 6],
+        entity_refs=_strs(r[o + 7]),
+        tags=_strs(r[o + 8]),
+        content=r[o + 9],
+    )
+
+
+ARTIFACT_N = 10
+
+
+def result_record(r: Sequence[Any], o: int = 0) -> Result:
+    return Result(
+        id=r[o],
+        task_id=r[o + 1],
+        worker_id=r[o + 2],
+        artifact_id=r[o + 3],
+        status=r[o + 4],
+        output=r[o + 5],
+        error_message=r[o + 6],
+        metrics=json_object(r[o + 7]),
+        completed_at=r[o + 8],
+    )
+
+
+RESULT_N = 9
+
+
+def audit_record(r: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(
+        id=r[0], timestamp=r[1], action=r[2], entity_type=r[3], entity_id=r[4], actor=r[5], detail=r[6]
+    )
+
+
+def outcome_record(row: Sequence[Any], o: int = 0) -> CompletionOutcome:
+    """A completion's row: task, lease (null when none was released), artifact, result."""
+    lease_at, artifact_at, result_at = o + TASK_N, o + TASK_N + LEASE_N, o + TASK_N + LEASE_N + ARTIFACT_N
+    return CompletionOutcome(
+        task=task_record(row, o),
+        lease=lease_record(row, lease_at) if row[lease_at] is not None else None,
+        artifact=artifact_record(row, artifact_at),
+        result=result_record(row, result_at),
+    )
