@@ -72,7 +72,7 @@ from bloom_runtime.engine.models import (
 )
 from bloom_runtime.engine.routing_keys import RoutingKeys
 from bloom_runtime.engine.settings import Settings
-from bloom_runtime.engine.stats_cache import StatsCache
+from bloom_runtime.engine.stats_cache import StatsCache, summarize
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.sql import store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
@@ -134,7 +134,7 @@ class Engine:
         self.version = __version__
         self.retry_backoff = RetryBackoff(settings.retry_backoff_base_ms, settings.retry_backoff_cap_ms)
         self.wakeup = ClaimWakeup()
-        self._stats = StatsCache(store.stats)
+        self._stats = StatsCache(lambda: summarize(store.stats()))
         self.routing_keys = RoutingKeys()
         self.jobs = {
             "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
@@ -398,7 +398,8 @@ class Engine:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counts by status (tasks, leases, workers); see ``StatsCache`` for freshness."""
+        """Counts by status of tasks, leases and workers, with totals (``summarize``);
+        see ``StatsCache`` for freshness."""
         return self._stats.get()
 
 

@@ -23,12 +23,14 @@ from bloom_runtime.engine.models import (
     Id,
     IpAddrs,
     Lease,
+    LeaseStatus,
     Name,
     ObsCount,
     OsInfo,
     Result,
     Tag,
     Task,
+    TaskStatus,
     TtlSeconds,
     Worker,
     WorkerStatus,
@@ -152,10 +154,46 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     actors: dict[str, Any] = {}
 
 
+class TaskCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Tasks: the total, ``by_status`` (every status), and the same counts flat."""
+
+    total: int
+    by_status: dict[TaskStatus, int]
+    queued: int
+    leased: int
+    running: int
+    completed: int
+    failed: int
+    dead: int
+    cancelled: int
+
+
+class LeaseCounts(msgspec.Struct, frozen=True, kw_only=True):
+    total: int
+    active: int
+    by_status: dict[LeaseStatus, int]
+    released: int
+    expired: int
+    failed: int
+
+
+class WorkerCounts(msgspec.Struct, frozen=True, kw_only=True):
+    total: int
+    online: int
+    by_status: dict[WorkerStatus, int]
+    offline: int
+    syncing: int
+    error: int
+    unknown: int
+
+
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
-    tasks: dict[str, int]
-    leases: dict[str, int]
-    workers: dict[str, int]
+    """The first version's ``{tasks: {total, by_status}, leases: {total, active}, workers: {total, online}}``,
+    with every status counted."""
+
+    tasks: TaskCounts
+    leases: LeaseCounts
+    workers: WorkerCounts
 
 
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}

@@ -1,0 +1,40 @@
+"""The answers the first version's clients read, on both stores: its keys and types, ours beside them."""
+
+from __future__ import annotations
+
+import msgspec
+
+from bloom_runtime.engine.models import LEASE_STATUSES, TASK_STATUSES, WORKER_STATUSES
+from bloom_runtime.http import schemas
+
+from .conftest import new_task
+
+API = "/api/runtime"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def test_stats_has_the_first_versions_structure_and_every_count(make_client, db_url):
+    c = make_client(database_url=db_url)
+    c.simulate_post(f"{API}/workers", json={"name": "w-on"})
+    c.simulate_post(f"{API}/workers", json={"name": "w-off", "status": "offline"})
+    for _ in range(3):
+        c.simulate_post(f"{API}/llm-tasks", json=new_task())
+    [first, *_] = c.simulate_get(f"{API}/llm-tasks").json
+    assert c.simulate_post(f"{API}/llm-tasks/{first['id']}/lease", json={"worker_id": "w-on"}).status_code == 201
+
+    stats = c.simulate_get(f"{API}/stats").json
+    tasks, leases, workers = stats["tasks"], stats["leases"], stats["workers"]
+    # The first version's keys and types.
+    assert _is_int(tasks["total"]) and tasks["total"] == 3
+    assert tasks["by_status"]["queued"] == 2 and tasks["by_status"]["leased"] == 1
+    assert leases["total"] == 1 and leases["active"] == 1
+    assert workers["total"] == 2 and workers["online"] == 1
+    # Every status counted, in by_status and flat beside it, as before.
+    for entity, statuses in ((tasks, TASK_STATUSES), (leases, LEASE_STATUSES), (workers, WORKER_STATUSES)):
+        assert set(entity["by_status"]) == set(statuses)
+        assert all(_is_int(entity[s]) and entity[s] == entity["by_status"][s] for s in statuses)
+        assert entity["total"] == sum(entity["by_status"].values())
+    msgspec.convert(stats, schemas.Stats)  # the documented shape
