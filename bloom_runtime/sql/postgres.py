@@ -84,6 +84,8 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    new_worker,
+    or_default,
 )
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
@@ -251,23 +253,33 @@ def _worker(r: Sequence[Any], active: int, o: int = 0) -> Worker:
     return Worker(
         id=r[o],
         node_id=r[o + 1],
-        url=r[o + 2],
+        url=or_default(r[o + 2], "url"),
         status=r[o + 3],
         capabilities=_caps(r[o + 4]),
-        last_heartbeat=r[o + 5],
+        last_heartbeat=r[o + 5] if r[o + 5] is not None else r[o + 9],
         ip_addrs=_strs(r[o + 6]),
         obs_count=r[o + 7],
-        db_sha=r[o + 8],
+        db_sha=or_default(r[o + 8], "db_sha"),
         registered_at=r[o + 9],
         active_leases=active,
-        agent_version=r[o + 10],
-        os_info=r[o + 11],
-        install_method=r[o + 12],
+        agent_version=or_default(r[o + 10], "agent_version"),
+        os_info=or_default(r[o + 11], "os_info"),
+        install_method=or_default(r[o + 12], "install_method"),
         source=r[o + 13],
     )
 
 
 _WORKER_N = 14  # stored columns; the active-lease count follows them
+
+
+def _worker_columns(w: WorkerUpsert) -> dict[str, Any]:
+    """A fully populated upsert (``new_worker``) as column values."""
+    return {
+        "node_id": w.node_id, "url": w.url, "status": w.status, "capabilities": _json(w.capabilities),
+        "last_heartbeat": w.last_heartbeat, "ip_addrs": _json(w.ip_addrs), "obs_count": w.obs_count,
+        "db_sha": w.db_sha, "agent_version": w.agent_version, "os_info": w.os_info,
+        "install_method": w.install_method, "source": w.source,
+    }
 
 
 def _worker_row(r: Sequence[Any]) -> Worker:
@@ -1024,6 +1036,7 @@ class PostgresTransaction(Transaction):
     @_translating
     def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
         caps = upsert.capabilities
+        fresh = new_worker(upsert, now)  # what an insert stores
         row = self._one(
             "upsert_worker",
             {
@@ -1032,7 +1045,6 @@ class PostgresTransaction(Transaction):
                 "url": upsert.url,
                 "status": upsert.status,
                 "capabilities": _json(caps) if caps is not None else None,
-                "capabilities_new": _json(caps if caps is not None else Capabilities()),
                 "last_heartbeat": upsert.last_heartbeat,
                 "ip_addrs": _json(upsert.ip_addrs) if upsert.ip_addrs is not None else None,
                 "obs_count": upsert.obs_count,
@@ -1042,6 +1054,7 @@ class PostgresTransaction(Transaction):
                 "os_info": upsert.os_info,
                 "install_method": upsert.install_method,
                 "source": upsert.source,
+                **{f"new_{name}": value for name, value in _worker_columns(fresh).items()},
             },
         )
         return _worker_row(row), bool(row[_WORKER_N + 1])

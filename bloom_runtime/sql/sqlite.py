@@ -51,6 +51,8 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    new_worker,
+    or_default,
 )
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
@@ -147,18 +149,18 @@ def _worker(r: Sequence[Any]) -> Worker:
     return Worker(
         id=r[0],
         node_id=r[1],
-        url=r[2],
+        url=or_default(r[2], "url"),
         status=r[3],
         capabilities=_capabilities(r[4]),
-        last_heartbeat=r[5],
+        last_heartbeat=r[5] if r[5] is not None else r[9],
         ip_addrs=_str_list(r[6]),
         obs_count=r[7],
-        db_sha=r[8],
+        db_sha=or_default(r[8], "db_sha"),
         registered_at=r[9],
         active_leases=r[10],
-        agent_version=r[11],
-        os_info=r[12],
-        install_method=r[13],
+        agent_version=or_default(r[11], "agent_version"),
+        os_info=or_default(r[12], "os_info"),
+        install_method=or_default(r[13], "install_method"),
         source=r[14],
     )
 
@@ -557,23 +559,24 @@ class SqliteTransaction(Transaction):
     def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
         existing = self._q1("worker_by_id", {"id": upsert.id})
         if existing is None:
+            fresh = new_worker(upsert, now)
             self._q(
                 "insert_worker",
                 {
-                    "id": upsert.id,
-                    "node_id": upsert.node_id if upsert.node_id is not None else upsert.id,
-                    "url": upsert.url,
-                    "status": upsert.status or "online",
-                    "capabilities": _json(upsert.capabilities if upsert.capabilities is not None else Capabilities()),
-                    "last_heartbeat": upsert.last_heartbeat,
-                    "ip_addrs": _json(upsert.ip_addrs or []),
-                    "obs_count": upsert.obs_count or 0,
-                    "db_sha": upsert.db_sha,
+                    "id": fresh.id,
+                    "node_id": fresh.node_id,
+                    "url": fresh.url,
+                    "status": fresh.status,
+                    "capabilities": _json(fresh.capabilities),
+                    "last_heartbeat": fresh.last_heartbeat,
+                    "ip_addrs": _json(fresh.ip_addrs),
+                    "obs_count": fresh.obs_count,
+                    "db_sha": fresh.db_sha,
                     "now": now,
-                    "agent_version": upsert.agent_version,
-                    "os_info": upsert.os_info,
-                    "install_method": upsert.install_method,
-                    "source": upsert.source or "api",
+                    "agent_version": fresh.agent_version,
+                    "os_info": fresh.os_info,
+                    "install_method": fresh.install_method,
+                    "source": fresh.source,
                 },
             )
             created = True

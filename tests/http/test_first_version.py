@@ -38,3 +38,21 @@ def test_stats_has_the_first_versions_structure_and_every_count(make_client, db_
         assert all(_is_int(entity[s]) and entity[s] == entity["by_status"][s] for s in statuses)
         assert entity["total"] == sum(entity["by_status"].values())
     msgspec.convert(stats, schemas.Stats)  # the documented shape
+
+
+def test_worker_fields_absent_take_the_first_versions_defaults(make_client, db_url):
+    c = make_client(database_url=db_url)
+    r = c.simulate_post(f"{API}/workers", json={"name": "bare"})
+    assert r.status_code == 201
+    created = r.json
+    assert {k: created[k] for k in ("url", "db_sha", "agent_version", "os_info", "install_method")} == {
+        "url": "", "db_sha": "", "agent_version": "unknown", "os_info": "", "install_method": "manual",
+    }
+    assert _is_int(created["last_heartbeat"]) and created["last_heartbeat"] == created["registered_at"]
+    # Every read shows the same.
+    assert c.simulate_get(f"{API}/workers/bare").json | {"leases": []} == created | {"leases": []}
+    assert c.simulate_get(f"{API}/workers").json == [created]
+    # Given values are kept, and an update leaves the others alone.
+    r = c.simulate_post(f"{API}/workers", json={"name": "bare", "agent_version": "0.4.0", "url": "http://10.0.0.9:8001"})
+    assert r.status_code == 200
+    assert r.json["agent_version"] == "0.4.0" and r.json["url"] == "http://10.0.0.9:8001" and r.json["install_method"] == "manual"

@@ -692,15 +692,14 @@ SELECT DISTINCT worker_id FROM leases WHERE context_id = %(context_id)s AND stat
 -- ---------------------------------------------------------------- workers
 
 -- name: upsert_worker
--- Insert with defaults, or update only the fields given (NULL keeps the stored value).
--- xmax = 0 only on a freshly inserted row version.
+-- Insert the new_* values (the given fields with their defaults), or update only the
+-- fields given (NULL keeps the stored value). xmax = 0 only on a freshly inserted row version.
 INSERT INTO workers AS w (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
                           obs_count, db_sha, registered_at, agent_version, os_info,
                           install_method, source)
-VALUES (%(id)s, COALESCE(%(node_id)s, %(id)s), %(url)s, COALESCE(%(status)s, 'online'),
-        %(capabilities_new)s::jsonb, %(last_heartbeat)s, COALESCE(%(ip_addrs)s::jsonb, '[]'::jsonb),
-        COALESCE(%(obs_count)s::int, 0), %(db_sha)s, %(now)s, %(agent_version)s, %(os_info)s,
-        %(install_method)s, COALESCE(%(source)s, 'api'))
+VALUES (%(id)s, %(new_node_id)s, %(new_url)s, %(new_status)s, %(new_capabilities)s::jsonb,
+        %(new_last_heartbeat)s, %(new_ip_addrs)s::jsonb, %(new_obs_count)s, %(new_db_sha)s, %(now)s,
+        %(new_agent_version)s, %(new_os_info)s, %(new_install_method)s, %(new_source)s)
 ON CONFLICT (id) DO UPDATE SET
     node_id = COALESCE(%(node_id)s, w.node_id),
     url = COALESCE(%(url)s, w.url),
@@ -735,12 +734,14 @@ WHERE id = %(id)s
 RETURNING id
 
 -- name: mark_stale_workers_offline
--- Lock the stale workers in id order (same order as lock_workers).
+-- Lock the stale workers in id order (same order as lock_workers). A row without a
+-- heartbeat (written before registration counted as one) is judged from its
+-- registration, as it is shown.
 UPDATE workers w SET status = 'offline'
 FROM (
     SELECT id FROM workers
     WHERE status <> 'offline' AND source IN ('pull', 'membridge')
-      AND (last_heartbeat IS NULL OR last_heartbeat < %(seen_before)s)
+      AND COALESCE(last_heartbeat, registered_at) < %(seen_before)s
     ORDER BY id
     FOR UPDATE
 ) s

@@ -351,10 +351,12 @@ WHERE id = :id
 RETURNING id;
 
 -- name: mark_stale_workers_offline
+-- A row without a heartbeat (written before registration counted as one) is judged
+-- from its registration, as it is shown.
 UPDATE workers SET status = 'offline'
 WHERE status <> 'offline'
   AND source IN ('pull', 'membridge')
-  AND (last_heartbeat IS NULL OR last_heartbeat < :seen_before)
+  AND coalesce(last_heartbeat, registered_at) < :seen_before
 RETURNING id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count,
           db_sha, registered_at,
           (SELECT count(*) FROM leases l WHERE l.worker_id = workers.id AND l.status = 'active'),
