@@ -562,6 +562,10 @@ class WorkerService(_Service):
     def get(self, worker_id: str) -> Worker:
         return self._engine.store.get_worker(worker_id)
 
+    def leases(self, worker_id: str) -> builtins.list[Lease]:
+        """The worker's active leases, newest first."""
+        return self._engine.store.worker_leases(worker_id)
+
     def list(self, status: str | None = None) -> list[Worker]:
         from bloom_runtime.engine.models import WORKER_STATUSES
 

@@ -98,8 +98,9 @@ ROUTES: tuple[Route, ...] = (
         "POST": Op("Register or update a worker by name", {201: (Worker, "created"), 200: (Worker, "updated")}, body=schemas.WorkerRegistration),
     }),
     Route(f"{BASE}/workers/{{worker_id}}", lambda c: workers.WorkerItem(c.engine), {
-        "GET": Op("One worker", {200: (Worker, "the worker")}),
-        "DELETE": Op("Remove a worker (its leases expire normally)", {200: (Worker, "the removed worker")}, access="admin"),
+        "GET": Op("One worker and its active leases", {200: (schemas.WorkerDetail, "the worker")}),
+        "DELETE": Op("Remove a worker (its leases expire normally)",
+                     {200: (schemas.RemovedWorker, "removed: true, and the removed worker's fields")}, access="admin"),
     }),
     Route(f"{BASE}/workers/{{worker_id}}/claim", lambda c: workers.WorkerClaim(c.engine), {
         "POST": Op("Pull mode: lease the next task this worker can take, waiting up to wait_seconds",

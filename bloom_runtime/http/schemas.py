@@ -125,6 +125,18 @@ class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True):
     worker_status: int | None = None
 
 
+class WorkerDetail(Worker, frozen=True, kw_only=True):
+    """GET /workers/{id}: the worker and its active leases (as the first version answers)."""
+
+    leases: list[Lease]
+
+
+class RemovedWorker(Worker, frozen=True, kw_only=True):
+    """DELETE /workers/{id}: the first version's ``{removed: true, id}``, with the fields it had."""
+
+    removed: bool = True
+
+
 class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True):
     """Membridge /health as seen through the client: status and parsed scalar fields only."""
 

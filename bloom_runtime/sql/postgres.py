@@ -1348,6 +1348,10 @@ class PostgresStore(Store):
         return [_worker_row(r) for r in rows]
 
     @_translating
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        return [_lease(r) for r in self._read_all("worker_leases", {"worker_id": worker_id, "limit": MAX_PAGE})]
+
+    @_translating
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         rows = self._read_all("worker_candidates", {"labels": _json(list(labels))})
         return [_worker_row(r) for r in rows]

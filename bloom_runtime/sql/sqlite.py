@@ -873,6 +873,9 @@ class SqliteStore(Store):
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         return [_worker(r) for r in self._read("worker_candidates", {"labels": _json(list(labels))})]
 
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        return [_lease(r) for r in self._read("worker_leases", {"worker_id": worker_id, "limit": MAX_PAGE})]
+
     def active_lease_owners(self) -> list[tuple[str, str]]:
         return [(r[0], r[1]) for r in self._read("active_lease_owners")]
 

@@ -341,6 +341,10 @@ class Store(abc.ABC):
         """Every worker (the fleet is small), ``active_leases`` counted, ordered by id."""
 
     @abc.abstractmethod
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        """The worker's active leases, newest first (at most ``MAX_PAGE``)."""
+
+    @abc.abstractmethod
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         """Workers that may take a task needing ``labels``: online, claude_cli,
         active leases < max_concurrency, every label present. Unordered."""

@@ -56,3 +56,34 @@ def test_worker_fields_absent_take_the_first_versions_defaults(make_client, db_u
     r = c.simulate_post(f"{API}/workers", json={"name": "bare", "agent_version": "0.4.0", "url": "http://10.0.0.9:8001"})
     assert r.status_code == 200
     assert r.json["agent_version"] == "0.4.0" and r.json["url"] == "http://10.0.0.9:8001" and r.json["install_method"] == "manual"
+
+
+def test_get_worker_has_its_active_leases(make_client, db_url):
+    c = make_client(database_url=db_url)
+    c.simulate_post(f"{API}/workers", json={"name": "w-1", "capabilities": {"max_concurrency": 2}})
+    c.simulate_post(f"{API}/workers", json={"name": "w-2"})
+    leased = []
+    for worker in ("w-1", "w-1", "w-2"):
+        task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
+        leased.append(c.simulate_post(f"{API}/llm-tasks/{task['id']}/lease", json={"worker_id": worker}).json["lease"])
+    c.simulate_post(f"{API}/llm-tasks/{leased[0]['task_id']}/complete", json={"status": "success", "output": "x"})
+
+    r = c.simulate_get(f"{API}/workers/w-1")
+    assert r.status_code == 200
+    body = r.json
+    assert body["id"] == "w-1" and body["active_leases"] == 1
+    assert body["leases"] == [leased[1]]  # active only, its own only
+    assert {k: v for k, v in body.items() if k != "leases"} == c.simulate_get(f"{API}/workers").json[0]
+    assert c.simulate_get(f"{API}/workers/nobody").status_code == 404
+
+
+def test_delete_worker_answers_removed_and_id(make_client, db_url):
+    c = make_client(database_url=db_url)
+    worker = c.simulate_post(f"{API}/workers", json={"name": "w-gone", "url": "http://10.0.0.7:8001"}).json
+    r = c.simulate_delete(f"{API}/workers/w-gone")
+    assert r.status_code == 200
+    assert r.json["removed"] is True and r.json["id"] == "w-gone"
+    assert {k: v for k, v in r.json.items() if k != "removed"} == worker
+    assert c.simulate_get(f"{API}/workers/w-gone").status_code == 404
+    r = c.simulate_delete(f"{API}/workers/w-gone")
+    assert r.status_code == 404 and r.json["error"]

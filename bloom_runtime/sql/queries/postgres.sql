@@ -683,6 +683,14 @@ WHERE status = %(status)s AND (started_at, id) < (%(after_at)s, %(after_id)s)
 ORDER BY started_at DESC, id DESC
 LIMIT %(limit)s
 
+-- name: worker_leases
+-- By leases_worker_active_idx.
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE worker_id = %(worker_id)s AND status = 'active'
+ORDER BY started_at DESC, id DESC
+LIMIT %(limit)s
+
 -- name: active_lease_owners
 SELECT context_id, worker_id FROM leases WHERE status = 'active';
 

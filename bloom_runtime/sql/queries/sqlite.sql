@@ -239,6 +239,14 @@ WHERE id IN (
 )
 RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id;
 
+-- name: worker_leases
+-- By leases_worker_active_idx.
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE worker_id = :worker_id AND status = 'active'
+ORDER BY started_at DESC, id DESC
+LIMIT :limit;
+
 -- name: list_leases
 SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
 FROM leases
