@@ -156,8 +156,13 @@ ROUTES: tuple[Route, ...] = (
     Route(f"{BASE}/artifacts", lambda c: artifacts.Artifacts(c.engine), {
         "GET": Op("Artifacts, newest first", {200: (list[Artifact], NEXT_LINK)}, params=(TASK_FILTER, *PAGED)),
     }),
-    Route(f"{BASE}/runs", lambda c: artifacts.Runs(c.engine), {
+    Route(f"{BASE}/results", lambda c: artifacts.Results(c.engine), {
         "GET": Op("Results, newest first", {200: (list[Result], NEXT_LINK)}, params=(TASK_FILTER, *PAGED)),
+    }),
+    Route(f"{BASE}/runs", lambda c: artifacts.Runs(c.engine), {
+        "GET": Op("The newest tasks (50 unless limit says otherwise), as the first version's /runs",
+                  {200: (list[Task], NEXT_LINK)},
+                  params=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}, "page size"), CURSOR)),
     }),
     Route(f"{BASE}/audit", lambda c: audit.Audit(c.engine), {
         "GET": Op("Audit log, newest first", {200: (list[AuditEntry], NEXT_LINK)},

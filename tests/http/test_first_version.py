@@ -87,3 +87,24 @@ def test_delete_worker_answers_removed_and_id(make_client, db_url):
     assert c.simulate_get(f"{API}/workers/w-gone").status_code == 404
     r = c.simulate_delete(f"{API}/workers/w-gone")
     assert r.status_code == 404 and r.json["error"]
+
+
+def test_runs_are_the_50_newest_tasks_and_results_have_their_own_path(make_client, db_url):
+    c = make_client(database_url=db_url)
+    c.simulate_post(f"{API}/workers", json={"name": "w-1", "capabilities": {"max_concurrency": 32}})
+    ids = [c.simulate_post(f"{API}/llm-tasks", json=new_task(prompt=f"p{n}")).json["id"] for n in range(55)]
+    r = c.simulate_post(f"{API}/llm-tasks/{ids[-1]}/lease", json={"worker_id": "w-1"})
+    c.simulate_post(f"{API}/llm-tasks/{ids[-1]}/complete", json={"status": "success", "output": "done"})
+
+    runs = c.simulate_get(f"{API}/runs")
+    assert runs.status_code == 200
+    assert [t["id"] for t in runs.json] == ids[::-1][:50]  # task objects, newest first
+    assert set(runs.json[0]) >= {"id", "context_id", "agent_slug", "prompt", "status", "created_at", "attempts"}
+    assert runs.json[0]["status"] == "completed"
+    rest = c.simulate_get(runs.headers["link"].split(";")[0].strip("<>"))
+    assert [t["id"] for t in rest.json] == ids[::-1][50:]
+    assert [t["id"] for t in c.simulate_get(f"{API}/runs", params={"limit": 2}).json] == ids[::-1][:2]
+
+    results = c.simulate_get(f"{API}/results").json
+    assert [(x["task_id"], x["output"]) for x in results] == [(ids[-1], "done")]
+    assert r.json["lease"]["id"] and c.simulate_get(f"{API}/results", params={"task_id": ids[0]}).json == []
