@@ -53,6 +53,14 @@ def mask(value: str | None) -> str | None:
     return "****" + value[-4:] if len(value) >= 12 else "****"
 
 
+def mask_ends(value: str | None) -> str | None:
+    """The first version's masked key, ``adm-****cdef``: its first and last 4 characters,
+    and only of a key of 16 or more (of a shorter one they would give too much away)."""
+    if not value:
+        return None
+    return value[:4] + "****" + value[-4:] if len(value) >= 16 else "****"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """A client key; ``name`` is what the audit log records as the actor."""

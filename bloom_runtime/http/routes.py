@@ -90,8 +90,8 @@ ROUTES: tuple[Route, ...] = (
         "POST": Op("Change the membridge configuration", {200: (schemas.ConfigView, "new configuration")}, body=schemas.ConfigUpdate, access="admin"),
     }),
     Route(f"{BASE}/test-connection", lambda c: config.TestConnection(c.engine), {
-        "POST": Op("GET membridge /health through the client; records connected and last_test",
-                   {200: (schemas.ConnectionTestResult, "membridge answered"), 502: MB_502, 503: MB_503}),
+        "POST": Op("GET membridge /health through the client; records connected and last_test for /config",
+                   {200: (schemas.ConnectionTestResult, "connected: true and membridge's health, or connected: false and why")}),
     }),
     Route(f"{BASE}/workers", lambda c: workers.WorkerCollection(c.engine), {
         "GET": Op("All workers, ordered by id", {200: (list[Worker], "workers")}, params=(_status(WORKER_STATUSES),)),

@@ -137,20 +137,29 @@ class RemovedWorker(Worker, frozen=True, kw_only=True):
     removed: bool = True
 
 
-class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Membridge /health as seen through the client: status and parsed scalar fields only."""
+class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The first version's ``{connected: true, health}`` or ``{connected: false, error}``: membridge
+    /health as seen through the client (its parsed scalar fields only), and how it went."""
 
     connected: bool
-    status: int
-    health: dict[str, Any]
-    latency_ms: float
-    tested_at: int
+    health: dict[str, Any] | None = None
+    error: str | None = None
+    status: int | None = None  # membridge's answer, when it gave one
+    latency_ms: float | None = None
+    tested_at: int | None = None  # epoch ms; absent when nothing was tested
+    retry_after_s: float | None = None  # while the circuit breaker is open
+    configured: bool = True
 
 
 class ConfigView(msgspec.Struct, frozen=True, kw_only=True):
+    """The first version's fields, and ours. Only admin keys see the ends of the admin key."""
+
     membridge_server_url: str | None
-    admin_key: str | None  # masked
+    admin_key: str | None  # "****cdef" (admin), "****" (others), null: no key
+    admin_key_masked: str  # "adm-****cdef" (admin), "****" (others), "": no key
     configured: bool
+    connected: bool  # the last test-connection since the configuration changed reached membridge
+    last_test: int | None  # when that test ran, epoch ms
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):

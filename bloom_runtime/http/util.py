@@ -71,3 +71,9 @@ def send_page(req: falcon.Request, resp: falcon.Response, page: Page, limit: int
 def actor(req: falcon.Request) -> str:
     principal = getattr(req.context, "principal", None)
     return principal.name if principal is not None else "api"
+
+
+def is_admin(req: falcon.Request) -> bool:
+    """The caller's key may do admin operations (see ``Authenticator``)."""
+    principal = getattr(req.context, "principal", None)
+    return principal is not None and principal.admin

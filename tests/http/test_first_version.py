@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+import pytest
 
 from bloom_runtime.engine.models import LEASE_STATUSES, TASK_STATUSES, WORKER_STATUSES
+from bloom_runtime.engine.settings import Secret, parse_api_keys
 from bloom_runtime.http import schemas
 
-from .conftest import new_task
+from ..membridge_fixtures import membridge_server  # noqa: F401
+from .conftest import ADMIN_KEY, CLIENT_KEY, new_task
 
 API = "/api/runtime"
 
@@ -108,3 +113,76 @@ def test_runs_are_the_50_newest_tasks_and_results_have_their_own_path(make_clien
     results = c.simulate_get(f"{API}/results").json
     assert [(x["task_id"], x["output"]) for x in results] == [(ids[-1], "done")]
     assert r.json["lease"]["id"] and c.simulate_get(f"{API}/results", params={"task_id": ids[0]}).json == []
+
+
+# --- /config and /test-connection ------------------------------------------------------------
+
+MB_ADMIN_KEY = "adm-membridge-key-cdef"
+AUTH = {
+    "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"),
+    "admin_keys": parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"),
+}
+CLIENT = {"X-Runtime-API-Key": CLIENT_KEY}
+ADMIN = {"X-Runtime-API-Key": ADMIN_KEY}
+QUICK_MEMBRIDGE = {"membridge_timeout_s": 1.0, "membridge_retries": 0}
+
+
+@pytest.fixture
+def with_membridge(make_client, db_url, membridge_server):  # noqa: F811
+    def make(**over: Any):
+        values = {"membridge_server_url": membridge_server.url, "membridge_admin_key": Secret(MB_ADMIN_KEY),
+                  "membridge_sync_interval_s": 3600.0, "extra": dict(QUICK_MEMBRIDGE), **AUTH}
+        return make_client(database_url=db_url, **{**values, **over})
+
+    return make
+
+
+def test_config_has_the_first_versions_fields_and_masks_by_key(with_membridge, membridge_server):  # noqa: F811
+    c = with_membridge()
+    admin = c.simulate_get(f"{API}/config", headers=ADMIN).json
+    assert admin == {
+        "membridge_server_url": membridge_server.url, "admin_key_masked": "adm-****cdef", "connected": False,
+        "last_test": None, "admin_key": "****cdef", "configured": True,
+    }
+    # A client key learns that a key is set, none of its characters.
+    client = c.simulate_get(f"{API}/config", headers=CLIENT).json
+    assert client == {**admin, "admin_key_masked": "****", "admin_key": "****"}
+    # No key at all: the first version's empty string.
+    bare = with_membridge(membridge_admin_key=None).simulate_get(f"{API}/config", headers=ADMIN).json
+    assert bare["admin_key_masked"] == "" and bare["admin_key"] is None
+    # The ends of a short key would give too much of it away, even to an admin.
+    short = with_membridge(membridge_admin_key=Secret("adm-short-cdef")).simulate_get(f"{API}/config", headers=ADMIN).json
+    assert short["admin_key_masked"] == "****"
+
+
+def test_config_shows_the_last_test_everywhere_and_after_a_restart(with_membridge, membridge_server):  # noqa: F811
+    c = with_membridge()
+    before = c.engine.clock.now_ms()
+    r = c.simulate_post(f"{API}/test-connection", headers=CLIENT)
+    assert r.status_code == 200
+    assert r.json["connected"] is True and r.json["health"] == {"status": "ok", "version": "test", "agents": 2}
+    config = c.simulate_get(f"{API}/config", headers=CLIENT).json
+    assert config["connected"] is True and isinstance(config["last_test"], int)
+    assert before <= config["last_test"] <= c.engine.clock.now_ms() and config["last_test"] == r.json["tested_at"]
+    # Another engine on the same database (another process, or this one restarted) agrees.
+    other = with_membridge()
+    assert other.simulate_get(f"{API}/config", headers=CLIENT).json == config
+
+    membridge_server.refuse()
+    r = c.simulate_post(f"{API}/test-connection", headers=CLIENT)
+    assert r.status_code == 200
+    assert r.json["connected"] is False and "unreachable" in r.json["error"] and "health" not in r.json
+    down = other.simulate_get(f"{API}/config", headers=CLIENT).json
+    assert down["connected"] is False and down["last_test"] == r.json["tested_at"] >= config["last_test"]
+
+
+def test_changing_the_config_resets_the_test_and_an_empty_key_keeps_the_key(with_membridge, membridge_server):  # noqa: F811
+    c = with_membridge()
+    assert c.simulate_post(f"{API}/test-connection", headers=CLIENT).json["connected"] is True
+    # The first version's form sends admin_key "" when only the URL was edited.
+    r = c.simulate_post(f"{API}/config", json={"membridge_server_url": membridge_server.url, "admin_key": ""}, headers=ADMIN)
+    assert r.status_code == 200
+    assert r.json["admin_key_masked"] == "adm-****cdef" and r.json["connected"] is False and r.json["last_test"] is None
+    assert c.simulate_get(f"{API}/config", headers=CLIENT).json["connected"] is False
+    assert c.simulate_post(f"{API}/test-connection", headers=CLIENT).json["connected"] is True
+    assert membridge_server.requests[-1].headers["X-MEMBRIDGE-ADMIN"] == MB_ADMIN_KEY
