@@ -36,6 +36,7 @@ from bloom_runtime.actors.messages import (
     FailLease,
     Heartbeat,
     PickWorkers,
+    RefreshWorker,
     RegisterWorker,
     RemoveWorker,
     RequeueTask,
@@ -43,6 +44,7 @@ from bloom_runtime.actors.messages import (
 )
 from bloom_runtime.actors.task_queue import TaskQueue
 from bloom_runtime.actors.worker_registry import WorkerRegistry
+from bloom_runtime.engine.agent_admin import AgentAdmin
 from bloom_runtime.engine.backoff import RetryBackoff
 from bloom_runtime.engine.clock import Clock, SystemClock
 from bloom_runtime.engine.errors import (
@@ -157,6 +159,7 @@ class Engine:
         self.audit = AuditService(self)
         # Membridge config (read from the store), clients, test-connection, pass-through, dispatch; no network I/O here.
         self.membridge: MembridgeService = MembridgeService(self)
+        self.agent_admin = AgentAdmin(self)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -575,6 +578,12 @@ class WorkerService(_Service):
 
     def remove(self, worker_id: str, actor: str = "api") -> Worker:
         return self._engine.call("registry", lambda r: RemoveWorker(worker_id, actor, r))
+
+    def refresh(self, upsert: WorkerUpsert, cause: str, actor: str = "api") -> Worker:
+        """Update a known worker with what its agent reported (``NotFound`` if it is gone);
+        audited only when its status, agent_version or os_info changed."""
+        upsert = validate(upsert)
+        return self._engine.call("registry", lambda r: RefreshWorker(upsert, cause, actor, r))
 
     def check_liveness_now(self) -> None:
         """Offline the workers not seen for ``worker_offline_after``; returns once done and audited."""

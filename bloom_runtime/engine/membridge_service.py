@@ -125,8 +125,9 @@ class DispatchResult(msgspec.Struct, frozen=True, kw_only=True):
     worker_status: int | None = None
 
 
-def scalar_fields(data: Any) -> dict[str, Any]:
-    """Top-level scalar fields of a JSON object, bounded: what a peer's /health may show a client."""
+def scalar_fields(data: Any, depth: int = 0) -> dict[str, Any]:
+    """The scalar fields of a JSON object, bounded, and of the objects in it down to
+    ``depth`` levels: what a peer's /health may show a client (raw bodies never)."""
     if not isinstance(data, dict):
         return {}
     out: dict[str, Any] = {}
@@ -137,6 +138,8 @@ def scalar_fields(data: Any) -> dict[str, Any]:
             out[key] = value[:MAX_FIELD_CHARS]
         elif value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
             out[key] = value
+        elif isinstance(value, dict) and depth > 0:
+            out[key] = scalar_fields(value, depth - 1)
     return out
 
 

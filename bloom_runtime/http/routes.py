@@ -6,10 +6,12 @@ the OpenAPI document is generated from it, so the three cannot disagree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bloom_runtime.engine.agent_admin import CONTROLS
 from bloom_runtime.engine.models import (
     LEASE_STATUSES,
     TASK_STATUSES,
@@ -24,7 +26,19 @@ from bloom_runtime.engine.models import (
     Worker,
 )
 from bloom_runtime.http import schemas
-from bloom_runtime.http.resources import artifacts, audit, config, dispatch, health, leases, membridge, stats, tasks, workers
+from bloom_runtime.http.resources import (
+    agents,
+    artifacts,
+    audit,
+    config,
+    dispatch,
+    health,
+    leases,
+    membridge,
+    stats,
+    tasks,
+    workers,
+)
 
 BASE = "/api/runtime"
 MEMBRIDGE_BASE = "/api/membridge"
@@ -81,6 +95,10 @@ IDEMPOTENCY = Param(
 )
 NEXT_LINK = 'the page as an array; the next page in `Link: <…>; rel="next"`'
 
+def _agent_control(c: Any, name: str) -> object:
+    return agents.AgentControl(c.engine, name)
+
+
 ROUTES: tuple[Route, ...] = (
     Route(f"{BASE}/health", lambda c: health.Health(c.engine), {
         "GET": Op("Liveness, storage and membridge client state", {200: (schemas.Health, "healthy"), 503: (schemas.Health, "unhealthy")}, access="open"),
@@ -102,6 +120,19 @@ ROUTES: tuple[Route, ...] = (
         "DELETE": Op("Remove a worker (its leases expire normally)",
                      {200: (schemas.RemovedWorker, "removed: true, and the removed worker's fields")}, access="admin"),
     }),
+    Route(f"{BASE}/workers/{{worker_id}}/agent-health", lambda c: agents.AgentHealth(c.engine), {
+        "GET": Op("GET the worker's agent /health; the worker's status and version are refreshed from it",
+                  {200: (dict[str, Any], "reachable: true and the agent's scalar /health fields, or reachable: false and why"),
+                   400: (schemas.ErrorBody, "the worker has no url")}),
+    }),
+    *(Route(f"{BASE}/workers/{{worker_id}}/agent-{name}", functools.partial(_agent_control, name=name), {
+        "POST": Op(f"POST the agent's /{control.path} with the agent key (audited)",
+                   {200: (dict[str, Any], f"status: {control.done}, and the agent's answer"),
+                    400: (schemas.ErrorBody, "the worker has no url"),
+                    502: (schemas.ErrorBody, "the agent refused, answered badly or could not be reached"),
+                    503: (schemas.ErrorBody, "the agent's circuit breaker is open (Retry-After)")},
+                   body=schemas.AgentUpdateRequest if name == "update" else None, body_optional=True, access="admin"),
+    }) for name, control in CONTROLS.items()),
     Route(f"{BASE}/workers/{{worker_id}}/claim", lambda c: workers.WorkerClaim(c.engine), {
         "POST": Op("Pull mode: lease the next task this worker can take, waiting up to wait_seconds",
                    {200: (schemas.TaskLease, "a task was leased"), 204: (None, "nothing arrived in time")},

@@ -80,6 +80,14 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
         return Fence(lease_id=self.lease_id, worker_id=self.worker_id)
 
 
+class AgentUpdateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """POST /workers/{id}/agent-update: passed on to the agent's /self-update (it defaults to its origin)."""
+
+    repo_url: Annotated[str, Meta(max_length=1024, pattern=r"^(https?://|ssh://|git@)[^\s\x00-\x1f]+$")] | None = None
+    # Never an option: the agent hands it to `git pull origin <branch>`.
+    branch: Annotated[str, Meta(max_length=255, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")] | None = None
+
+
 class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: Id | None = None
     ttl_seconds: TtlSeconds | None = None

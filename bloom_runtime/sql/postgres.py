@@ -1060,6 +1060,14 @@ class PostgresTransaction(Transaction):
         return _worker_row(row), bool(row[_WORKER_N + 1])
 
     @_translating
+    def lock_worker(self, worker_id: str) -> Worker:
+        self._all("lock_workers", {"ids": [worker_id]})
+        row = self._one("get_worker", {"id": worker_id})
+        if row is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return _worker_row(row)
+
+    @_translating
     def remove_worker(self, worker_id: str) -> Worker:
         row = self._one("delete_worker", {"id": worker_id})
         if row is None:

@@ -604,6 +604,13 @@ class SqliteTransaction(Transaction):
         assert worker is not None
         return worker, created
 
+    def lock_worker(self, worker_id: str) -> Worker:
+        # The transaction holds SQLite's write lock: no other writer can change the row.
+        worker = self._worker_by_id(worker_id)
+        if worker is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return worker
+
     @_atomic
     def remove_worker(self, worker_id: str) -> Worker:
         worker = self._worker_by_id(worker_id)

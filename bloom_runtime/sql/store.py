@@ -243,6 +243,10 @@ class Transaction(abc.ABC):
         change."""
 
     @abc.abstractmethod
+    def lock_worker(self, worker_id: str) -> Worker:
+        """The worker as it is now, its row locked until the transaction ends; ``NotFound`` if absent."""
+
+    @abc.abstractmethod
     def remove_worker(self, worker_id: str) -> Worker:
         """Delete a worker; raises ``NotFound``. Its leases stay and expire normally."""
 
