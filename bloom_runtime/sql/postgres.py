@@ -87,6 +87,7 @@ from bloom_runtime.engine.models import (
     new_worker,
     or_default,
 )
+from bloom_runtime.sql import adopt
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.queries import load
@@ -1239,6 +1240,16 @@ class PostgresStore(Store):
                 # migrator waits here and then finds the work done.
                 with conn.transaction():
                     conn.execute(Q["migrations_lock"])
+                    present = adopt.first_version_tables(conn)
+                    if present:
+                        # The first version's tables: made 0001's, recorded as 0001, in this transaction.
+                        now = time.time_ns() // 1_000_000
+                        report = adopt.adopt(conn, present, now)
+                        conn.execute(Q["create_schema_migrations"])
+                        conn.execute(Q["record_migration"], {"version": adopt.ADOPTED_AS, "now": now})
+                        conn.execute(Q["insert_audit"], {"rows": _encode(report.entries).decode()})
+                        applied.append(f"{adopt.ADOPTED_AS} (adopted from the first version's tables)")
+                        continue
                     conn.execute(Q["create_schema_migrations"])
                     done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
                     todo = migrations.pending("postgres", done)
