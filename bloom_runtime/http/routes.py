@@ -151,7 +151,7 @@ ROUTES: tuple[Route, ...] = (
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: tasks.TaskHeartbeat(c.engine), {
         "POST": Op("Renew the active lease; the task moves to running (empty body allowed)",
-                   {200: (schemas.TaskLease, "renewed")}, body=Fence, body_optional=True, kind="worker"),
+                   {200: (schemas.HeartbeatAnswer, "renewed")}, body=Fence, body_optional=True, kind="worker"),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/complete", lambda c: tasks.TaskComplete(c.engine), {
         "POST": Op("Record the result of the active lease", {200: (schemas.CompleteResponse, "recorded")},

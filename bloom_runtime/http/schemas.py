@@ -117,6 +117,12 @@ class TaskLease(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease
 
 
+class HeartbeatAnswer(TaskLease, frozen=True, kw_only=True):
+    """A renewal: the task and lease, and the first version's top-level ``expires_at``."""
+
+    expires_at: int
+
+
 class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     task: Task
     result: Result

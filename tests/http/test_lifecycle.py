@@ -29,7 +29,8 @@ def test_push_lifecycle_with_agent_payloads(make_client, db_url):
     # The membridge agent heartbeats with no body at all.
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat")
     assert r.status_code == 200, r.text
-    assert set(r.json) == {"task", "lease"} and r.json["task"]["status"] == "running"
+    assert set(r.json) == {"task", "lease", "expires_at"} and r.json["task"]["status"] == "running"
+    assert r.json["expires_at"] == r.json["lease"]["expires_at"]  # the first version's top-level field
 
     r = c.simulate_post(
         f"{API}/llm-tasks/{task['id']}/complete",

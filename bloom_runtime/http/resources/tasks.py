@@ -69,7 +69,7 @@ class TaskHeartbeat:
         task_id = path_id(task_id, "task")
         fence: Fence = body(req, Fence)
         task, lease = self.engine.leases.heartbeat(task_id, fence, actor=fence.worker_id or actor(req))
-        send(resp, schemas.TaskLease(task=task, lease=lease))
+        send(resp, schemas.HeartbeatAnswer(task=task, lease=lease, expires_at=lease.expires_at))
 
 
 class TaskComplete:
