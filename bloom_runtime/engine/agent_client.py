@@ -81,10 +81,7 @@ class AgentClient(PooledClient):
         twice), unless ``idempotent=True``.
         """
         base = validate_outgoing_url(worker_url, self._allowed)
-        try:
-            headers = key_header(AGENT_HEADER, agent_key, "membridge agent key")
-        except MembridgeError as exc:
-            raise self._caller.fail_early(exc) from None
+        headers = self._agent_headers(agent_key)
         return self._caller.call(
             self.breakers.get(base), "POST", join(base, "execute-task"), label=f"POST {base}/execute-task",
             headers=headers, json=dict(payload), timeout_s=timeout_s, idempotent=idempotent,
@@ -118,14 +115,18 @@ class AgentClient(PooledClient):
         if action not in CONTROL_ACTIONS:
             raise ValueError(f"not an agent control action: {action!r}")
         base = validate_outgoing_url(worker_url, self._allowed)
-        try:
-            headers = key_header(AGENT_HEADER, agent_key, "membridge agent key")
-        except MembridgeError as exc:
-            raise self._caller.fail_early(exc) from None
+        headers = self._agent_headers(agent_key)
         return self._caller.call(
             self.breakers.get(base), "POST", join(base, action), label=f"POST {base}/{action}",
             headers=headers, json=dict(payload), timeout_s=timeout_s, idempotent=False, details={"url": base},
         )
+
+    def _agent_headers(self, agent_key: str | None) -> dict[str, str]:
+        """``X-MEMBRIDGE-AGENT`` (none without a key); a malformed key fails the call before it is sent."""
+        try:
+            return key_header(AGENT_HEADER, agent_key, "membridge agent key")
+        except MembridgeError as exc:
+            raise self._caller.fail_early(exc) from None
 
     def breaker_state(self, worker_url: str) -> BreakerState:
         """The breaker state for a worker URL (``closed`` for one never called)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.adopt import ADOPTED_AS
 from bloom_runtime.sql.postgres import PostgresStore
 
-from ..conftest import _with_dbname
+from ..conftest import _with_dbname, run_together
 from .test_migrations import ALL_MIGRATIONS, fresh_pg_url  # noqa: F401
 
 pytestmark = pytest.mark.postgres
@@ -157,19 +156,8 @@ def test_our_own_tables_without_schema_migrations_are_refused(fresh_pg_url: str)
 def test_two_migrators_adopt_once(fresh_pg_url: str) -> None:  # noqa: F811
     sql(fresh_pg_url, TABLES, ROWS)
     stores = [_store(fresh_pg_url), _store(fresh_pg_url)]
-    barrier = threading.Barrier(2)
-    applied: list[list[str]] = []
-
-    def run(store: PostgresStore) -> None:
-        barrier.wait()
-        applied.append(store.migrate())
-
     try:
-        threads = [threading.Thread(target=run, args=(s,)) for s in stores]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        applied = run_together(2, lambda i: stores[i].migrate())
     finally:
         for s in stores:
             s.close()

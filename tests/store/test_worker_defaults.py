@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import psycopg
 import pytest
 
 from bloom_runtime.sql.store import Store
 
-from .test_contract import OK, T0, acquire, add_task, add_worker, complete
+from .test_contract import OK, T0, acquire, add_task, add_worker, complete, execute_raw  # noqa: F401
 
 LEGACY_ROW = (
     "INSERT INTO workers (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,"
@@ -20,21 +19,11 @@ LEGACY_ROW = (
 
 
 @pytest.fixture
-def legacy(store: Store, request: pytest.FixtureRequest):
+def legacy(execute_raw):  # noqa: F811
     """Insert a worker row the way code before the defaults did: NULL where nothing was given."""
 
     def insert(worker_id: str, registered: int, source: str = "api") -> None:
-        sql = LEGACY_ROW.format(id=worker_id, registered=registered, source=source)
-        if store.kind == "postgresql":
-            with psycopg.connect(request.getfixturevalue("pg_url"), autocommit=True) as conn:
-                conn.execute(sql.encode())  # built from this test's own literals
-            return
-        conn = sqlite3.connect(store.path)  # type: ignore[attr-defined]
-        try:
-            with conn:
-                conn.execute(sql)
-        finally:
-            conn.close()
+        execute_raw(LEGACY_ROW.format(id=worker_id, registered=registered, source=source))
 
     return insert
 
