@@ -109,6 +109,7 @@ def test_runs_are_the_50_newest_tasks_and_results_have_their_own_path(make_clien
     rest = c.simulate_get(runs.headers["link"].split(";")[0].strip("<>"))
     assert [t["id"] for t in rest.json] == ids[::-1][50:]
     assert [t["id"] for t in c.simulate_get(f"{API}/runs", params={"limit": 2}).json] == ids[::-1][:2]
+    assert c.simulate_get(f"{API}/runs", params={"limit": 0}).status_code == 400
 
     results = c.simulate_get(f"{API}/results").json
     assert [(x["task_id"], x["output"]) for x in results] == [(ids[-1], "done")]

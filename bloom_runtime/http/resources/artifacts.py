@@ -40,5 +40,6 @@ class Runs:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        limit = query_int(req, "limit") or RUNS_PAGE
+        limit = query_int(req, "limit")
+        limit = RUNS_PAGE if limit is None else limit
         send_page(req, resp, self.engine.tasks.list(None, limit, query_str(req, "cursor")), limit)
