@@ -63,7 +63,8 @@ def test_config_masks_key_and_audits_change(keyed):
     admin = {HEADER: ADMIN_KEY}
     r = keyed.simulate_post(f"{API}/config", json={"membridge_server_url": "http://membridge.local:8000", "admin_key": "supersecretvalue1234"}, headers=admin)
     assert r.status_code == 200, r.text
-    assert r.json == {"membridge_server_url": "http://membridge.local:8000", "admin_key": "****1234", "configured": True}
+    assert r.json == {"membridge_server_url": "http://membridge.local:8000", "admin_key": "****1234", "configured": True,
+                      "admin_key_masked": "supe****1234", "connected": False, "last_test": None}
     assert "supersecret" not in keyed.simulate_get(f"{API}/config", headers=admin).text
     entry = keyed.simulate_get(f"{API}/audit", headers=admin).json[0]
     assert entry["action"] == "config_updated" and entry["actor"] == "root" and "supersecret" not in entry["detail"]
