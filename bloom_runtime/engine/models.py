@@ -27,6 +27,7 @@ WorkerSource = Literal["api", "pull", "membridge"]
 TASK_STATUSES: tuple[str, ...] = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES: tuple[str, ...] = ("active", "released", "expired", "failed")
 WORKER_STATUSES: tuple[str, ...] = ("online", "offline", "syncing", "error", "unknown")
+UNFINISHED_STATUSES: tuple[str, ...] = ("queued", "leased", "running")  # a queue's depth, by stage
 
 # Task transitions (DESIGN §5): the states each operation may start from.
 LEASABLE: frozenset[str] = frozenset({"queued"})
@@ -276,6 +277,22 @@ class Expiry(msgspec.Struct, frozen=True, kw_only=True):
 
     lease: Lease
     task: Task
+
+
+class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One stretch of time (a minute, or a bucket of minutes) of the runtime's history.
+
+    Depths are the unfinished tasks by status when it closed (None: not sampled, e.g.
+    while no engine ran); the counts are what happened within it."""
+
+    at: int  # start, epoch ms
+    queued: int | None
+    leased: int | None
+    running: int | None
+    created: int = 0
+    completed: int = 0
+    failed: int = 0  # results with status error, retried or not
+    expired: int = 0  # leases that expired
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):
