@@ -295,6 +295,33 @@ class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True):
     expired: int = 0  # leases that expired
 
 
+class HistoryWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """The history of the last ``minutes`` in buckets of ``bucket_minutes``, oldest first.
+
+    The last bucket ends with the current minute, which is counted so far (live)."""
+
+    minutes: int
+    bucket_minutes: int
+    start: int  # epoch ms: the first bucket's start
+    end: int  # epoch ms: the end of the current minute
+    points: list[HistoryPoint]
+
+
+class OldestQueued(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    created_at: int
+    age_ms: int
+
+
+class QueueState(msgspec.Struct, frozen=True, kw_only=True):
+    """The unfinished tasks now, and the one that has waited longest to be leased."""
+
+    queued: int
+    leased: int
+    running: int
+    oldest_queued: OldestQueued | None
+
+
 class Page(msgspec.Struct, frozen=True, kw_only=True):
     items: list[Any]
     next_cursor: str | None
