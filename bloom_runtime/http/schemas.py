@@ -152,6 +152,15 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     actors: dict[str, Any] = {}
 
 
+class WhoAmI(msgspec.Struct, frozen=True, kw_only=True):
+    """The caller's key: its name (the audit actor) and whether it may do admin operations."""
+
+    name: str | None
+    admin: bool
+    auth_enabled: bool
+    authenticated: bool
+
+
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
     tasks: dict[str, int]
     leases: dict[str, int]
