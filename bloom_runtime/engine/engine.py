@@ -456,11 +456,10 @@ class TaskService(_Service):
             raise InvalidInput(f"unknown status {status!r}", allowed=list(TASK_STATUSES))
         if context_id is not None and agent_slug is not None:
             raise InvalidInput("search by context_id or by agent_slug, not both")
-        statuses = [status] if status is not None else list(TASK_STATUSES)
-        if context_id is not None:
-            return self._engine.store.search_tasks("context_id", context_id, statuses, check_limit(limit), cursor)
-        if agent_slug is not None:
-            return self._engine.store.search_tasks("agent_slug", agent_slug, statuses, check_limit(limit), cursor)
+        field, value = ("context_id", context_id) if context_id is not None else ("agent_slug", agent_slug)
+        if value is not None:
+            statuses = [status] if status is not None else list(TASK_STATUSES)
+            return self._engine.store.search_tasks(field, value, statuses, check_limit(limit), cursor)
         return self._engine.store.list_tasks(status, check_limit(limit), cursor)
 
     def complete(self, task_id: str, completion: Completion, fence: Fence = Fence(), actor: str | None = None) -> CompletionOutcome:

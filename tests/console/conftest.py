@@ -19,6 +19,7 @@ import requests
 
 from ..conftest import truncate_pg
 from ..http.test_e2e import REPO, Server
+from ..membridge_fixtures import membridge_server  # noqa: F401
 
 CHROMIUM = os.environ.get("BLOOM_TEST_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium tries to reach its services, which
@@ -116,13 +117,6 @@ class Console:
         not a function: the console's policy forbids the eval a polled function needs.)"""
         shown = "".join(f':not([data-loads="{n}"])' for n in range(1, after + 1))
         self.page.locator(f"main[data-loads]{shown}").wait_for(state="attached", timeout=WAIT_MS)
-
-    def loads(self) -> int:
-        return int(self.page.evaluate("Number(document.getElementById('main').dataset.loads || 0)"))
-
-    def reload_data(self) -> None:
-        """Wait for the next live refresh of the current page."""
-        self.loaded(self.loads())
 
     def sign_in(self, key: str) -> None:
         self.page.goto(f"{self.runtime.origin}/")

@@ -99,7 +99,7 @@ def test_sign_in_then_the_overview_shows_what_stats_says(make_console: Callable[
     assert c.page.locator("[data-stat=oldest-age]").is_visible()
     assert c.page.locator("figure.chart svg").count() == 2
     c.page.get_by_role("button", name="Last 24 h").click()
-    c.reload_data()
+    c.page.get_by_text("Last 24 h: ").wait_for()
     c.shot("overview")
     # A reload keeps the key (sessionStorage); a key that stops working returns to the prompt.
     c.page.reload()
@@ -346,7 +346,7 @@ def test_live_refresh_shows_new_tasks_and_pause_stops_it(make_console: Callable[
     c.page.get_by_role("button", name="Pause").click()
     assert c.page.locator("#live-state").inner_text() == "Paused"
     c.page.get_by_role("button", name="Resume").click()
-    c.reload_data()
+    c.page.locator("#live-state", has_text="Live, every 5 s").wait_for()
 
 
 def test_one_open_page_makes_a_bounded_number_of_requests(make_console: Callable[..., Console], runtime: Runtime) -> None:
@@ -376,3 +376,30 @@ def test_one_open_page_makes_a_bounded_number_of_requests(make_console: Callable
     c.page.clock.run_for(120_000)
     assert len(api()) == before
     assert "hidden" in c.page.locator("#live-state").inner_text()
+
+
+# --- membridge --------------------------------------------------------------------------
+
+
+def test_membridge_configured_tested_and_its_projects_browsed(admin: Console, runtime: Runtime, membridge_server: Any) -> None:
+    c = admin
+    c.open("#/membridge")
+    assert "No control plane configured" in c.page.locator("main").inner_text()
+    c.page.get_by_label("Control plane URL").fill(membridge_server.url)
+    c.page.get_by_label("Admin key (X-MEMBRIDGE-ADMIN)").fill("membridge-admin-secret-1")
+    c.page.get_by_role("button", name="Save").click()
+    c.page.locator("#answer").get_by_text("POST /config → 200").wait_for()
+    c.page.locator("section[aria-labelledby=mb-config] dd", has_text="****").wait_for()  # reloaded after the save
+    config = c.page.locator("section[aria-labelledby=mb-config] dl").inner_text()
+    assert "membridge-admin-secret-1" not in c.page.locator("main").inner_text() and "****" in config
+    c.page.get_by_role("button", name="Test connection").click()
+    c.page.locator("#answer").get_by_text("POST /test-connection → 200").wait_for()
+    c.page.get_by_role("button", name="Leadership and nodes").first.click()
+    c.page.get_by_text("Project proj-1").wait_for()
+    nodes = c.page.locator("main table").last
+    assert "node-a" in nodes.inner_text() and "leader" in nodes.inner_text()
+    c.page.locator("main tr", has_text="node-b").get_by_role("button", name="Make leader…").click()
+    c.page.locator("dialog.confirm button[value=yes]").click()
+    c.page.locator("#answer").get_by_text("leadership/select → 200").wait_for()
+    assert membridge_server.state.projects["proj-1"].leader == "node-b"
+    c.shot("membridge")

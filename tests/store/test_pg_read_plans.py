@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from bloom_runtime.engine.models import TASK_STATUSES
-from bloom_runtime.sql.postgres import Q
+
+from .test_pg_plans import _scans
 
 pytestmark = pytest.mark.postgres
 
@@ -79,23 +80,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _scans(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> set[str]:
-    plan = conn.execute(f"EXPLAIN (FORMAT JSON) {sql}", params).fetchone()[0]  # type: ignore[index]
-    found: set[str] = set()
-
-    def walk(node: dict[str, Any]) -> None:
-        if "Relation Name" in node:
-            found.add(f"{node['Node Type']} on {node['Relation Name']}")
-        for child in node.get("Plans", []):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return found
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_read_uses_an_index(big: psycopg.Connection[Any], case: str) -> None:
     name, params = CASES[case]
-    scans = _scans(big, Q[name], params)
+    scans = _scans(big.cursor(), name, params)
     assert scans, scans
     assert not any(s.startswith("Seq Scan") for s in scans), scans

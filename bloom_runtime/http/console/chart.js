@@ -71,7 +71,7 @@ export function chart({ title, points, series, kind, bucketMs }) {
       points.forEach((p, i) => {
         const v = p[s.key];
         const alone = v !== null && v !== undefined && (points[i - 1]?.[s.key] ?? null) === null && (points[i + 1]?.[s.key] ?? null) === null;
-        if (alone) parts.push(svg("circle", { cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 2.5, class: ["dot", s.cls] }));
+        if (alone) parts.push(svg("circle", { cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 4, class: ["dot", s.cls] }));
       });
     }
   } else {
