@@ -27,6 +27,7 @@ WorkerSource = Literal["api", "pull", "membridge"]
 TASK_STATUSES: tuple[str, ...] = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES: tuple[str, ...] = ("active", "released", "expired", "failed")
 WORKER_STATUSES: tuple[str, ...] = ("online", "offline", "syncing", "error", "unknown")
+UNFINISHED_STATUSES: tuple[str, ...] = ("queued", "leased", "running")  # a queue's depth, by stage
 
 # Task transitions (DESIGN §5): the states each operation may start from.
 LEASABLE: frozenset[str] = frozenset({"queued"})
@@ -312,6 +313,49 @@ class Expiry(msgspec.Struct, frozen=True, kw_only=True):
 
     lease: Lease
     task: Task
+
+
+class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One stretch of time (a minute, or a bucket of minutes) of the runtime's history.
+
+    Depths are the unfinished tasks by status when it closed (None: not sampled, e.g.
+    while no engine ran); the counts are what happened within it."""
+
+    at: int  # start, epoch ms
+    queued: int | None
+    leased: int | None
+    running: int | None
+    created: int = 0
+    completed: int = 0
+    failed: int = 0  # results with status error, retried or not
+    expired: int = 0  # leases that expired
+
+
+class HistoryWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """The history of the last ``minutes`` in buckets of ``bucket_minutes``, oldest first.
+
+    The last bucket ends with the current minute, which is counted so far (live)."""
+
+    minutes: int
+    bucket_minutes: int
+    start: int  # epoch ms: the first bucket's start
+    end: int  # epoch ms: the end of the current minute
+    points: list[HistoryPoint]
+
+
+class OldestQueued(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    created_at: int
+    age_ms: int
+
+
+class QueueState(msgspec.Struct, frozen=True, kw_only=True):
+    """The unfinished tasks now, and the one that has waited longest to be leased."""
+
+    queued: int
+    leased: int
+    running: int
+    oldest_queued: OldestQueued | None
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,8 +19,10 @@ from bloom_runtime.engine.models import (
     Artifact,
     AuditEntry,
     Fence,
+    HistoryWindow,
     Lease,
     NewTask,
+    QueueState,
     Result,
     Task,
     Worker,
@@ -31,12 +33,15 @@ from bloom_runtime.http.resources import (
     artifacts,
     audit,
     config,
+    console,
     dispatch,
     health,
+    history,
     leases,
     membridge,
     stats,
     tasks,
+    whoami,
     workers,
 )
 
@@ -94,6 +99,12 @@ IDEMPOTENCY = Param(
     "a retry with the same key returns the task created first (200) instead of a new one", "header",
 )
 NEXT_LINK = 'the page as an array; the next page in `Link: <…>; rel="next"`'
+# Exact matches (never patterns); each one an index range, alone or with a status.
+SEARCH = (
+    Param("context_id", {"type": "string", "maxLength": 128}, "only tasks of this context (not with agent_slug)"),
+    Param("agent_slug", {"type": "string", "maxLength": 128}, "only tasks of this agent (not with context_id)"),
+)
+TASK_IDS = Param("task_id", {"type": "string"}, "only leases of these tasks: up to 100 ids, comma-separated or repeated")
 
 def _agent_control(c: Any, name: str) -> object:
     return agents.AgentControl(c.engine, name)
@@ -140,7 +151,7 @@ ROUTES: tuple[Route, ...] = (
     }),
     Route(f"{BASE}/llm-tasks", lambda c: tasks.TaskCollection(c.engine), {
         "POST": Op("Queue a task", {201: (Task, "created"), 200: (Task, "idempotent retry: the task created first")}, body=NewTask, params=(IDEMPOTENCY,)),
-        "GET": Op("Tasks, newest first", {200: (list[Task], NEXT_LINK)}, params=(_status(TASK_STATUSES), *PAGED)),
+        "GET": Op("Tasks, newest first", {200: (list[Task], NEXT_LINK)}, params=(_status(TASK_STATUSES), *SEARCH, *PAGED)),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}", lambda c: tasks.TaskItem(c.engine), {
         "GET": Op("One task", {200: (Task, "the task")}),
@@ -182,7 +193,10 @@ ROUTES: tuple[Route, ...] = (
                    {200: (schemas.CompleteResponse, "recorded")}, body=schemas.CompleteRequest, kind="worker"),
     }),
     Route(f"{BASE}/leases", lambda c: leases.Leases(c.engine), {
-        "GET": Op("Leases, newest first", {200: (list[Lease], NEXT_LINK)}, params=(_status(LEASE_STATUSES), *PAGED)),
+        "GET": Op("Leases, newest first", {200: (list[Lease], NEXT_LINK)}, params=(_status(LEASE_STATUSES), TASK_IDS, *PAGED)),
+    }),
+    Route(f"{BASE}/leases/expired", lambda c: leases.ExpiredLeases(c.engine), {
+        "GET": Op("Expired leases, the latest expiry first", {200: (list[Lease], NEXT_LINK)}, params=PAGED),
     }),
     Route(f"{BASE}/artifacts", lambda c: artifacts.Artifacts(c.engine), {
         "GET": Op("Artifacts, newest first", {200: (list[Artifact], NEXT_LINK)}, params=(TASK_FILTER, *PAGED)),
@@ -197,10 +211,26 @@ ROUTES: tuple[Route, ...] = (
     }),
     Route(f"{BASE}/audit", lambda c: audit.Audit(c.engine), {
         "GET": Op("Audit log, newest first", {200: (list[AuditEntry], NEXT_LINK)},
-                  params=(Param("entity_id", {"type": "string", "maxLength": 128}, "only entries about this entity"), *PAGED)),
+                  params=(Param("entity_id", {"type": "string", "maxLength": 128}, "only entries about this entity"),
+                          Param("action", {"type": "string", "maxLength": 128}, "only entries of this action (e.g. task_cancelled)"),
+                          *PAGED)),
     }),
     Route(f"{BASE}/stats", lambda c: stats.Stats(c.engine), {
         "GET": Op("Counts by status", {200: (schemas.Stats, "counts")}),
+    }),
+    Route(f"{BASE}/history", lambda c: history.History(c.engine), {
+        "GET": Op("Per-minute history in buckets: unfinished tasks by status (largest in the bucket), tasks created, "
+                  "results completed and failed, leases expired; the last bucket ends with the current minute, counted live",
+                  {200: (HistoryWindow, "the buckets, oldest first")},
+                  params=(Param("minutes", {"type": "integer", "minimum": 1, "default": 60}, "how far back (at most the retention)"),
+                          Param("bucket_minutes", {"type": "integer", "minimum": 1}, "minutes per bucket (default: about 120 buckets)"))),
+    }),
+    Route(f"{BASE}/queue", lambda c: history.Queue(c.engine), {
+        "GET": Op("Unfinished tasks by status and the task that has waited longest to be leased", {200: (QueueState, "the queue now")}),
+    }),
+    Route(f"{BASE}/whoami", lambda c: whoami.WhoAmI(c.settings), {
+        "GET": Op("The caller's key: its name and whether it is an admin key (no key: authenticated false; wrong key: 401)",
+                  {200: (schemas.WhoAmI, "who is calling")}, access="open"),
     }),
     Route(f"{BASE}/metrics", lambda c: c.metrics_resource, {
         "GET": Op("Prometheus metrics", {200: (None, "text exposition format")}, content="text/plain"),
@@ -225,7 +255,16 @@ ROUTES: tuple[Route, ...] = (
         "POST": Op("Select a project's leader", {200: (Any, "membridge answer"), 502: MB_502, 503: MB_503},
                    body=dict[str, Any], body_optional=True, access="admin"),
     }),
+    # --- the operator console: static files; its data comes from the routes above ---
+    Route("/", lambda c: console.ConsolePage(), {
+        "GET": Op("The operator console", {200: (None, "the page")}, access="open", content="text/html"),
+    }),
+    Route(f"{console.ASSET_PREFIX}/{{version}}/{{asset}}", lambda c: console.ConsoleAsset(), {
+        "GET": Op("A script, style sheet or icon of the console (cached for a year: the version changes with them)",
+                  {200: (None, "the file")}, access="open", content="text/javascript"),
+    }),
 )
+
 
 OPS: dict[tuple[str, str], Op] = {(r.path, m): op for r in ROUTES for m, op in r.ops.items()}
 

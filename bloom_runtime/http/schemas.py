@@ -222,6 +222,15 @@ class WorkerCounts(msgspec.Struct, frozen=True, kw_only=True):
     unknown: int
 
 
+class WhoAmI(msgspec.Struct, frozen=True, kw_only=True):
+    """The caller's key: its name (the audit actor) and whether it may do admin operations."""
+
+    name: str | None
+    admin: bool
+    auth_enabled: bool
+    authenticated: bool
+
+
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
     """The first version's ``{tasks: {total, by_status}, leases: {total, active}, workers: {total, online}}``,
     with every status counted."""

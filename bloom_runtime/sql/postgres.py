@@ -67,6 +67,7 @@ from bloom_runtime.engine.models import (
     LEASE_STATUSES,
     MAX_ATTEMPTS_LIMIT,
     TASK_STATUSES,
+    UNFINISHED_STATUSES,
     WORKER_STATUSES,
     Artifact,
     AuditEntry,
@@ -75,6 +76,7 @@ from bloom_runtime.engine.models import (
     CompletionOutcome,
     Expiry,
     Fence,
+    HistoryPoint,
     Lease,
     LeaseGrant,
     NewTask,
@@ -90,7 +92,7 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.sql import adopt
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
-from bloom_runtime.sql.queries import load
+from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES, load
 from bloom_runtime.sql.store import (
     MAX_PAGE,
     AcquireOp,
@@ -103,6 +105,8 @@ from bloom_runtime.sql.store import (
     Transaction,
     TransientConflict,
     artifact_content,
+    history_params,
+    history_point,
 )
 
 log = logging.getLogger(__name__)
@@ -1098,6 +1102,17 @@ class PostgresTransaction(Transaction):
         keys = sorted(values)
         self._rows("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
 
+    @_translating
+    def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:
+        added = 0
+        for p in points:
+            added += len(self._rows("record_history", {**history_params(p), "now": now}))
+        return added
+
+    @_translating
+    def prune_history(self, before: int) -> None:
+        self._rows("prune_history", {"before": before})
+
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested ``conn.transaction()``: an exception undoes only this block."""
@@ -1409,12 +1424,9 @@ class PostgresStore(Store):
         return _result(row)
 
     @_translating
-    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
-        args = _page_args(limit, cursor)
-        if entity_id is None:
-            rows = self._read_all("list_audit", args)
-        else:
-            rows = self._read_all("list_audit_by_entity", {**args, "entity_id": entity_id})
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None, action: str | None = None) -> Page:
+        args = {**_page_args(limit, cursor), "entity_id": entity_id, "action": action}
+        rows = self._read_all(AUDIT_QUERIES[entity_id is not None, action is not None], args)
         return _page([_audit(r) for r in rows], limit, lambda e: e.timestamp)
 
     @_translating
@@ -1431,6 +1443,51 @@ class PostgresStore(Store):
         for kind, status, count in self._read_all("stats", {}):
             out[kind][status] = count
         return out
+
+    # --- the read side of operators' tools -----------------------------------
+
+    @_translating
+    def search_tasks(self, field: str, value: str, statuses: Sequence[str], limit: int, cursor: str | None) -> Page:
+        args = {**_page_args(limit, cursor), "value": value, "statuses": list(statuses)}
+        rows = self._read_all(SEARCH_QUERIES[field], args)
+        return _page([_task(r) for r in rows], limit, lambda t: t.created_at)
+
+    @_translating
+    def list_task_leases(self, task_ids: Sequence[str], status: str | None, limit: int, cursor: str | None) -> Page:
+        args = {**_page_args(limit, cursor), "task_ids": list(task_ids), "status": status}
+        rows = self._read_all("leases_of_tasks", args)
+        return _page([_lease(r) for r in rows], limit, lambda lease: lease.started_at)
+
+    @_translating
+    def list_expired_leases(self, limit: int, cursor: str | None) -> Page:
+        rows = self._read_all("list_expired_leases", _page_args(limit, cursor))
+        return _page([_lease(r) for r in rows], limit, lambda lease: lease.expires_at)
+
+    @_translating
+    def live_depth(self) -> dict[str, int]:
+        return {**dict.fromkeys(UNFINISHED_STATUSES, 0), **dict(self._read_all("live_depth", {}))}
+
+    @_translating
+    def oldest_queued(self) -> tuple[str, int] | None:
+        row = self._read_one("oldest_queued", {})
+        return (row[0], row[1]) if row is not None else None
+
+    @_translating
+    def activity(self, since: int, until: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for kind, minute, count in self._read_all("activity", {"since": since, "until": until}):
+            out.setdefault(minute, {})[kind] = count
+        return out
+
+    @_translating
+    def last_history_minute(self) -> int | None:
+        row = self._read_one("last_history_minute", {})
+        return row[0] if row is not None else None
+
+    @_translating
+    def history(self, since: int, until: int) -> list[HistoryPoint]:
+        rows = self._read_all("history", {"since": since, "until": until})
+        return [history_point(r) for r in rows]
 
 
 # --- cross-process wake-ups -----------------------------------------------------------

@@ -34,6 +34,7 @@ from bloom_runtime.engine.models import (
     DEFAULT_TIMEOUT_SEC,
     LEASE_STATUSES,
     TASK_STATUSES,
+    UNFINISHED_STATUSES,
     WORKER_STATUSES,
     Artifact,
     AuditEntry,
@@ -42,6 +43,7 @@ from bloom_runtime.engine.models import (
     CompletionOutcome,
     Expiry,
     Fence,
+    HistoryPoint,
     Lease,
     LeaseGrant,
     NewTask,
@@ -57,7 +59,17 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql import queries
-from bloom_runtime.sql.store import MAX_PAGE, RetryDelay, Store, Transaction, TransientConflict, artifact_content
+from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES
+from bloom_runtime.sql.store import (
+    MAX_PAGE,
+    RetryDelay,
+    Store,
+    Transaction,
+    TransientConflict,
+    artifact_content,
+    history_params,
+    history_point,
+)
 
 Q = queries.load("sqlite")
 
@@ -638,6 +650,14 @@ class SqliteTransaction(Transaction):
         if values:
             self._q("upsert_settings", {"values": _json(values), "now": time.time_ns() // 1_000_000})
 
+    # --- history ---------------------------------------------------------------
+
+    def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:
+        return sum(len(self._q("record_history", {**history_params(p), "now": now})) for p in points)
+
+    def prune_history(self, before: int) -> None:
+        self._q("prune_history", {"before": before})
+
 
 def _check_ttl(ttl_seconds: int) -> None:
     if ttl_seconds < 1:
@@ -905,10 +925,9 @@ class SqliteStore(Store):
             raise NotFound("no result for task", task_id=task_id)
         return _result(row)
 
-    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
-        if entity_id is None:
-            return self._page("list_audit", {}, limit, cursor, _audit, 1)
-        return self._page("list_audit_by_entity", {"entity_id": entity_id}, limit, cursor, _audit, 1)
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None, action: str | None = None) -> Page:
+        name = AUDIT_QUERIES[entity_id is not None, action is not None]
+        return self._page(name, {"entity_id": entity_id, "action": action}, limit, cursor, _audit, 1)
 
     def get_settings(self) -> dict[str, str]:
         return dict(self._read("get_settings"))
@@ -922,6 +941,45 @@ class SqliteStore(Store):
         for kind, status, count in self._read("stats"):
             out[kind][status] = count
         return out
+
+    # --- the read side of operators' tools --------------------------------------
+
+    def search_tasks(self, field: str, value: str, statuses: Sequence[str], limit: int, cursor: str | None) -> Page:
+        # One index range per status, merged here: in-process reads cost no round trip.
+        _check_limit(limit)
+        params = {"value": value, **_after(cursor), "limit": limit + 1}
+        rows = [r for status in statuses for r in self._read(SEARCH_QUERIES[field], {**params, "status": status})]
+        rows.sort(key=lambda r: (r[8], r[0]), reverse=True)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = cursors.encode(rows[-1][8], rows[-1][0]) if more else None
+        return Page(items=[_task(r) for r in rows], next_cursor=next_cursor)
+
+    def list_task_leases(self, task_ids: Sequence[str], status: str | None, limit: int, cursor: str | None) -> Page:
+        return self._page("leases_of_tasks", {"task_ids": _json(list(task_ids)), "status": status}, limit, cursor, _lease, 3)
+
+    def list_expired_leases(self, limit: int, cursor: str | None) -> Page:
+        return self._page("list_expired_leases", {}, limit, cursor, _lease, 4)
+
+    def live_depth(self) -> dict[str, int]:
+        return {**dict.fromkeys(UNFINISHED_STATUSES, 0), **dict(self._read("live_depth"))}
+
+    def oldest_queued(self) -> tuple[str, int] | None:
+        row = self._read1("oldest_queued")
+        return (row[0], row[1]) if row is not None else None
+
+    def activity(self, since: int, until: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for kind, minute, count in self._read("activity", {"since": since, "until": until}):
+            out.setdefault(minute, {})[kind] = count
+        return out
+
+    def last_history_minute(self) -> int | None:
+        row = self._read1("last_history_minute")
+        return row[0] if row is not None else None
+
+    def history(self, since: int, until: int) -> list[HistoryPoint]:
+        return [history_point(r) for r in self._read("history", {"since": since, "until": until})]
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from bloom_runtime.engine.settings import parse_api_keys
-from bloom_runtime.http.routes import ROUTES
+from bloom_runtime.http.routes import OPS, ROUTES
 
 from .conftest import ADMIN_KEY, CLIENT_KEY, new_task, snapshot, wait_for
 
@@ -30,6 +30,10 @@ def test_every_route_needs_a_key_except_health(keyed, method, path):
         r = keyed.simulate_request(method, _concrete(path), headers=headers, json={} if method == "POST" else None)
         if path == f"{API}/health":
             assert r.status_code == 200
+        elif path == f"{API}/whoami":  # open, so a page can ask whether it needs a key; a wrong key is still 401
+            assert r.status_code == (200 if not headers else 401), (headers, r.status_code)
+        elif OPS[(path, method)].access == "open":  # the console's static files
+            assert r.status_code in (200, 404), (method, path, r.status_code)
         else:
             assert r.status_code == 401, (method, path, r.status_code)
             assert r.json["error"] and r.headers.get("www-authenticate")
