@@ -53,6 +53,7 @@ TABLES = (
     "audit_logs",
     "runtime_settings",
     "users",
+    "runtime_history",
 )
 
 

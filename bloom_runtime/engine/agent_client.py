@@ -1,4 +1,5 @@
-"""Client for worker agents (``POST {worker_url}/execute-task``).
+"""Client for worker agents: ``POST {worker_url}/execute-task``, and the agent's own
+``GET /health`` and ``POST /self-update|/restart|/uninstall``.
 
 Same retry loop and breaker rules as the membridge client (``RetryingCaller``),
 but one breaker per worker base URL, so one dead node cannot make the others
@@ -29,6 +30,8 @@ from .membridge import (
     new_session,
 )
 from .urls import AllowList, join, validate_outgoing_url
+
+CONTROL_ACTIONS = frozenset({"self-update", "restart", "uninstall"})  # the agent's POST routes that change it
 
 
 class AgentClient(PooledClient):
@@ -78,15 +81,52 @@ class AgentClient(PooledClient):
         twice), unless ``idempotent=True``.
         """
         base = validate_outgoing_url(worker_url, self._allowed)
-        try:
-            headers = key_header(AGENT_HEADER, agent_key, "membridge agent key")
-        except MembridgeError as exc:
-            raise self._caller.fail_early(exc) from None
+        headers = self._agent_headers(agent_key)
         return self._caller.call(
             self.breakers.get(base), "POST", join(base, "execute-task"), label=f"POST {base}/execute-task",
             headers=headers, json=dict(payload), timeout_s=timeout_s, idempotent=idempotent,
             details={"url": base},
         )
+
+    def get_health(self, worker_url: str, *, timeout_s: float | None = None) -> MembridgeResponse:
+        """GET ``{worker_url}/health``; the agent serves it without a key, so none is sent.
+
+        Returns any non-5xx answer; raises as ``post_execute_task`` does. Retried like any GET."""
+        base = validate_outgoing_url(worker_url, self._allowed)
+        return self._caller.call(
+            self.breakers.get(base), "GET", join(base, "health"), label=f"GET {base}/health",
+            headers={}, timeout_s=timeout_s, details={"url": base},
+        )
+
+    def post_control(
+        self,
+        worker_url: str,
+        action: str,
+        payload: Mapping[str, Any],
+        agent_key: str | None,
+        *,
+        timeout_s: float | None = None,
+    ) -> MembridgeResponse:
+        """POST ``payload`` to ``{worker_url}/{action}`` (one of ``CONTROL_ACTIONS``) with ``X-MEMBRIDGE-AGENT``.
+
+        Returns any non-5xx answer; raises as ``post_execute_task`` does. Never repeated
+        unless it provably never reached the agent: updating or uninstalling twice is not
+        the same as once."""
+        if action not in CONTROL_ACTIONS:
+            raise ValueError(f"not an agent control action: {action!r}")
+        base = validate_outgoing_url(worker_url, self._allowed)
+        headers = self._agent_headers(agent_key)
+        return self._caller.call(
+            self.breakers.get(base), "POST", join(base, action), label=f"POST {base}/{action}",
+            headers=headers, json=dict(payload), timeout_s=timeout_s, idempotent=False, details={"url": base},
+        )
+
+    def _agent_headers(self, agent_key: str | None) -> dict[str, str]:
+        """``X-MEMBRIDGE-AGENT`` (none without a key); a malformed key fails the call before it is sent."""
+        try:
+            return key_header(AGENT_HEADER, agent_key, "membridge agent key")
+        except MembridgeError as exc:
+            raise self._caller.fail_early(exc) from None
 
     def breaker_state(self, worker_url: str) -> BreakerState:
         """The breaker state for a worker URL (``closed`` for one never called)."""

@@ -53,6 +53,14 @@ def mask(value: str | None) -> str | None:
     return "****" + value[-4:] if len(value) >= 12 else "****"
 
 
+def mask_ends(value: str | None) -> str | None:
+    """The first version's masked key, ``adm-****cdef``: its first and last 4 characters,
+    and only of a key of 16 or more (of a shorter one they would give too much away)."""
+    if not value:
+        return None
+    return value[:4] + "****" + value[-4:] if len(value) >= 16 else "****"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """A client key; ``name`` is what the audit log records as the actor."""
@@ -126,6 +134,8 @@ class Settings:
     rate_limit_per_s: float = 50.0
     rate_limit_burst: int = 200
     insecure_no_auth: bool = False
+    history_retention_days: float = 7.0  # per-minute history rows older than this are pruned
+    history_tick_s: float = 5.0  # how often the history sampler looks for a closed minute
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -185,6 +195,7 @@ class Settings:
         values["max_in_flight"] = number("MAX_IN_FLIGHT", int, 1, 100_000)
         values["rate_limit_per_s"] = number("RATE_LIMIT_PER_S", float, 0, 1e9)
         values["rate_limit_burst"] = number("RATE_LIMIT_BURST", int, 1, 10**9)
+        values["history_retention_days"] = number("HISTORY_RETENTION_DAYS", float, 1, 3650)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.validate()

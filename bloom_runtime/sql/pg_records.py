@@ -24,6 +24,8 @@ from bloom_runtime.engine.models import (
     Result,
     Task,
     Worker,
+    WorkerUpsert,
+    or_default,
 )
 
 
@@ -117,23 +119,33 @@ def worker_record(r: Sequence[Any], active: int, o: int = 0) -> Worker:
     return Worker(
         id=r[o],
         node_id=r[o + 1],
-        url=r[o + 2],
+        url=or_default(r[o + 2], "url"),
         status=r[o + 3],
         capabilities=_caps(r[o + 4]),
-        last_heartbeat=r[o + 5],
+        last_heartbeat=r[o + 5] if r[o + 5] is not None else r[o + 9],
         ip_addrs=_strs(r[o + 6]),
         obs_count=r[o + 7],
-        db_sha=r[o + 8],
+        db_sha=or_default(r[o + 8], "db_sha"),
         registered_at=r[o + 9],
         active_leases=active,
-        agent_version=r[o + 10],
-        os_info=r[o + 11],
-        install_method=r[o + 12],
+        agent_version=or_default(r[o + 10], "agent_version"),
+        os_info=or_default(r[o + 11], "os_info"),
+        install_method=or_default(r[o + 12], "install_method"),
         source=r[o + 13],
     )
 
 
 WORKER_N = 14  # stored columns; the active-lease count follows them
+
+
+def worker_columns(w: WorkerUpsert) -> dict[str, Any]:
+    """A fully populated upsert (``new_worker``) as column values."""
+    return {
+        "node_id": w.node_id, "url": w.url, "status": w.status, "capabilities": to_json(w.capabilities),
+        "last_heartbeat": w.last_heartbeat, "ip_addrs": to_json(w.ip_addrs), "obs_count": w.obs_count,
+        "db_sha": w.db_sha, "agent_version": w.agent_version, "os_info": w.os_info,
+        "install_method": w.install_method, "source": w.source,
+    }
 
 
 def worker_row(r: Sequence[Any]) -> Worker:

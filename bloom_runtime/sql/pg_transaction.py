@@ -37,13 +37,13 @@ from typing import Any
 import psycopg
 
 from bloom_runtime.engine.errors import NoCapacity, NotFound
-from bloom_runtime.engine.models import AuditEntry, Capabilities, Worker, WorkerUpsert
+from bloom_runtime.engine.models import AuditEntry, HistoryPoint, Worker, WorkerUpsert, new_worker
 from bloom_runtime.sql import refusals
 from bloom_runtime.sql.pg_batch import Batch, statements
 from bloom_runtime.sql.pg_errors import translate, translating
 from bloom_runtime.sql.pg_messages import Messages
-from bloom_runtime.sql.pg_records import WORKER_N, encode, to_json, worker_row
-from bloom_runtime.sql.store import AcquireOp, Op, Transaction
+from bloom_runtime.sql.pg_records import WORKER_N, encode, to_json, worker_columns, worker_row
+from bloom_runtime.sql.store import AcquireOp, Op, Transaction, history_params
 
 
 class PostgresTransaction(Transaction):
@@ -134,6 +134,7 @@ class PostgresTransaction(Transaction):
     @translating
     def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
         caps = upsert.capabilities
+        fresh = new_worker(upsert, now)  # what an insert stores
         row = self._messages.fetch_one(
             "upsert_worker",
             {
@@ -142,7 +143,6 @@ class PostgresTransaction(Transaction):
                 "url": upsert.url,
                 "status": upsert.status,
                 "capabilities": to_json(caps) if caps is not None else None,
-                "capabilities_new": to_json(caps if caps is not None else Capabilities()),
                 "last_heartbeat": upsert.last_heartbeat,
                 "ip_addrs": to_json(upsert.ip_addrs) if upsert.ip_addrs is not None else None,
                 "obs_count": upsert.obs_count,
@@ -152,9 +152,18 @@ class PostgresTransaction(Transaction):
                 "os_info": upsert.os_info,
                 "install_method": upsert.install_method,
                 "source": upsert.source,
+                **{f"new_{name}": value for name, value in worker_columns(fresh).items()},
             },
         )
         return worker_row(row), bool(row[WORKER_N + 1])
+
+    @translating
+    def lock_worker(self, worker_id: str) -> Worker:
+        self._messages.fetch_all("lock_workers", {"ids": [worker_id]})
+        row = self._messages.fetch_one("get_worker", {"id": worker_id})
+        if row is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return worker_row(row)
 
     @translating
     def remove_worker(self, worker_id: str) -> Worker:
@@ -185,6 +194,17 @@ class PostgresTransaction(Transaction):
             return
         keys = sorted(values)
         self._messages.fetch_all("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
+
+    @translating
+    def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:
+        added = 0
+        for p in points:
+            added += len(self._messages.fetch_all("record_history", {**history_params(p), "now": now}))
+        return added
+
+    @translating
+    def prune_history(self, before: int) -> None:
+        self._messages.fetch_all("prune_history", {"before": before})
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:

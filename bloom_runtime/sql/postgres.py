@@ -23,13 +23,16 @@ from bloom_runtime.engine.errors import ConfigError, InvalidInput, NotFound, Sto
 from bloom_runtime.engine.models import (
     LEASE_STATUSES,
     TASK_STATUSES,
+    UNFINISHED_STATUSES,
     WORKER_STATUSES,
+    HistoryPoint,
     Lease,
     Page,
     Result,
     Task,
     Worker,
 )
+from bloom_runtime.sql import adopt
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.pg_errors import reason as _reason
@@ -41,6 +44,7 @@ from bloom_runtime.sql.pg_records import (
     RawJsonbLoader,
     artifact_record,
     audit_record,
+    encode,
     lease_record,
     result_record,
     task_record,
@@ -48,7 +52,8 @@ from bloom_runtime.sql.pg_records import (
     worker_row,
 )
 from bloom_runtime.sql.pg_transaction import PostgresTransaction
-from bloom_runtime.sql.store import MAX_PAGE, Store
+from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES
+from bloom_runtime.sql.store import MAX_PAGE, Store, history_point
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +240,16 @@ class PostgresStore(Store):
                 # migrator waits here and then finds the work done.
                 with conn.transaction():
                     conn.execute(Q["migrations_lock"])
+                    present = adopt.first_version_tables(conn)
+                    if present:
+                        # The first version's tables: made 0001's, recorded as 0001, in this transaction.
+                        now = time.time_ns() // 1_000_000
+                        report = adopt.adopt(conn, present, now)
+                        conn.execute(Q["create_schema_migrations"])
+                        conn.execute(Q["record_migration"], {"version": adopt.ADOPTED_AS, "now": now})
+                        conn.execute(Q["insert_audit"], {"rows": encode(report.entries).decode()})
+                        applied.append(f"{adopt.ADOPTED_AS} (adopted from the first version's tables)")
+                        continue
                     conn.execute(Q["create_schema_migrations"])
                     done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
                     todo = migrations.pending("postgres", done)
@@ -362,6 +377,10 @@ class PostgresStore(Store):
         return [worker_row(r) for r in rows]
 
     @_translating
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        return [lease_record(r) for r in self._read_all("worker_leases", {"worker_id": worker_id, "limit": MAX_PAGE})]
+
+    @_translating
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         rows = self._read_all("worker_candidates", {"labels": to_json(list(labels))})
         return [worker_row(r) for r in rows]
@@ -400,12 +419,9 @@ class PostgresStore(Store):
         return result_record(row)
 
     @_translating
-    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
-        args = _page_args(limit, cursor)
-        if entity_id is None:
-            rows = self._read_all("list_audit", args)
-        else:
-            rows = self._read_all("list_audit_by_entity", {**args, "entity_id": entity_id})
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None, action: str | None = None) -> Page:
+        args = {**_page_args(limit, cursor), "entity_id": entity_id, "action": action}
+        rows = self._read_all(AUDIT_QUERIES[entity_id is not None, action is not None], args)
         return _page([audit_record(r) for r in rows], limit, lambda e: e.timestamp)
 
     @_translating
@@ -422,6 +438,51 @@ class PostgresStore(Store):
         for kind, status, count in self._read_all("stats", {}):
             out[kind][status] = count
         return out
+
+    # --- the read side of operators' tools -----------------------------------
+
+    @_translating
+    def search_tasks(self, field: str, value: str, statuses: Sequence[str], limit: int, cursor: str | None) -> Page:
+        args = {**_page_args(limit, cursor), "value": value, "statuses": list(statuses)}
+        rows = self._read_all(SEARCH_QUERIES[field], args)
+        return _page([task_record(r) for r in rows], limit, lambda t: t.created_at)
+
+    @_translating
+    def list_task_leases(self, task_ids: Sequence[str], status: str | None, limit: int, cursor: str | None) -> Page:
+        args = {**_page_args(limit, cursor), "task_ids": list(task_ids), "status": status}
+        rows = self._read_all("leases_of_tasks", args)
+        return _page([lease_record(r) for r in rows], limit, lambda lease: lease.started_at)
+
+    @_translating
+    def list_expired_leases(self, limit: int, cursor: str | None) -> Page:
+        rows = self._read_all("list_expired_leases", _page_args(limit, cursor))
+        return _page([lease_record(r) for r in rows], limit, lambda lease: lease.expires_at)
+
+    @_translating
+    def live_depth(self) -> dict[str, int]:
+        return {**dict.fromkeys(UNFINISHED_STATUSES, 0), **dict(self._read_all("live_depth", {}))}
+
+    @_translating
+    def oldest_queued(self) -> tuple[str, int] | None:
+        row = self._read_one("oldest_queued", {})
+        return (row[0], row[1]) if row is not None else None
+
+    @_translating
+    def activity(self, since: int, until: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for kind, minute, count in self._read_all("activity", {"since": since, "until": until}):
+            out.setdefault(minute, {})[kind] = count
+        return out
+
+    @_translating
+    def last_history_minute(self) -> int | None:
+        row = self._read_one("last_history_minute", {})
+        return row[0] if row is not None else None
+
+    @_translating
+    def history(self, since: int, until: int) -> list[HistoryPoint]:
+        rows = self._read_all("history", {"since": since, "until": until})
+        return [history_point(r) for r in rows]
 
 
 # --- cross-process wake-ups -----------------------------------------------------------

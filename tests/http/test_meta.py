@@ -85,7 +85,7 @@ def test_openapi_documents_every_route_and_nothing_else(client):
 
 
 def test_membridge_stubs_answer_503(client):
-    for method, path in (("GET", "/api/membridge/health"), ("POST", f"{API}/test-connection"),
+    for method, path in (("GET", "/api/membridge/health"),
                          ("POST", "/api/membridge/projects/p1/leadership/select"), ("POST", f"{API}/llm-tasks/t1/dispatch")):
         r = client.simulate_request(method, path, json={})
         assert r.status_code == 503 and r.json["error"], path

@@ -46,6 +46,7 @@ from bloom_runtime.engine.models import (
     WorkerUpsert,
     new_id,
 )
+from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.store import MAX_PAGE, Store, Transaction, TransientConflict
 
 T0 = 1_700_000_000_000  # a fixed "now" (epoch ms)
@@ -604,10 +605,10 @@ def test_heartbeat_renews_and_runs(store: Store) -> None:
 
 
 def test_heartbeat_refreshes_the_worker_at_most_every_5_s(store: Store) -> None:
-    worker = add_worker(store, "w-1")
+    worker = add_worker(store, "w-1", now=T0 - 10_000)
     task = add_task(store)
     acquire(store, task.id, ["w-1"], now=T0, ttl=60)
-    assert store.get_worker(worker.id).last_heartbeat is None
+    assert store.get_worker(worker.id).last_heartbeat == T0 - 10_000  # registered then
     store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 1000))
     assert store.get_worker(worker.id).last_heartbeat == T0 + 1000
     _, lease = store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 3000))
@@ -922,23 +923,24 @@ def test_expire_due_honours_limit_and_leaves_the_rest(store: Store) -> None:
 
 
 def test_upsert_worker_create_with_defaults(store: Store) -> None:
+    """The first version's defaults; registering counts as being heard from."""
     worker, created = store.run(lambda tx: tx.upsert_worker(WorkerUpsert(id="w-1"), T0))
     assert created
     assert worker == Worker(
         id="w-1",
         node_id="w-1",
-        url=None,
+        url="",
         status="online",
         capabilities=Capabilities(),
-        last_heartbeat=None,
+        last_heartbeat=T0,
         ip_addrs=[],
         obs_count=0,
-        db_sha=None,
+        db_sha="",
         registered_at=T0,
         active_leases=0,
-        agent_version=None,
-        os_info=None,
-        install_method=None,
+        agent_version="unknown",
+        os_info="",
+        install_method="manual",
         source="api",
     )
     assert store.get_worker("w-1") == worker
@@ -1036,7 +1038,9 @@ def test_worker_candidates(store: Store) -> None:
 def test_mark_stale_workers_offline_only_pull_and_membridge(store: Store) -> None:
     add_worker(store, "w-api-old", source="api", last_heartbeat=T0 - 100_000)
     add_worker(store, "w-pull-old", source="pull", last_heartbeat=T0 - 100_000)
-    add_worker(store, "w-mb-never", source="membridge")
+    # Registering counts as being heard from: silent since then, judged from then.
+    add_worker(store, "w-mb-never", source="membridge", now=T0 - 61_000)
+    add_worker(store, "w-mb-new", source="membridge", now=T0 - 1000)
     add_worker(store, "w-mb-old", source="membridge", status="syncing", last_heartbeat=T0 - 61_000)
     add_worker(store, "w-pull-fresh", source="pull", last_heartbeat=T0 - 1000)
     add_worker(store, "w-pull-edge", source="pull", last_heartbeat=T0 - 60_000)
@@ -1049,6 +1053,7 @@ def test_mark_stale_workers_offline_only_pull_and_membridge(store: Store) -> Non
         "w-api-old": "online",
         "w-pull-old": "offline",
         "w-mb-never": "offline",
+        "w-mb-new": "online",
         "w-mb-old": "offline",
         "w-pull-fresh": "online",
         "w-pull-edge": "online",  # not older than seen_before
@@ -1296,7 +1301,8 @@ def test_sqlite_wal_and_pending_migrations(tmp_path) -> None:
     try:
         with pytest.raises(StoreUnavailable, match="pending migrations"):
             store.check_schema()
-        assert store.migrate() == ["0001_initial", "0002_fewer_index_entries"]
+        shipped = [m.version for m in migrations.available("sqlite")]
+        assert store.migrate() == shipped and shipped[:2] == ["0001_initial", "0002_fewer_index_entries"]
         store.check_schema()
     finally:
         store.close()
