@@ -82,7 +82,7 @@ export default function taskDetail(ctx, taskId) {
     try {
       task = await get(path);
       [results, artifacts, leases, trail, workers] = await Promise.all([
-        get(withQuery(`${BASE}/runs`, { task_id: taskId, limit: 20 })),
+        get(withQuery(`${BASE}/results`, { task_id: taskId, limit: 20 })),
         get(withQuery(`${BASE}/artifacts`, { task_id: taskId, limit: 20 })),
         get(withQuery(`${BASE}/leases`, { task_id: taskId, limit: 100 })),
         get(withQuery(`${BASE}/audit`, { entity_id: taskId, limit: 200 })),
