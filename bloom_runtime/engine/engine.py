@@ -58,6 +58,8 @@ from bloom_runtime.engine.errors import (
 from bloom_runtime.engine.history import HistoryService
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
+    MAX_CLAIM_TASKS,
+    MAX_CREATE_BATCH,
     MAX_TTL_SECONDS,
     TASK_STATUSES,
     Completion,
@@ -88,8 +90,6 @@ T = TypeVar("T")
 WATCHDOG_INTERVAL_S = 1.0
 AUDIT_RETRY_INTERVAL_S = 0.5
 MAX_CLAIM_WAIT_S = 30.0
-MAX_CLAIM_TASKS = 32  # a worker's capacity is at most 32 (Capabilities.max_concurrency)
-MAX_CREATE_BATCH = 1000  # tasks one create_many (one transaction) takes
 # A claimer re-checks at least this often, so tasks whose retry backoff ends
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0

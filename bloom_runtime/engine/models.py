@@ -64,6 +64,8 @@ ObsCount = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Tag = Annotated[str, Meta(max_length=128)]  # db_sha, agent_version, install_method
 OsInfo = Annotated[str, Meta(max_length=512)]
 MAX_TTL_SECONDS = 86_400
+MAX_CLAIM_TASKS = 32  # one claim leases at most this many (a worker's capacity is at most 32)
+MAX_CREATE_BATCH = 1000  # tasks one create of several (one transaction) takes
 
 
 _id_lock = threading.Lock()

@@ -53,6 +53,13 @@ class WorkerClaim:
             # Over the long-poll budget: answer at once so threads stay free for heartbeats.
             wait_s = 0
             resp.set_header("Retry-After", "1")
+        if ask.max_tasks is not None:
+            grants = self.engine.leases.claim(worker_id, wait_s, ask.ttl_seconds, actor=worker_id, max_tasks=ask.max_tasks)
+            if not grants:
+                resp.status = 204
+                return
+            send(resp, [schemas.TaskLease(task=g.task, lease=g.lease) for g in grants])
+            return
         grant = self.engine.leases.claim(worker_id, wait_s, ask.ttl_seconds, actor=worker_id)
         if grant is None:
             resp.status = 204
