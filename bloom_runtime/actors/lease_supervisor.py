@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bloom_runtime.actors.base import BatchingActor, JobHealth, Record, Write, _fail
 from bloom_runtime.actors.messages import AcquireLease, ClaimNext, FailLease, Heartbeat
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import AuditEntry, new_id
+from bloom_runtime.engine.models import AuditEntry, Task, new_id
 from bloom_runtime.sql import audit_trail
 from bloom_runtime.sql.store import AcquireOp, ClaimOp, ExpireOp, FailOp, HeartbeatOp, RetryDelay, Store
 
@@ -28,7 +28,7 @@ class LeaseSupervisor(BatchingActor):
         *,
         health: JobHealth,
         retry_delay: RetryDelay,
-        on_queued: Callable[[int], None],
+        on_queued: Callable[[Sequence[Task]], None],
         batch_max: int = 256,
         inline_audit: bool = True,
         fault: Callable[[], None] | None = None,
@@ -36,7 +36,7 @@ class LeaseSupervisor(BatchingActor):
         super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.health = health
         self.retry_delay = retry_delay
-        self.on_queued = on_queued  # told how many tasks became claimable
+        self.on_queued = on_queued  # told which tasks became claimable
         self.expired_total = 0
         self.dead_total = 0
         self._fault = fault  # tests inject failures into the sweep through this
@@ -51,7 +51,7 @@ class LeaseSupervisor(BatchingActor):
 
         if isinstance(m, FailLease):
             fail = FailOp(m.lease_id, m.reason, self.retry_delay)
-            return self.change(m.reply, m.actor, fail, after=lambda v: v[0].status == "queued" and self.on_queued(1))
+            return self.change(m.reply, m.actor, fail, after=lambda v: v[0].status == "queued" and self.on_queued([v[0]]))
 
         if isinstance(m, ClaimNext):
             lease_ids = tuple(new_id() for _ in range(m.max_tasks))
@@ -91,7 +91,7 @@ class LeaseSupervisor(BatchingActor):
             self.expired_total += len(expired)
             self.dead_total += sum(1 for e in expired if e.task.status == "dead")
             total += len(expired)
-            queued = sum(1 for e in expired if e.task.status == "queued")
+            queued = [e.task for e in expired if e.task.status == "queued"]
             if queued:
                 self.on_queued(queued)
             if len(expired) < SWEEP_BATCH:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bloom_runtime.actors.base import BatchingActor, Record, Write
 from bloom_runtime.actors.messages import CancelTask, CompleteTask, CreateTasks, RequeueTask
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.errors import BloomError
-from bloom_runtime.engine.models import new_id
+from bloom_runtime.engine.models import Task, new_id
 from bloom_runtime.sql.store import CancelOp, CompleteOp, CreateOp, RequeueOp, RetryDelay, Store
 
 
@@ -21,20 +21,20 @@ class TaskQueue(BatchingActor):
         audit_sink: Callable[[Record], None],
         *,
         retry_delay: RetryDelay,
-        on_queued: Callable[[int], None],
+        on_queued: Callable[[Sequence[Task]], None],
         batch_max: int = 256,
         inline_audit: bool = True,
     ) -> None:
         super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.retry_delay = retry_delay
-        self.on_queued = on_queued  # told how many tasks became claimable
+        self.on_queued = on_queued  # told which tasks became claimable
 
     def plan(self, m: Any) -> Write | None:
         if isinstance(m, CreateTasks):
 
             def created(answers: Any) -> None:
                 made = answers if m.many else [answers]
-                queued = sum(1 for a in made if not isinstance(a, BloomError) and a[1])
+                queued = [a[0] for a in made if not isinstance(a, BloomError) and a[1]]
                 if queued:
                     self.on_queued(queued)
 
@@ -43,10 +43,10 @@ class TaskQueue(BatchingActor):
 
         if isinstance(m, CompleteTask):
             op = CompleteOp(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay)
-            return self.change(m.reply, m.actor, op, key=m.task_id, after=lambda out: out.task.status == "queued" and self.on_queued(1))
+            return self.change(m.reply, m.actor, op, key=m.task_id, after=lambda out: out.task.status == "queued" and self.on_queued([out.task]))
 
         if isinstance(m, RequeueTask):
-            return self.change(m.reply, m.actor, RequeueOp(m.task_id), key=m.task_id, after=lambda _task: self.on_queued(1))
+            return self.change(m.reply, m.actor, RequeueOp(m.task_id), key=m.task_id, after=lambda task: self.on_queued([task]))
 
         if isinstance(m, CancelTask):
             return self.change(m.reply, m.actor, CancelOp(m.task_id), key=m.task_id)

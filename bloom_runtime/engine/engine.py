@@ -239,7 +239,7 @@ class Engine:
             self._slots[name] = _ActorSlot(
                 f"task-queue-{i}",
                 lambda: TaskQueue.start(
-                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.notify,
+                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.queued,
                     batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
                 ),
             )
@@ -248,7 +248,7 @@ class Engine:
                 f"lease-supervisor-{i}",
                 lambda: LeaseSupervisor.start(
                     store, clock, sink, health=self.jobs["lease_sweep"], retry_delay=self.retry_backoff,
-                    on_queued=self.wakeup.notify, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+                    on_queued=self.wakeup.queued, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
                     fault=self._sweep_fault,
                 ),
             )
