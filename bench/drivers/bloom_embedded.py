@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from common import Ran, parse, report, shares
+from common import Ran, parse, report, steady_threads
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.models import Capabilities, Completion, Fence, LeaseGrant, NewTask, WorkerUpsert
@@ -65,25 +65,8 @@ def main() -> None:
             return
         for t in threads:
             t.start()
-        latencies: list[float] = []
-        lock = threading.Lock()
-
-        def produce(p: int, count: int) -> None:
-            for k in range(count):
-                key = f"{p}-{k}"
-                t = time.perf_counter()
-                engine.tasks.create(NewTask(context_id="bench", agent_slug="noop", prompt=key))
-                done = ran.wait_for(key)
-                with lock:
-                    latencies.append(done - t)
-
-        producers = [threading.Thread(target=produce, args=(p, k)) for p, k in enumerate(shares(args.n, args.c))]
-        t0 = time.perf_counter()
-        for t in producers:
-            t.start()
-        for t in producers:
-            t.join()
-        report(args.n, time.perf_counter() - t0, latencies)
+        steady_threads(args.n, args.c, lambda: lambda key: engine.tasks.create(
+            NewTask(context_id="bench", agent_slug="noop", prompt=key)), ran)
     finally:
         stop.set()
         for t in threads:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from common import Ran, parse, report, shares
+from common import Ran, parse, report, steady_threads
 from http_lifecycle import KEY, Client
 
 from bloom_runtime.worker import run
@@ -60,30 +60,21 @@ def main() -> None:
             return
         for t in loops:
             t.start()
-        latencies: list[float] = []
-        lock = threading.Lock()
 
-        def produce(p: int, count: int) -> None:
-            client = Client(base)
-            try:
-                for k in range(count):
-                    key = f"{p}-{k}"
-                    t = time.perf_counter()
-                    status, _ = client.post("/llm-tasks", {"context_id": "bench", "agent_slug": "noop", "prompt": key})
-                    assert status == 201, status
-                    done = ran.wait_for(key)
-                    with lock:
-                        latencies.append(done - t)
-            finally:
-                client.close()
+        class Producer:
+            """One keep-alive connection posting tasks."""
 
-        producers = [threading.Thread(target=produce, args=(p, k)) for p, k in enumerate(shares(args.n, args.c))]
-        t0 = time.perf_counter()
-        for t in producers:
-            t.start()
-        for t in producers:
-            t.join()
-        report(args.n, time.perf_counter() - t0, latencies)
+            def __init__(self) -> None:
+                self.client = Client(base)
+
+            def __call__(self, key: str) -> None:
+                status, _ = self.client.post("/llm-tasks", {"context_id": "bench", "agent_slug": "noop", "prompt": key})
+                assert status == 201, status
+
+            def close(self) -> None:
+                self.client.close()
+
+        steady_threads(args.n, args.c, Producer, ran)
     finally:
         stop.set()
         for t in loops:

@@ -67,6 +67,34 @@ def report(n: int, elapsed_s: float, latencies_s: list[float] | None = None, **e
     print(json.dumps(out), flush=True)
 
 
+def steady_threads(n: int, c: int, producer: Any, ran: Ran) -> None:
+    """The steady workload on threads: ``producer()`` gives each thread its ``enqueue(key)``
+    (and optionally a ``close()``); reports the rate and latencies."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def produce(p: int, count: int) -> None:
+        enqueue = producer()
+        try:
+            for k in range(count):
+                key = f"{p}-{k}"
+                t = time.perf_counter()
+                enqueue(key)
+                done = ran.wait_for(key)
+                with lock:
+                    latencies.append(done - t)
+        finally:
+            getattr(enqueue, "close", lambda: None)()
+
+    threads = [threading.Thread(target=produce, args=(p, k)) for p, k in enumerate(shares(n, c))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report(n, time.perf_counter() - t0, latencies)
+
+
 def shares(n: int, c: int) -> list[int]:
     """``n`` jobs split over ``c`` producers."""
     return [n // c + (1 if i < n % c else 0) for i in range(c)]

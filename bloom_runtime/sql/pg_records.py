@@ -10,60 +10,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 from psycopg.adapt import Loader
 
 from bloom_runtime.engine.models import (
-    DEFAULT_TIMEOUT_SEC,
     Artifact,
     AuditEntry,
-    Capabilities,
     CompletionOutcome,
     Lease,
-    Policy,
     Result,
     Task,
     Worker,
     WorkerUpsert,
     or_default,
 )
+from bloom_runtime.sql import stored_json
 
-
-class _StoredPolicy(msgspec.Struct):
-    """What a stored policy holds, without the request-time limits: reads stay lenient
-    (rows written by the first version, or before a limit changed, still load)."""
-
-    timeout_sec: int = DEFAULT_TIMEOUT_SEC
-    budget: float = 0
-
-
-class _StoredCapabilities(msgspec.Struct):
-    claude_cli: bool = True
-    max_concurrency: int = 1
-    labels: list[str] = []
-
-
-_strs = msgspec.json.Decoder(list[str]).decode
-_policy_dec = msgspec.json.Decoder(_StoredPolicy).decode
-_caps_dec = msgspec.json.Decoder(_StoredCapabilities).decode
-
-
-def _policy(raw: bytes) -> Policy:
-    p = _policy_dec(raw)
-    return Policy(timeout_sec=p.timeout_sec, budget=p.budget)
-
-
-def _caps(raw: bytes) -> Capabilities:
-    c = _caps_dec(raw)
-    return Capabilities(claude_cli=c.claude_cli, max_concurrency=c.max_concurrency, labels=c.labels)
-
-
-json_object = msgspec.json.Decoder(dict[str, Any]).decode
-encode = msgspec.json.Encoder().encode
-
-
-def to_json(value: Any) -> str:
-    return encode(value).decode()
+json_object = stored_json.json_object
+encode = stored_json.encode
+to_json = stored_json.to_json
+_strs = stored_json.strings
+_policy = stored_json.policy
+_caps = stored_json.capabilities
 
 
 class RawJsonbLoader(Loader):

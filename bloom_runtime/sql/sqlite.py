@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-import msgspec
-
 from bloom_runtime.engine.errors import (
     BloomError,
     InvalidInput,
@@ -30,21 +28,18 @@ from bloom_runtime.engine.errors import (
     StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
-    DEFAULT_TIMEOUT_SEC,
     LEASE_STATUSES,
     TASK_STATUSES,
     UNFINISHED_STATUSES,
     WORKER_STATUSES,
     Artifact,
     AuditEntry,
-    Capabilities,
     CompletionOutcome,
     Expiry,
     HistoryPoint,
     Lease,
     LeaseGrant,
     Page,
-    Policy,
     Result,
     Task,
     Worker,
@@ -52,7 +47,7 @@ from bloom_runtime.engine.models import (
     new_worker,
     or_default,
 )
-from bloom_runtime.sql import audit_trail, queries, refusals
+from bloom_runtime.sql import audit_trail, queries, refusals, stored_json
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES
@@ -88,42 +83,15 @@ if sqlite3.sqlite_version_info < (3, 35, 0):  # pragma: no cover - depends on th
     raise ImportError(f"bloom-runtime needs SQLite >= 3.35 (RETURNING); this Python has {sqlite3.sqlite_version}")
 
 # --- row decoding ------------------------------------------------------------
-# Decoders are built once and decode each JSON column straight into its type in C.
-# Stored values are read without the request-time limits (Policy, Capabilities
-# carry Meta constraints): a row written by the first version, or before a limit
-# changed, must still load.
+
+_str_list = stored_json.strings
+_dict = stored_json.json_object
+_encode = stored_json.encode
+_policy = stored_json.policy
+_capabilities = stored_json.capabilities
 
 
-class _StoredPolicy(msgspec.Struct):
-    timeout_sec: int = DEFAULT_TIMEOUT_SEC
-    budget: float = 0
-
-
-class _StoredCapabilities(msgspec.Struct):
-    claude_cli: bool = True
-    max_concurrency: int = 1
-    labels: list[str] = []
-
-
-_str_list = msgspec.json.Decoder(list[str]).decode
-_stored_policy = msgspec.json.Decoder(_StoredPolicy).decode
-_stored_capabilities = msgspec.json.Decoder(_StoredCapabilities).decode
-_dict = msgspec.json.Decoder(dict[str, Any]).decode
-_encode = msgspec.json.Encoder().encode
-
-
-def _policy(raw: str) -> Policy:
-    p = _stored_policy(raw)
-    return Policy(timeout_sec=p.timeout_sec, budget=p.budget)
-
-
-def _capabilities(raw: str) -> Capabilities:
-    c = _stored_capabilities(raw)
-    return Capabilities(claude_cli=c.claude_cli, max_concurrency=c.max_concurrency, labels=c.labels)
-
-
-def _json(value: Any) -> str:
-    return _encode(value).decode()
+_json = stored_json.to_json
 
 
 def _task(r: Sequence[Any]) -> Task:
