@@ -50,7 +50,7 @@ class LeaseSupervisor(BatchingActor):
             return self.change(m.reply, m.actor, HeartbeatOp(m.task_id, m.fence), key=m.task_id)
 
         if isinstance(m, FailLease):
-            fail = FailOp(m.lease_id, m.reason, self.retry_delay)
+            fail = FailOp(m.lease_id, m.reason, self.retry_delay, refund=m.refund)
             return self.change(m.reply, m.actor, fail, after=lambda v: v[0].status == "queued" and self.on_queued([v[0]]))
 
         if isinstance(m, ClaimNext):

@@ -81,6 +81,7 @@ class FailLease:
     reason: str
     actor: str
     reply: pykka.ThreadingFuture
+    refund: bool = False  # the dispatch never reached the worker: give the attempt back
 
 
 @dataclass

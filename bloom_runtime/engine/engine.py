@@ -619,9 +619,11 @@ class LeaseService(_Service):
             "leases", lambda r: Heartbeat(task_id, fence, actor or fence.worker_id or "api", r), key=task_id
         )
 
-    def fail(self, lease_id: str, reason: str, actor: str = "dispatch") -> tuple[Task, Lease]:
-        """Mark an active lease failed (its worker could not be reached) and requeue its task."""
-        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r))
+    def fail(self, lease_id: str, reason: str, actor: str = "dispatch", refund: bool = False) -> tuple[Task, Lease]:
+        """Mark an active lease failed (its worker could not be reached) and requeue its task.
+
+        ``refund``: the dispatch provably never reached the worker, so the attempt is given back."""
+        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r, refund))
 
     def get(self, lease_id: str) -> Lease:
         return self._engine.store.get_lease(lease_id)

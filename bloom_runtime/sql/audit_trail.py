@@ -66,7 +66,8 @@ def entries(op: Op, answer: Any, now: int, actor: str) -> list[AuditEntry]:
         return [entry(now, FINISHED_ACTIONS[t.status], "task", t.id, actor, detail)]
     if isinstance(op, FailOp):
         task, lease = answer
-        detail = f"task={task.id} {task.status} attempts={task.attempts}/{task.max_attempts}: {op.reason}"
+        given_back = " (attempt given back)" if op.refund else ""
+        detail = f"task={task.id} {task.status} attempts={task.attempts}/{task.max_attempts}{given_back}: {op.reason}"
         return [entry(now, "lease_failed", "lease", lease.id, actor, detail)]
     if isinstance(op, RequeueOp):
         requeued: Task = answer

@@ -228,7 +228,7 @@ def _task_rows(ops: Sequence[tuple[int, CancelOp | RequeueOp]]) -> list[dict[str
 def _fail_rows(ops: Sequence[tuple[int, FailOp]]) -> list[dict[str, Any]]:
     return [
         {"ord": i, "lease_id": op.lease_id, "delays": _retry_delays(op.retry_delay), "reason": op.reason,
-         "actor": op.actor, "audit_id": _audit_id(op)}
+         "refund": op.refund, "actor": op.actor, "audit_id": _audit_id(op)}
         for i, op in ops
     ]
 

@@ -486,11 +486,15 @@ class SqliteTransaction(Transaction):
         if lease.status != "active" or state is None or state[2] != op.lease_id or state[0] not in ("leased", "running"):
             return refusals.refusal(refusals.LEASE_NOT_ACTIVE, lease_id=op.lease_id)
         attempts, max_attempts = state[4], state[5]
-        queued = attempts < max_attempts
+        if op.refund:  # the dispatch never reached the worker: the attempt is given back
+            attempts = max(attempts - 1, 0)
+            self._q("refund_attempt", {"id": lease.task_id})
+        queued = op.refund or attempts < max_attempts
+        delay_for = max(attempts, 1) if op.refund else attempts
         task_row = self._q1(
             "finish_task",
             {"id": lease.task_id, "lease_id": op.lease_id, "status": "queued" if queued else "failed",
-             "not_before": now + op.retry_delay(attempts) if queued else None, "keep_lease": False, "now": now},
+             "not_before": now + op.retry_delay(delay_for) if queued else None, "keep_lease": False, "now": now},
         )
         lease_row = self._q1("end_lease", {"id": op.lease_id, "status": "failed"})
         assert task_row is not None and lease_row is not None  # under the write lock, the checks above hold

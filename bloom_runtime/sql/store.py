@@ -134,6 +134,7 @@ class FailOp:
     reason: str
     retry_delay: RetryDelay
     actor: str | None = None
+    refund: bool = False  # the dispatch provably never reached the worker: give the attempt back
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,11 +255,14 @@ class Transaction(abc.ABC):
         Raises ``NotFound``, ``Conflict`` (no lease held), ``StaleLease``."""
         return self._one(CompleteOp(task_id, fence, completion, result_id, artifact_id, retry_delay), now)
 
-    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+    def fail_lease(
+        self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
+    ) -> tuple[Task, Lease]:
         """Mark an active lease ``failed`` (dispatch to its worker failed) and send
         its task back to ``queued`` (attempts left, after ``retry_delay``) or
-        ``failed``. Raises ``NotFound`` / ``Conflict`` (lease not active)."""
-        return self._one(FailOp(lease_id, reason, retry_delay), now)
+        ``failed``. With ``refund`` the attempt is given back and the task queued.
+        Raises ``NotFound`` / ``Conflict`` (lease not active)."""
+        return self._one(FailOp(lease_id, reason, retry_delay, refund=refund), now)
 
     def requeue(self, task_id: str, now: int) -> Task:
         """``failed``/``dead`` → ``queued`` with attempts reset to 0 and no ``not_before``."""

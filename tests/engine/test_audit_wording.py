@@ -44,6 +44,17 @@ EXPECTED = [
 ]
 
 
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "no-group-commit"])
+def test_a_failed_dispatch_that_gave_its_attempt_back_says_so(make_engine, group_commit: bool) -> None:
+    engine = make_engine(audit_group_commit=group_commit)
+    engine.workers.register(worker("w1"))
+    task, _ = engine.tasks.create(new_task(max_attempts=1))
+    grant = engine.leases.acquire(task.id, worker_id="w1")
+    engine.leases.fail(grant.lease.id, "never reached the agent", refund=True)
+    (entry,) = engine.audit.list(action="lease_failed").items
+    assert entry.detail == f"task={task.id} queued attempts=0/1 (attempt given back): never reached the agent"
+
+
 def _normalised(entries: list) -> list[tuple[str, str, str, str, str]]:
     """Ids become <id1>, <id2>, … in order of first appearance; epoch-ms numbers become <ms>."""
     names: dict[str, str] = {}

@@ -796,6 +796,17 @@ def test_fail_lease_out_of_attempts_fails_the_task(store: Store) -> None:
     assert t.status == "failed" and t.lease_id is None
 
 
+def test_fail_lease_that_never_reached_the_worker_gives_the_attempt_back(store: Store) -> None:
+    worker = add_worker(store)
+    task = add_task(store, max_attempts=1)
+    acquire(store, task.id, [worker.id], lease_id="l-1")
+    t, lease = store.run(lambda tx: tx.fail_lease("l-1", "connection refused", delay, T0 + 20, refund=True))
+    assert lease.status == "failed"
+    assert (t.status, t.attempts, t.not_before) == ("queued", 0, T0 + 20 + delay(1))
+    acquire(store, task.id, [worker.id], now=T0 + 20 + delay(1), lease_id="l-2")  # its one attempt is still there
+    assert store.get_task(task.id).attempts == 1
+
+
 @pytest.mark.parametrize("ended_by", ["complete", "expire", "fail", "cancel"])
 def test_fail_lease_refused_when_lease_not_active(store: Store, ended_by: str) -> None:
     worker = add_worker(store)

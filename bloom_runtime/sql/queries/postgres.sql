@@ -501,22 +501,24 @@ FROM v LEFT JOIN t ON t.ord = v.ord
 -- name: fail_leases
 -- Leases whose worker could not be reached: the lease must be active and its task's;
 -- it becomes failed and the task goes back to queued after delays[attempts] ms while
--- it has attempts left, else to failed.
+-- it has attempts left, else to failed. A refund (the dispatch provably never reached
+-- the worker) gives the attempt back and always queues the task.
 WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
-        AS i(ord int, lease_id text, delays jsonb, reason text, actor text, audit_id text)
+        AS i(ord int, lease_id text, delays jsonb, reason text, refund boolean, actor text, audit_id text)
 ), cur AS MATERIALIZED (
     SELECT l.id, l.status AS lease_status, l.task_id, t.status, t.lease_id AS held_lease_id,
            t.attempts, t.max_attempts
     FROM leases l LEFT JOIN llm_tasks t ON t.id = l.task_id
     WHERE l.id = ANY(ARRAY(SELECT lease_id FROM i))
 ), v AS (
-    SELECT i.*, c.task_id, c.attempts,
+    SELECT i.*, c.task_id,
+           CASE WHEN i.refund THEN GREATEST(c.attempts - 1, 0) ELSE c.attempts END AS attempts,
            CASE WHEN c.id IS NULL THEN 'lease_not_found'
                 WHEN c.lease_status <> 'active' OR c.held_lease_id IS DISTINCT FROM c.id
                      OR c.status NOT IN ('leased', 'running') THEN 'lease_not_active'
                 ELSE 'ok' END AS verdict,
-           CASE WHEN c.attempts < c.max_attempts THEN 'queued' ELSE 'failed' END AS next_status
+           CASE WHEN i.refund OR c.attempts < c.max_attempts THEN 'queued' ELSE 'failed' END AS next_status
     FROM i LEFT JOIN cur c ON c.id = i.lease_id
 ), l AS (
     UPDATE leases SET status = 'failed'
@@ -526,9 +528,10 @@ WITH i AS (
               leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id, v.ord
 ), t AS (
     UPDATE llm_tasks
-    SET status = v.next_status,
+    SET status = v.next_status, attempts = v.attempts,
         not_before = CASE WHEN v.next_status = 'queued'
-                          THEN %(now)s::bigint + (v.delays ->> v.attempts)::bigint
+                          THEN %(now)s::bigint + (v.delays ->> CASE WHEN v.refund THEN GREATEST(v.attempts, 1)
+                                                                    ELSE v.attempts END)::bigint
                           ELSE llm_tasks.not_before END,
         lease_id = NULL, worker_id = NULL, updated_at = %(now)s
     FROM v JOIN l ON l.ord = v.ord
@@ -542,7 +545,8 @@ WITH i AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT v.audit_id, %(now)s, 'lease_failed', 'lease', l.id, v.actor,
            left('task=' || t.id || ' ' || t.status || ' attempts=' || t.attempts || '/'
-                || t.max_attempts || ': ' || v.reason, 1000)
+                || t.max_attempts || CASE WHEN v.refund THEN ' (attempt given back)' ELSE '' END
+                || ': ' || v.reason, 1000)
     FROM v JOIN l ON l.ord = v.ord JOIN t ON t.ord = v.ord
     WHERE v.actor IS NOT NULL
 )

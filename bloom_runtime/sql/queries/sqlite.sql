@@ -165,6 +165,10 @@ RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_for
           created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
           not_before, idempotency_key;
 
+-- name: refund_attempt
+-- A dispatch that provably never reached the agent gives its attempt back.
+UPDATE llm_tasks SET attempts = attempts - 1 WHERE id = :id AND attempts > 0;
+
 -- name: requeue_task
 UPDATE llm_tasks
 SET status = 'queued', attempts = 0, not_before = NULL, lease_id = NULL, worker_id = NULL, updated_at = :now
