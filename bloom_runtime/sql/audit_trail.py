@@ -67,8 +67,8 @@ def entries(op: Op, answer: Any, now: int, actor: str) -> list[AuditEntry]:
     if isinstance(op, FailOp):
         task, lease = answer
         given_back = " (attempt given back)" if op.refund else ""
-        detail = f"task={task.id} {task.status} attempts={task.attempts}/{task.max_attempts}{given_back}: {op.reason}"
-        return [entry(now, "lease_failed", "lease", lease.id, actor, detail)]
+        detail = f"lease={lease.id} {task.status} attempts={task.attempts}/{task.max_attempts}{given_back}: {op.reason}"
+        return [entry(now, "lease_failed", "task", task.id, actor, detail)]
     if isinstance(op, RequeueOp):
         requeued: Task = answer
         return [entry(now, "task_requeued", "task", requeued.id, actor, "attempts reset")]
@@ -86,5 +86,5 @@ def _released(lease: Lease | None) -> str | None:
 
 def _expired(now: int, e: Expiry, actor: str) -> AuditEntry:
     fate = "queued" if e.task.status == "queued" else "dead"
-    detail = f"task={e.task.id} worker={e.lease.worker_id} {fate} attempts={e.task.attempts}/{e.task.max_attempts}"
-    return entry(now, "lease_expired", "lease", e.lease.id, actor, detail)
+    detail = f"lease={e.lease.id} worker={e.lease.worker_id} {fate} attempts={e.task.attempts}/{e.task.max_attempts}"
+    return entry(now, "lease_expired", "task", e.task.id, actor, detail)

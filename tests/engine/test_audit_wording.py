@@ -37,9 +37,9 @@ EXPECTED = [
     ("task_cancelled", "task", "<id6>", "ops", ""),
     ("task_created", "task", "<id7>", "api", "agent=writer context=ctx-4"),
     ("task_leased", "task", "<id7>", "api", "lease=<id8> worker=w1 ttl=1s attempt=1"),
-    ("lease_expired", "lease", "<id8>", "lease-supervisor", "task=<id7> worker=w1 queued attempts=1/2"),
+    ("lease_expired", "task", "<id7>", "lease-supervisor", "lease=<id8> worker=w1 queued attempts=1/2"),
     ("task_leased", "task", "<id7>", "w1", "lease=<id9> worker=w1 ttl=150s attempt=2 claimed"),
-    ("lease_failed", "lease", "<id9>", "dispatch", "task=<id7> failed attempts=2/2: agent unreachable"),
+    ("lease_failed", "task", "<id7>", "dispatch", "lease=<id9> failed attempts=2/2: agent unreachable"),
     ("task_requeued", "task", "<id7>", "ops", "attempts reset"),
 ]
 
@@ -52,7 +52,7 @@ def test_a_failed_dispatch_that_gave_its_attempt_back_says_so(make_engine, group
     grant = engine.leases.acquire(task.id, worker_id="w1")
     engine.leases.fail(grant.lease.id, "never reached the agent", refund=True)
     (entry,) = engine.audit.list(action="lease_failed").items
-    assert entry.detail == f"task={task.id} queued attempts=0/1 (attempt given back): never reached the agent"
+    assert (entry.entity_id, entry.detail) == (task.id, f"lease={grant.lease.id} queued attempts=0/1 (attempt given back): never reached the agent")
 
 
 def _normalised(entries: list) -> list[tuple[str, str, str, str, str]]:

@@ -543,8 +543,8 @@ WITH i AS (
               llm_tasks.idempotency_key, v.ord
 ), aud AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT v.audit_id, %(now)s, 'lease_failed', 'lease', l.id, v.actor,
-           left('task=' || t.id || ' ' || t.status || ' attempts=' || t.attempts || '/'
+    SELECT v.audit_id, %(now)s, 'lease_failed', 'task', t.id, v.actor,
+           left('lease=' || l.id || ' ' || t.status || ' attempts=' || t.attempts || '/'
                 || t.max_attempts || CASE WHEN v.refund THEN ' (attempt given back)' ELSE '' END
                 || ': ' || v.reason, 1000)
     FROM v JOIN l ON l.ord = v.ord JOIN t ON t.ord = v.ord
@@ -605,8 +605,8 @@ WITH due AS (
     WHERE NOT EXISTS (SELECT 1 FROM et WHERE et.id = el.task_id)
 ), aud AS (
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT gen_random_uuid()::text, %(now)s, 'lease_expired', 'lease', x.l_id, %(actor)s,
-           'task=' || x.id || ' worker=' || x.l_worker_id || ' ' || x.status || ' attempts='
+    SELECT gen_random_uuid()::text, %(now)s, 'lease_expired', 'task', x.id, %(actor)s,
+           'lease=' || x.l_id || ' worker=' || x.l_worker_id || ' ' || x.status || ' attempts='
            || x.attempts || '/' || x.max_attempts
     FROM x
     WHERE %(actor)s::text IS NOT NULL
