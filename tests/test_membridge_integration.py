@@ -20,7 +20,7 @@ from bloom_runtime.http import create_app
 
 from .conftest import truncate_pg
 from .membridge_fixtures import membridge_server  # noqa: F401
-from .membridge_server import MembridgeServer
+from .membridge_server import Answer, MembridgeServer
 
 ADMIN_KEY = "sk-membridge-ADMIN-SECRET-9d2e"
 FAST_FAIL_S = 0.05
@@ -97,8 +97,8 @@ def workers(engine: Engine) -> dict[str, Any]:
 def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url, clock, membridge_server):  # noqa: F811
     engine = make_engine(database_url)
     now_s = clock.now_ms() / 1000
-    membridge_server.state.agents = [agent("node-a", now_s, seen_ago_s=1.25),
-                                      agent("node-b", now_s, status="offline", seen_ago_s=300.0)]
+    membridge_server.set_agents([agent("node-a", now_s, seen_ago_s=1.25),
+                                      agent("node-b", now_s, status="offline", seen_ago_s=300.0)])
     created = engine.membridge.sync_now()
     assert sorted((w.id, new) for w, new in created) == [("node-a", True), ("node-b", True)]
     ws = workers(engine)
@@ -114,8 +114,8 @@ def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url,
     # Update node-a (new URL, fresher sighting), node-b comes online, node-c appears.
     clock.advance(10_000)
     now_s = clock.now_ms() / 1000
-    membridge_server.state.agents = [agent("node-a", now_s, url="http://10.0.0.99:8001"),
-                                     agent("node-b", now_s, status="healthy"), agent("node-c", now_s)]
+    membridge_server.set_agents([agent("node-a", now_s, url="http://10.0.0.99:8001"),
+                                     agent("node-b", now_s, status="healthy"), agent("node-c", now_s)])
     changed = engine.membridge.sync_now()
     assert sorted((w.id, new) for w, new in changed) == [("node-a", False), ("node-b", False), ("node-c", True)]
     ws = workers(engine)
@@ -126,7 +126,7 @@ def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url,
     for step_ms, expected in ((30_000, "online"), (31_000, "offline")):
         clock.advance(step_ms)
         now_s = clock.now_ms() / 1000
-        membridge_server.state.agents = [agent("node-b", now_s), agent("node-c", now_s)]
+        membridge_server.set_agents([agent("node-b", now_s), agent("node-c", now_s)])
         engine.membridge.sync_now()
         assert workers(engine)["node-a"].status == expected
     assert workers(engine)["node-b"].status == "online"
@@ -141,18 +141,20 @@ def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url,
 @pytest.mark.parametrize("mode", ["malformed", "500", "hang", "refuse", "bad-entry", "not-a-list"])
 def test_failed_sync_changes_nothing_and_logs_one_line(make_engine, membridge_server, clock, caplog, mode):  # noqa: F811
     engine = make_engine()
+    now_s = clock.now_ms() / 1000
+    membridge_server.set_agents([agent("node-a", now_s)])
     engine.membridge.sync_now()
     before = (workers(engine), len(engine.audit.list(limit=1000).items))
     job_before = engine.jobs["membridge_sync"].snapshot()
     # The answer would change everything if it were applied.
     now_s = clock.now_ms() / 1000
-    membridge_server.state.agents = [agent("node-a", now_s, status="error"), agent("node-z", now_s)]
+    membridge_server.set_agents([agent("node-a", now_s, status="error"), agent("node-z", now_s)])
     if mode == "refuse":
         membridge_server.refuse()
     elif mode == "bad-entry":
-        membridge_server.state.agents.append({"name": "bad name with spaces/..", "status": "online"})
+        membridge_server.state.agents["bad"] = {"name": "bad name with spaces/..", "status": "online"}
     elif mode == "not-a-list":
-        membridge_server.state.agents = {"agents": []}  # type: ignore[assignment]
+        membridge_server.route = lambda *_: Answer(200, {"agents": []})  # type: ignore[method-assign]
     else:
         membridge_server.fail(mode, "GET /agents")
     caplog.set_level(logging.DEBUG)
@@ -169,7 +171,8 @@ def test_failed_sync_changes_nothing_and_logs_one_line(make_engine, membridge_se
     assert all(ADMIN_KEY not in r.getMessage() for r in caplog.records)
 
 
-def test_tick_while_sync_running_is_skipped(make_engine, membridge_server):  # noqa: F811
+def test_tick_while_sync_running_is_skipped(make_engine, membridge_server, clock):  # noqa: F811
+    membridge_server.set_agents([agent("node-a", clock.now_ms() / 1000)])
     engine = make_engine(extra={**TUNING, "membridge_timeout_s": 3.0, "membridge_retries": 0})
     membridge_server.fail("hang", "GET /agents", times=1)
     first: dict[str, Any] = {}
@@ -239,7 +242,8 @@ def test_breaker_opens_fails_fast_half_opens_and_closes(make_engine, membridge_s
     assert ADMIN_KEY not in metrics and ADMIN_KEY not in client.simulate_get("/api/runtime/health").text
 
 
-def test_sync_ticker_runs_by_itself(make_engine, membridge_server):  # noqa: F811
+def test_sync_ticker_runs_by_itself(make_engine, membridge_server, clock):  # noqa: F811
+    membridge_server.set_agents([agent("node-a", clock.now_ms() / 1000)])
     engine = make_engine(membridge_sync_interval_s=0.05)
     wait_for(lambda: "node-a" in workers(engine))
     wait_for(lambda: engine.membridge.state()["sync"]["successes"] >= 2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -29,15 +30,9 @@ import msgspec
 
 from .agent_client import AgentClient
 from .errors import BloomError, InvalidInput, MembridgeError, MembridgeUnavailable, StoreUnavailable
-from .membridge import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT_S,
-    Backoff,
-    MembridgeClient,
-    MembridgeResponse,
-    key_header,
-)
+from .membridge import MembridgeClient
 from .models import AuditEntry, Lease, LeaseGrant, Task, Worker, new_id
+from .outgoing import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Backoff, MembridgeResponse, key_header
 from .settings import mask
 from .urls import AllowList, join, safe_path_segment, validate_outgoing_url
 
@@ -52,6 +47,9 @@ LEASE_PREFIX = "/api/leases"  # runtime_url = callback base + /api/leases/{lease
 MAX_FIELD_CHARS = 256  # parsed /health fields are shown, bounded; raw bodies never are
 MAX_FIELDS = 32
 NOT_CONFIGURED_RETRY_AFTER_S = 60
+MAX_NODE_ID_CHARS = 128
+MAX_LEASE_SECONDS = 366 * 86_400
+_NODE_ID_RE = re.compile(r"[^\x00-\x1f\x7f]+")  # printable: no NUL or other control characters
 
 
 @dataclass(frozen=True)
@@ -282,18 +280,29 @@ class MembridgeService:
         return self.client.request(method, join("", *segments), json=body)
 
     def select_leader(self, cid: str, body: dict[str, Any], actor: str) -> MembridgeResponse:
-        """POST ``/projects/{cid}/leadership/select``; the attempt and its outcome are audited."""
+        """POST ``/projects/{cid}/leadership/select`` with ``{primary_node_id, lease_seconds?}``.
+
+        The body is checked before anything is sent or audited (``InvalidInput``);
+        the attempt and its outcome are audited."""
         safe_path_segment(cid, what="project id")
-        node = body.get("node")
-        shown = node[:128] if isinstance(node, str) else None
+        primary = body.get("primary_node_id")
+        if not isinstance(primary, str) or not 1 <= len(primary) <= MAX_NODE_ID_CHARS or not _NODE_ID_RE.fullmatch(primary):
+            raise InvalidInput(f"primary_node_id must be a string of 1-{MAX_NODE_ID_CHARS} printable characters")
+        sent: dict[str, Any] = {"primary_node_id": primary}
+        lease_seconds = body.get("lease_seconds")
+        if lease_seconds is not None:
+            if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int) or not 1 <= lease_seconds <= MAX_LEASE_SECONDS:
+                raise InvalidInput(f"lease_seconds must be an integer between 1 and {MAX_LEASE_SECONDS}")
+            sent["lease_seconds"] = lease_seconds
+        shown = f"primary={primary}" + (f" lease_seconds={lease_seconds}" if lease_seconds is not None else "")
         try:
-            response = self.proxy("POST", ["projects", cid, "leadership", "select"], body)
+            response = self.proxy("POST", ["projects", cid, "leadership", "select"], sent)
         except BloomError as exc:
             self._engine.record([self._audit("leadership_select_failed", "project", cid, actor,
-                                             f"node={shown}: {exc.message}"[:1000])])
+                                             f"{shown}: {exc.message}"[:1000])])
             raise
         action = "leadership_selected" if response.ok else "leadership_select_refused"
-        self._engine.record([self._audit(action, "project", cid, actor, f"node={shown} status={response.status}")])
+        self._engine.record([self._audit(action, "project", cid, actor, f"{shown} status={response.status}")])
         return response
 
     def fetch_agents(self) -> list[dict[str, Any]]:
