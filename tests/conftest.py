@@ -53,6 +53,8 @@ TABLES = (
     "audit_logs",
     "runtime_settings",
     "users",
+    "dispatch_deliveries",
+    "worker_trust",
 )
 
 

@@ -73,6 +73,7 @@ from bloom_runtime.engine.models import (
     Capabilities,
     Completion,
     CompletionOutcome,
+    Delivery,
     Expiry,
     Fence,
     Lease,
@@ -307,6 +308,11 @@ def _result(r: Sequence[Any], o: int = 0) -> Result:
 
 
 _RESULT_N = 9
+
+
+def _delivery(r: Sequence[Any]) -> Delivery:
+    return Delivery(id=r[0], task_id=r[1], lease_id=r[2], worker_id=r[3], url=r[4], state=r[5], agent_status=r[6],
+                    detail=r[7], actor=r[8], created_at=r[9], deadline_at=r[10], finished_at=r[11])
 
 
 def _audit(r: Sequence[Any]) -> AuditEntry:
@@ -949,14 +955,21 @@ class PostgresTransaction(Transaction):
         return out
 
     @_translating
-    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+    def fail_lease(
+        self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
+    ) -> tuple[Task, Lease]:
         row = self._one("lease_task_id", {"id": lease_id})
         if row is None:
             raise NotFound("lease not found", lease_id=lease_id)
         task = self._lock_task(row[0])
         if task.lease_id != lease_id or task.status not in HOLDING_LEASE:
             raise Conflict("lease is not active", lease_id=lease_id)
-        if task.attempts < task.max_attempts:
+        if refund:
+            refunded = self._one("refund_attempt", {"id": task.id})  # the task row is locked above
+            if refunded is not None:
+                task = _task(refunded)
+            status, not_before = "queued", now + retry_delay(max(task.attempts, 1))
+        elif task.attempts < task.max_attempts:
             status, not_before = "queued", now + retry_delay(task.attempts)
         else:
             status, not_before = "failed", None
@@ -1059,9 +1072,38 @@ class PostgresTransaction(Transaction):
             raise NotFound("worker not found", worker_id=worker_id)
 
     @_translating
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        rows = self._all("mark_stale_workers_offline", {"seen_before": seen_before})
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        rows = self._all("mark_stale_workers_offline", {"seen_before": seen_before, "vouched": vouched})
         return sorted((_worker_row(r) for r in rows), key=lambda w: w.id)
+
+    @_translating
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        row = self._one("worker_liveness", {"id": worker_id, "alive": alive, "at": at})
+        return (row[0], row[1]) if row is not None else None
+
+    # --- push dispatch -------------------------------------------------------
+
+    @_translating
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        self._rows("vouch_worker_url", {"worker_id": worker_id, "url": url, "by": by, "now": now})
+
+    @_translating
+    def forget_worker_url(self, worker_id: str) -> None:
+        self._rows("forget_worker_url", {"worker_id": worker_id})
+
+    @_translating
+    def insert_delivery(self, delivery: Delivery) -> None:
+        self._rows("insert_delivery", msgspec.structs.asdict(delivery))
+
+    @_translating
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        row = self._one("finish_delivery", {"id": delivery_id, "state": state, "agent_status": agent_status,
+                                            "detail": detail, "now": now})
+        return _delivery(row) if row is not None else None
+
+    @_translating
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        return [_delivery(r) for r in self._all("expire_deliveries", {"now": now, "detail": detail, "limit": limit})]
 
     # --- audit and settings --------------------------------------------------
 
@@ -1075,6 +1117,12 @@ class PostgresTransaction(Transaction):
             return
         keys = sorted(values)
         self._rows("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
+
+    @_translating
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        if values:
+            keys = sorted(values)
+            self._rows("add_settings_if_absent", {"keys": keys, "values": [values[k] for k in keys], "now": now})
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -1384,6 +1432,19 @@ class PostgresStore(Store):
     @_translating
     def get_settings(self) -> dict[str, str]:
         return dict(self._read_all("get_settings", {}))
+
+    @_translating
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        return [_task(r) for r in self._read_all("due_tasks", {"now": now, "limit": limit})]
+
+    @_translating
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        row = self._read_one("latest_delivery", {"task_id": task_id})
+        return _delivery(row) if row is not None else None
+
+    @_translating
+    def worker_trust(self) -> dict[str, str]:
+        return dict(self._read_all("worker_trust", {}))
 
     @_translating
     def stats(self) -> dict[str, dict[str, int]]:
