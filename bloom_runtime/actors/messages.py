@@ -6,8 +6,8 @@ Each carries the ``actor`` to record in the audit log (who acted) and a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pykka
 
@@ -75,6 +75,7 @@ class FailLease:
     reason: str
     actor: str
     reply: pykka.ThreadingFuture
+    refund: bool = False  # the dispatch never reached the worker: give the attempt back
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RegisterWorker:
     upsert: WorkerUpsert
     actor: str
     reply: pykka.ThreadingFuture
+    vouch: bool = False  # an admin key set the URL: record it as verified
 
 
 @dataclass
@@ -90,6 +92,7 @@ class UpsertWorkers:
     actor: str
     reply: pykka.ThreadingFuture | None = None
     entries: Sequence[AuditEntry] = ()  # recorded in the same transaction as the upserts
+    vouch: Mapping[str, str] = field(default_factory=dict)  # worker id → URL the sync vouches for
 
 
 @dataclass

@@ -25,6 +25,7 @@ from bloom_runtime.actors.messages import (
 )
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.models import Worker
+from bloom_runtime.engine.worker_trust import VOUCHED_BY_SYNC
 from bloom_runtime.sql.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,13 @@ class WorkerRegistry(BatchingActor):
             def register(tx: Transaction) -> tuple[tuple[Worker, bool], list]:
                 t = now()
                 worker, created = tx.upsert_worker(m.upsert, t)
+                detail = f"status={worker.status}"
+                if m.upsert.url is not None:
+                    if m.vouch and worker.url:
+                        tx.vouch_worker_url(worker.id, worker.url, m.actor, t)
+                    detail += f" url={worker.url} ({'vouched for' if m.vouch else 'unverified unless vouched for before'})"
                 action = "worker_registered" if created else "worker_updated"
-                return (worker, created), [audit(t, action, "worker", worker.id, m.actor, f"status={worker.status}")]
+                return (worker, created), [audit(t, action, "worker", worker.id, m.actor, detail)]
 
             return Write(register, m.reply, after=self._changed)
 
@@ -137,6 +143,8 @@ class WorkerRegistry(BatchingActor):
                 out, entries = [], list(m.entries)
                 for u in m.upserts:
                     worker, created = tx.upsert_worker(u, t)
+                    if u.id in m.vouch:
+                        tx.vouch_worker_url(worker.id, m.vouch[u.id], VOUCHED_BY_SYNC, t)
                     out.append((worker, created))
                     if created:
                         entries.append(audit(t, "worker_registered", "worker", worker.id, m.actor, f"status={worker.status}"))
@@ -149,6 +157,7 @@ class WorkerRegistry(BatchingActor):
             def remove(tx: Transaction) -> tuple[Worker, list]:
                 t = now()
                 worker = tx.remove_worker(m.worker_id)
+                tx.forget_worker_url(worker.id)
                 return worker, [audit(t, "worker_removed", "worker", worker.id, m.actor)]
 
             return Write(remove, m.reply, after=self._changed)

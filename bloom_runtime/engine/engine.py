@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import msgspec
 import pykka
 
 from bloom_runtime import __version__
@@ -49,9 +50,14 @@ from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
     EngineTimeout,
+    Forbidden,
     InvalidInput,
     NoCapacity,
+    NotFound,
+    StaleLease,
+    Unauthorized,
 )
+from bloom_runtime.engine.lease_tokens import LeaseTokens
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
     MAX_TTL_SECONDS,
@@ -73,7 +79,9 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.engine.routing_keys import RoutingKeys
 from bloom_runtime.engine.settings import Settings
 from bloom_runtime.engine.stats_cache import StatsCache
+from bloom_runtime.engine.urls import AllowList, validate_outgoing_url
 from bloom_runtime.engine.wakeup import ClaimWakeup
+from bloom_runtime.engine.worker_trust import with_verification
 from bloom_runtime.sql import store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
 
@@ -136,6 +144,8 @@ class Engine:
         self.wakeup = ClaimWakeup()
         self._stats = StatsCache(store.stats)
         self.routing_keys = RoutingKeys()
+        self.lease_tokens = LeaseTokens.load(store, clock)
+        self.allowed = AllowList.from_env(settings.membridge_allowed_hosts)  # ConfigError at boot if malformed
         self.jobs = {
             "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
             "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
@@ -438,7 +448,7 @@ class TaskService(_Service):
     def complete(self, task_id: str, completion: Completion, fence: Fence = Fence(), actor: str | None = None) -> CompletionOutcome:
         """Record the result of the task's active lease (see DESIGN §5)."""
         completion = validate(completion)
-        self._check_fence(fence)
+        fence = self._engine.leases.prove(task_id, validate(fence))
         return self._engine.call(
             "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r), key=task_id
         )
@@ -459,9 +469,6 @@ class TaskService(_Service):
     def artifacts(self, task_id: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
         return self._engine.store.list_artifacts(task_id, check_limit(limit), cursor)
 
-    def _check_fence(self, fence: Fence) -> None:
-        if self._engine.settings.lease_fencing == "strict" and not fence.lease_id:
-            raise InvalidInput("lease_id is required (lease fencing is strict)")
 
 
 class LeaseService(_Service):
@@ -522,15 +529,50 @@ class LeaseService(_Service):
 
     def heartbeat(self, task_id: str, fence: Fence = Fence(), actor: str | None = None) -> tuple[Task, Lease]:
         """Renew the task's active lease (now + TTL) and move the task to running."""
-        fence = validate(fence)
-        self._engine.tasks._check_fence(fence)
+        fence = self.prove(task_id, validate(fence))
         return self._engine.call(
             "leases", lambda r: Heartbeat(task_id, fence, actor or fence.worker_id or "api", r), key=task_id
         )
 
-    def fail(self, lease_id: str, reason: str, actor: str = "dispatch") -> tuple[Task, Lease]:
-        """Mark an active lease failed (its worker could not be reached) and requeue its task."""
-        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r))
+    def fail(self, lease_id: str, reason: str, actor: str = "dispatch", refund: bool = False) -> tuple[Task, Lease]:
+        """Mark an active lease failed (its worker could not be reached) and requeue its task;
+        ``refund``: the dispatch provably never reached the worker, so the attempt is given back."""
+        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r, refund))
+
+    # --- lease tokens ----------------------------------------------------------------
+
+    def token(self, lease_id: str) -> str:
+        """The lease's callback token (grant answers carry it; never log or store it)."""
+        return self._engine.lease_tokens.token(lease_id)
+
+    def prove(self, task_id: str, fence: Fence) -> Fence:
+        """The fence a heartbeat or completion hands the store, its ``lease_token`` checked.
+
+        A token with ``lease_id`` must be that lease's (else ``Unauthorized``); a token
+        alone must be the task's active lease's (else ``StaleLease``: it may be an older
+        lease's). ``LEASE_FENCING=strict`` requires a token."""
+        token = fence.lease_token
+        if token is None:
+            if self._engine.settings.lease_fencing == "strict":
+                raise InvalidInput("lease_token is required (lease fencing is strict)")
+            return fence
+        lease_id = fence.lease_id
+        if lease_id is not None:
+            if not self._engine.lease_tokens.matches(lease_id, token):
+                raise Unauthorized("lease_token does not match lease_id", lease_id=lease_id)
+        else:
+            held = self._engine.store.get_task(task_id).lease_id
+            if held is None or not self._engine.lease_tokens.matches(held, token):
+                raise StaleLease("lease_token is not the task's active lease's", task_id=task_id)
+            lease_id = held
+        return Fence(lease_id=lease_id, worker_id=fence.worker_id)
+
+    def callback(self, lease_id: str, token: str) -> Lease:
+        """The lease a dispatched agent's callback URL names, once its token is checked
+        (``Unauthorized`` before anything is read when it is wrong)."""
+        if not self._engine.lease_tokens.matches(lease_id, token):
+            raise Unauthorized("invalid lease token")
+        return self._engine.store.get_lease(lease_id)
 
     def get(self, lease_id: str) -> Lease:
         return self._engine.store.get_lease(lease_id)
@@ -550,23 +592,46 @@ class LeaseService(_Service):
 class WorkerService(_Service):
     """The worker registry."""
 
-    def register(self, upsert: WorkerUpsert, actor: str = "api") -> tuple[Worker, bool]:
-        """Create or update a worker by id; returns it and whether it was created."""
+    def register(self, upsert: WorkerUpsert, actor: str = "api", admin: bool = True) -> tuple[Worker, bool]:
+        """Create or update a worker by id; returns it and whether it was created.
+
+        A URL (checked as every outgoing URL is) set with ``admin`` is vouched for:
+        the worker may then be pushed tasks. Without ``admin`` (a client key: an
+        agent registering itself) a new worker's URL is kept unverified, and
+        changing an existing worker's URL raises ``Forbidden``."""
         upsert = validate(upsert)
-        return self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r))
+        if upsert.url == "":
+            upsert = msgspec.structs.replace(upsert, url=None)  # the first version's "no URL"
+        if upsert.url is not None:
+            upsert = msgspec.structs.replace(upsert, url=validate_outgoing_url(upsert.url, self._engine.allowed))
+            if not admin:
+                try:
+                    current = self._engine.store.get_worker(upsert.id).url
+                except NotFound:
+                    current = None
+                if current and current != upsert.url:
+                    raise Forbidden("changing a worker's URL needs an admin key", worker_id=upsert.id)
+        worker, created = self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r, vouch=admin))
+        return self.vouched(worker), created
+
+    def vouched(self, worker: Worker) -> Worker:
+        """``worker`` with ``url_verified`` filled in (see ``worker_trust``)."""
+        return with_verification(worker, self._engine.store.worker_trust(), self._engine.allowed)
 
     def upsert_many(self, upserts: Sequence[WorkerUpsert], actor: str = "membridge-sync") -> list[tuple[Worker, bool]]:
         return self._engine.call("registry", lambda r: UpsertWorkers(list(upserts), actor, r))
 
     def get(self, worker_id: str) -> Worker:
-        return self._engine.store.get_worker(worker_id)
+        return self.vouched(self._engine.store.get_worker(worker_id))
 
     def list(self, status: str | None = None) -> list[Worker]:
         from bloom_runtime.engine.models import WORKER_STATUSES
 
         if status is not None and status not in WORKER_STATUSES:
             raise InvalidInput(f"unknown status {status!r}", allowed=list(WORKER_STATUSES))
-        return self._engine.store.list_workers(status)
+        workers = self._engine.store.list_workers(status)
+        vouched = self._engine.store.worker_trust() if workers else {}
+        return [with_verification(w, vouched, self._engine.allowed) for w in workers]
 
     def remove(self, worker_id: str, actor: str = "api") -> Worker:
         return self._engine.call("registry", lambda r: RemoveWorker(worker_id, actor, r))

@@ -34,7 +34,7 @@ from .membridge import MembridgeClient
 from .models import AuditEntry, Lease, LeaseGrant, Task, Worker, new_id
 from .outgoing import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Backoff, MembridgeResponse, key_header
 from .settings import mask
-from .urls import AllowList, join, safe_path_segment, validate_outgoing_url
+from .urls import join, safe_path_segment, validate_outgoing_url
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -43,7 +43,7 @@ log = logging.getLogger("bloom_runtime.membridge")
 
 URL_KEY = "membridge_server_url"
 ADMIN_KEY = "membridge_admin_key"
-LEASE_PREFIX = "/api/leases"  # runtime_url = callback base + /api/leases/{lease_id}
+LEASE_PREFIX = "/api/leases"  # runtime_url = callback base + /api/leases/{lease_id}/{lease_token}
 MAX_FIELD_CHARS = 256  # parsed /health fields are shown, bounded; raw bodies never are
 MAX_FIELDS = 32
 NOT_CONFIGURED_RETRY_AFTER_S = 60
@@ -140,7 +140,7 @@ class MembridgeService:
         self._engine = engine
         settings = engine.settings
         self.tuning = tuning or MembridgeTuning.from_extra(settings.extra)
-        self.allowed = AllowList.from_env(settings.membridge_allowed_hosts)  # ConfigError at boot if malformed
+        self.allowed = engine.allowed
         self.sync_stats = SyncStats()
         self._lock = threading.Lock()
         self._stored: dict[str, str] | None = None
@@ -332,8 +332,9 @@ class MembridgeService:
         return self.configured or self._agent_key() is not None
 
     def runtime_url(self, lease_id: str) -> str:
-        """The callback base handed to an agent: lease-scoped, so late callbacks are fenced."""
-        return self._engine.settings.callback_base_url + join(LEASE_PREFIX, lease_id)
+        """The callback base handed to an agent: it embeds the lease's token, which authorises
+        that lease's heartbeat and complete (no API key needed) and fences late callbacks."""
+        return self._engine.settings.callback_base_url + join(LEASE_PREFIX, lease_id, self._engine.leases.token(lease_id))
 
     def dispatch(
         self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api"
@@ -368,6 +369,8 @@ class MembridgeService:
         status: int | None = None
         if not worker.url:
             reason = "worker has no url"
+        elif not engine.workers.vouched(worker).url_verified:
+            reason = "worker URL is unverified (set it with an admin key, or list its host in MEMBRIDGE_ALLOWED_HOSTS)"
         else:
             try:
                 response = self.agents.post_execute_task(worker.url, payload, self._agent_key())

@@ -71,6 +71,7 @@ ObsCount = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Tag = Annotated[str, Meta(max_length=128)]  # db_sha, agent_version, install_method
 OsInfo = Annotated[str, Meta(max_length=512)]
 MAX_TTL_SECONDS = 86_400
+LeaseToken = Annotated[str, Meta(max_length=128)]
 
 
 _id_lock = threading.Lock()
@@ -280,10 +281,14 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Fence(msgspec.Struct, frozen=True, kw_only=True):
-    """What a worker call names to prove it holds the active lease (either may be absent)."""
+    """What a worker call names to prove it holds the active lease (any may be absent).
+
+    ``lease_token`` is the lease's callback token (from the grant); the engine checks
+    it and hands the stores a fence naming the lease it proved."""
 
     lease_id: Id | None = None
     worker_id: Id | None = None
+    lease_token: LeaseToken | None = None
 
 
 class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):

@@ -28,7 +28,8 @@ from bloom_runtime.http.resources import artifacts, audit, config, dispatch, hea
 
 BASE = "/api/runtime"
 MEMBRIDGE_BASE = "/api/membridge"
-LEASE_BASE = "/api/leases/{lease_id}"  # dispatched agents get runtime_url = public URL + this
+LEASE_BASE = "/api/leases/{lease_id}"  # lease-fenced callbacks that still need an API key
+TOKEN_BASE = "/api/leases/{lease_id}/{lease_token}"  # dispatched agents get runtime_url = public URL + this
 
 # Membridge answers: 502 unreachable or bad answer, 503 breaker open (Retry-After) or not configured.
 MB_502 = (schemas.ErrorBody, "membridge unreachable or answered badly")
@@ -141,6 +142,16 @@ ROUTES: tuple[Route, ...] = (
                     503: (schemas.ErrorBody, "no capacity, membridge not configured, or the worker's breaker is open")},
                    body=schemas.DispatchRequest, body_optional=True),
     }),
+    Route(f"{TOKEN_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.TokenHeartbeat(c.engine), {
+        "POST": Op("Heartbeat of a dispatched agent: the lease token in its runtime_url is the credential, no API key "
+                   "(401 for a wrong token, 409 once the lease is over)",
+                   {200: (schemas.TaskLease, "renewed")}, body=Fence, body_optional=True, access="open", kind="worker"),
+    }),
+    Route(f"{TOKEN_BASE}{BASE}/llm-tasks/{{task_id}}/complete", lambda c: dispatch.TokenComplete(c.engine), {
+        "POST": Op("Completion of a dispatched agent: the lease token in its runtime_url is the credential, no API key "
+                   "(401 for a wrong token, 409 once the lease is over)",
+                   {200: (schemas.CompleteResponse, "recorded")}, body=schemas.CompleteRequest, access="open", kind="worker"),
+    }),
     Route(f"{LEASE_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.LeaseHeartbeat(c.engine), {
         "POST": Op("Heartbeat of a dispatched agent, fenced by the lease in its runtime_url (409 once it expired)",
                    {200: (schemas.TaskLease, "renewed")}, body=Fence, body_optional=True, kind="worker"),
@@ -191,6 +202,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 OPS: dict[tuple[str, str], Op] = {(r.path, m): op for r in ROUTES for m, op in r.ops.items()}
+
 
 
 def op_for(template: str | None, method: str) -> Op | None:

@@ -23,6 +23,7 @@ from bloom_runtime.engine.models import (
     Id,
     IpAddrs,
     Lease,
+    LeaseToken,
     Name,
     ObsCount,
     OsInfo,
@@ -70,12 +71,13 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
 
     lease_id: Id | None = None
     worker_id: Id | None = None
+    lease_token: LeaseToken | None = None
 
     def completion(self) -> Completion:
         return Completion(**{f: getattr(self, f) for f in Completion.__struct_fields__})
 
     def fence(self) -> Fence:
-        return Fence(lease_id=self.lease_id, worker_id=self.worker_id)
+        return Fence(lease_id=self.lease_id, worker_id=self.worker_id, lease_token=self.lease_token)
 
 
 class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,13 +100,15 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 class LeaseResponse(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease
     worker: Worker
+    lease_token: str  # authorises heartbeat/complete of this lease (and only this one)
 
 
-class TaskLease(msgspec.Struct, frozen=True, kw_only=True):
-    """Heartbeat and claim answers."""
+class TaskLease(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Heartbeat and claim answers (a claim's carries the lease's token)."""
 
     task: Task
     lease: Lease
+    lease_token: str | None = None
 
 
 class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):

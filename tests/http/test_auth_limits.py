@@ -15,8 +15,12 @@ API = "/api/runtime"
 HEADER = "X-Runtime-API-Key"
 
 
+FORGED_TOKEN = "f" * 43  # the shape of a lease token, not any lease's
+
+
 def _concrete(path: str) -> str:
-    return path.replace("{task_id}", "t-1").replace("{worker_id}", "w-1").replace("{cid}", "p-1")
+    return (path.replace("{task_id}", "t-1").replace("{worker_id}", "w-1").replace("{cid}", "p-1")
+            .replace("{lease_id}", "l-1").replace("{lease_token}", FORGED_TOKEN))
 
 
 ALL_OPS = [(m, r.path) for r in ROUTES for m in r.ops]
@@ -26,10 +30,13 @@ ALL_OPS = [(m, r.path) for r in ROUTES for m in r.ops]
 def test_every_route_needs_a_key_except_health(keyed, method, path):
     before = snapshot(keyed.engine)
     wrong = "x" * len(CLIENT_KEY)  # same length as a real key
-    for headers in ({}, {HEADER: wrong}, {HEADER: ""}):
+    token_route = "{lease_token}" in path  # a dispatched agent's callback: the lease token is the credential
+    for headers in ({}, {HEADER: wrong}, {HEADER: ""}, {HEADER: CLIENT_KEY} if token_route else {}):
         r = keyed.simulate_request(method, _concrete(path), headers=headers, json={} if method == "POST" else None)
         if path == f"{API}/health":
             assert r.status_code == 200
+        elif token_route:
+            assert r.status_code == 401 and r.json["error"] == "invalid lease token", (method, path, r.status_code)
         else:
             assert r.status_code == 401, (method, path, r.status_code)
             assert r.json["error"] and r.headers.get("www-authenticate")

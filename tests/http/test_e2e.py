@@ -79,7 +79,7 @@ def test_lifecycle_push_and_pull(server):
     with s.post(srv.url + "/llm-tasks", json=new_task()) as r:
         task = r.json()
     with s.post(srv.url + f"/llm-tasks/{task['id']}/lease", json={}) as r:
-        assert r.status_code == 201 and set(r.json()) == {"lease", "worker"}
+        assert r.status_code == 201 and set(r.json()) == {"lease", "worker", "lease_token"}
     # The membridge agent's exact calls: heartbeat with no body, complete with tokens_used null.
     with requests.post(srv.url + f"/llm-tasks/{task['id']}/heartbeat", headers={HEADER: CLIENT_KEY}) as r:
         assert r.status_code == 200 and r.json()["task"]["status"] == "running"

@@ -230,7 +230,7 @@ def served(tmp_path) -> Iterator[Callable[..., tuple[str, Engine]]]:
 
 
 def test_dispatch_to_agent_runs_the_task_to_completion(served):
-    with AgentStandIn(runtime_api_key=CLIENT_KEY) as agent:
+    with AgentStandIn() as agent:  # no RUNTIME_API_KEY in the agent's environment: the lease token is enough
         base, engine = served(membridge_agent_key=Secret(AGENT_KEY), membridge_server_url=None)
         http = requests.Session()
         http.trust_env = False
@@ -249,7 +249,8 @@ def test_dispatch_to_agent_runs_the_task_to_completion(served):
         payload = sent[0].json
         assert payload["task_id"] == task["id"] and payload["lease_id"] == lease_id
         assert payload["prompt"] == "say hi" and payload["context_id"] == "ctx-1" and payload["agent_slug"] == "writer"
-        assert payload["runtime_url"] == f"{base}/api/leases/{lease_id}"  # never from a request header
+        token = engine.leases.token(lease_id)
+        assert payload["runtime_url"] == f"{base}/api/leases/{lease_id}/{token}"  # never from a request header
         assert agent.wait_for_callbacks(2)
         assert [(cb.kind, cb.status) for cb in agent.callbacks] == [("heartbeat", 200), ("complete", 200)]
         done = http.get(f"{base}{API}/llm-tasks/{task['id']}").json()
@@ -261,7 +262,7 @@ def test_dispatch_to_agent_runs_the_task_to_completion(served):
 
 def test_dispatch_to_dead_agent_fails_lease_and_requeues(build, dead_agent_server):  # noqa: F811
     c = build()
-    assert c.simulate_post(f"{API}/workers", json={"name": "w1", "url": dead_agent_server.url}).status_code == 201
+    assert c.simulate_post(f"{API}/workers", json={"name": "w1", "url": dead_agent_server.url}, headers=ADMIN).status_code == 201
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"worker_id": "w1"})
     assert r.status_code == 502 and "unreachable" in r.json["error"]
@@ -277,7 +278,7 @@ def test_dispatch_to_dead_agent_fails_lease_and_requeues(build, dead_agent_serve
 def test_dispatch_refused_by_agent_is_502(build, agent_server):  # noqa: F811
     c = build()
     agent_server.agent_key = "another-agent-key"
-    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url})
+    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url}, headers=ADMIN)
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
     assert r.status_code == 502 and r.json["worker_status"] == 401
@@ -287,7 +288,7 @@ def test_dispatch_refused_by_agent_is_502(build, agent_server):  # noqa: F811
 def test_late_callback_after_lease_expired_is_409(build, agent_server):  # noqa: F811
     clock = ManualClock()
     c = build(clock=clock)
-    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url})
+    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url}, headers=ADMIN)
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
     lease_id = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 5}).json["lease"]["id"]
     prefix = f"/api/leases/{lease_id}{API}/llm-tasks/{task['id']}"

@@ -15,7 +15,7 @@ import falcon
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.errors import StaleLease
-from bloom_runtime.engine.models import Fence
+from bloom_runtime.engine.models import Fence, Lease
 from bloom_runtime.http import schemas
 from bloom_runtime.http.resources.membridge import guarded
 from bloom_runtime.http.util import actor, body, path_id, send
@@ -39,6 +39,42 @@ def _lease_fence(lease_id: str, named_lease: str | None, worker_id: str | None) 
     if named_lease is not None and named_lease != lease_id:
         raise StaleLease("the body names another lease than the callback URL", lease_id=lease_id)
     return Fence(lease_id=lease_id, worker_id=worker_id)
+
+
+def _token_fence(lease: Lease, token: str, named_lease: str | None) -> Fence:
+    """The fence of a token callback (the token was checked by ``leases.callback``)."""
+    return Fence(lease_id=_lease_fence(lease.id, named_lease, None).lease_id, lease_token=token)
+
+
+class TokenHeartbeat:
+    """``/api/leases/{lease_id}/{lease_token}/api/runtime/llm-tasks/{task_id}/heartbeat``: no API key,
+    the token is the credential and is good for this lease only (empty body allowed)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, lease_id: str, lease_token: str, task_id: str) -> None:
+        held = self.engine.leases.callback(path_id(lease_id, "lease"), lease_token)  # 401 before anything else
+        task_id = path_id(task_id, "task")
+        given: Fence = body(req, Fence)
+        fence = _token_fence(held, lease_token, given.lease_id)
+        task, lease = self.engine.leases.heartbeat(task_id, fence, actor=held.worker_id)
+        send(resp, schemas.TaskLease(task=task, lease=lease))
+
+
+class TokenComplete:
+    """``/api/leases/{lease_id}/{lease_token}/api/runtime/llm-tasks/{task_id}/complete``: no API key."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, lease_id: str, lease_token: str, task_id: str) -> None:
+        held = self.engine.leases.callback(path_id(lease_id, "lease"), lease_token)  # 401 before anything else
+        task_id = path_id(task_id, "task")
+        done: schemas.CompleteRequest = body(req, schemas.CompleteRequest)
+        fence = _token_fence(held, lease_token, done.lease_id)
+        out = self.engine.tasks.complete(task_id, done.completion(), fence, actor=held.worker_id)
+        send(resp, schemas.CompleteResponse(task=out.task, result=out.result, artifact=out.artifact))
 
 
 class LeaseHeartbeat:

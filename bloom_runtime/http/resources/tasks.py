@@ -56,7 +56,8 @@ class TaskLease:
         task_id = path_id(task_id, "task")
         ask: schemas.LeaseRequest = body(req, schemas.LeaseRequest)
         grant = self.engine.leases.acquire(task_id, ask.worker_id, ask.ttl_seconds, actor=actor(req))
-        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=grant.worker), 201)
+        worker = self.engine.workers.vouched(grant.worker)
+        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=worker, lease_token=self.engine.leases.token(grant.lease.id)), 201)
 
 
 class TaskHeartbeat:
