@@ -66,9 +66,11 @@ class AgentStandIn(PeerServer):
         agent_key: str | None = None,
         runtime_api_key: str | None = None,
         claude: bool = True,
+        callback_url: Callable[[str], str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.callback_url = callback_url  # rewrites the runtime_url it is given (a proxy that mangles paths)
         self.node_id = node_id
         self.run = run
         self.agent_key = agent_key
@@ -174,6 +176,8 @@ class AgentStandIn(PeerServer):
         task_id = body["task_id"]
         timeout = (body.get("policy") or {}).get("timeout_sec", 120)
         runtime_url = body.get("runtime_url")
+        if runtime_url and self.callback_url is not None:
+            runtime_url = self.callback_url(runtime_url)
         started = time.time()
         self._callback(runtime_url, task_id, "heartbeat", None, HEARTBEAT_TIMEOUT_S)
         run = self.run(body) if callable(self.run) else self.run

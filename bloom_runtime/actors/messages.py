@@ -110,4 +110,6 @@ class PickWorkers:
     labels: Sequence[str]
     reply: pykka.ThreadingFuture
     fresh: bool = False  # reload the routing snapshot first
+    push: bool = False  # only workers tasks can be pushed to (a verified URL)
+    exclude: frozenset[str] = frozenset()  # e.g. workers whose circuit breaker is open
 

@@ -25,7 +25,8 @@ from bloom_runtime.actors.messages import (
 )
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.models import Worker
-from bloom_runtime.engine.worker_trust import VOUCHED_BY_SYNC
+from bloom_runtime.engine.urls import AllowList
+from bloom_runtime.engine.worker_trust import VOUCHED_BY_SYNC, with_verification
 from bloom_runtime.sql.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,12 @@ class WorkerRegistry(BatchingActor):
         offline_after_ms: int,
         batch_max: int = 256,
         inline_audit: bool = True,
+        allowed: AllowList | None = None,
     ) -> None:
         super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.health = health
         self.offline_after_ms = offline_after_ms
+        self.allowed = allowed  # MEMBRIDGE_ALLOWED_HOSTS: its hosts count as verified push targets
         self._workers: list[Worker] = []
         self._active: dict[str, int] = {}
         self._contexts: dict[str, set[str]] = {}
@@ -83,37 +86,46 @@ class WorkerRegistry(BatchingActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, PickWorkers):
             try:
-                message.reply.set(self.pick(message.context_id, message.labels, fresh=message.fresh))
+                message.reply.set(self.pick(message.context_id, message.labels, fresh=message.fresh,
+                                            push=message.push, exclude=message.exclude))
             except Exception as exc:
                 _fail(message.reply, exc)
             return None
         return super().on_receive(message)
 
     def _reload(self) -> None:
-        self._workers = self.store.list_workers()
+        vouched = self.store.worker_trust()
+        self._workers = [with_verification(w, vouched, self.allowed) for w in self.store.list_workers()]
         self._active = {w.id: w.active_leases for w in self._workers}
         self._contexts = {}
         for context_id, worker_id in self.store.active_lease_owners():
             self._contexts.setdefault(context_id, set()).add(worker_id)
         self._loaded_at = time.monotonic()
 
-    def pick(self, context_id: str, labels: Sequence[str], fresh: bool = False) -> list[str]:
-        """Ids of up to ``PICK_CANDIDATES`` workers that can take the task, best first."""
+    def pick(
+        self, context_id: str, labels: Sequence[str], fresh: bool = False, push: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """Ids of up to ``PICK_CANDIDATES`` workers that can take the task, best first
+        (with ``push``, only workers with a verified URL; never those in ``exclude``)."""
         reloaded = fresh or time.monotonic() - self._loaded_at > ROUTING_REFRESH_S
         if reloaded:
             self._reload()
-        ranked = self._rank(context_id, labels)
+        ranked = self._rank(context_id, labels, push, exclude)
         if not ranked and not reloaded:
             self._reload()  # "no capacity" is worth one fresh look before it is said
-            ranked = self._rank(context_id, labels)
+            ranked = self._rank(context_id, labels, push, exclude)
         if ranked:
             chosen = ranked[0].id
             self._active[chosen] = self._active.get(chosen, 0) + 1
             self._contexts.setdefault(context_id, set()).add(chosen)
         return [w.id for w in ranked[:PICK_CANDIDATES]]
 
-    def _rank(self, context_id: str, labels: Sequence[str]) -> list[Worker]:
-        candidates = [w for w in self._workers if can_take(w, labels, self._active.get(w.id, 0))]
+    def _rank(self, context_id: str, labels: Sequence[str], push: bool, exclude: frozenset[str]) -> list[Worker]:
+        candidates = [
+            w for w in self._workers
+            if can_take(w, labels, self._active.get(w.id, 0)) and (w.url_verified or not push) and w.id not in exclude
+        ]
         return rank(candidates, self._contexts.get(context_id, set()), self._active)
 
     def _changed(self, value: Any) -> None:

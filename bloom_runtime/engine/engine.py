@@ -26,6 +26,7 @@ import pykka
 from bloom_runtime import __version__
 from bloom_runtime.actors.audit_writer import AuditWriter
 from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
+from bloom_runtime.actors.dispatcher import Dispatcher
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
 from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
 from bloom_runtime.actors.messages import (
@@ -46,6 +47,7 @@ from bloom_runtime.actors.task_queue import TaskQueue
 from bloom_runtime.actors.worker_registry import WorkerRegistry
 from bloom_runtime.engine.backoff import RetryBackoff
 from bloom_runtime.engine.clock import Clock, SystemClock
+from bloom_runtime.engine.dispatch import DispatchService
 from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
@@ -96,6 +98,7 @@ MAX_CLAIM_WAIT_S = 30.0
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0
 SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
+DELIVERY_EXPIRY_INTERVAL_S = 10.0  # how often deliveries left unanswered are looked for, with probes off
 
 
 def check_limit(limit: int | None) -> int:
@@ -165,8 +168,9 @@ class Engine:
         self.leases = LeaseService(self)
         self.workers = WorkerService(self)
         self.audit = AuditService(self)
-        # Membridge config (read from the store), clients, test-connection, pass-through, dispatch; no network I/O here.
+        # Membridge config (read from the store), clients, test-connection, pass-through; no network I/O here.
         self.membridge: MembridgeService = MembridgeService(self)
+        self.dispatch = DispatchService(self)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -205,6 +209,11 @@ class Engine:
             raise
         return engine
 
+    def _dispatcher_interval(self) -> float:
+        """The dispatcher's tick: its agent probes, at most half the silence that offlines a worker."""
+        probe = self.settings.agent_probe_interval_s or DELIVERY_EXPIRY_INTERVAL_S
+        return max(0.05, min(probe, self.settings.worker_offline_after_s / 2))
+
     def _liveness_interval(self) -> float:
         return max(0.05, min(5.0, self.settings.worker_offline_after_s / 4))
 
@@ -224,7 +233,7 @@ class Engine:
             lambda: WorkerRegistry.start(
                 store, clock, sink, health=self.jobs["worker_liveness"],
                 offline_after_ms=int(s.worker_offline_after_s * 1000), batch_max=s.write_batch_max,
-                inline_audit=s.audit_group_commit,
+                inline_audit=s.audit_group_commit, allowed=self.allowed,
             ),
         )
         # Writes may be spread over shards so several transactions run at once: task
@@ -261,7 +270,15 @@ class Engine:
                 audit_sink=sink, client=lambda: self.membridge, offline_after_ms=int(s.worker_offline_after_s * 1000),
             ),
         )
+        self._slots["dispatcher"] = _ActorSlot(
+            "dispatcher",
+            lambda: Dispatcher.start(
+                store, clock, sink, send=self.dispatch.send, on_finished=self.dispatch.finished,
+                pool_size=s.dispatch_max_in_flight, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+            ),
+        )
         self._tickers = [
+            Ticker("dispatcher", self._dispatcher_interval(), lambda: self._slots["dispatcher"].ref),
             Ticker("lease-sweep", s.lease_sweep_interval_s, lambda: self._slots["leases"].ref),
             Ticker("audit-flush", AUDIT_RETRY_INTERVAL_S, lambda: self._slots["audit"].ref),
             Ticker("worker-liveness", self._liveness_interval(), lambda: self._slots["registry"].ref),
@@ -315,7 +332,7 @@ class Engine:
         if self._watchdog is not None:
             self._watchdog.join()
         # Producers first, the audit writer last, so it writes what they sent while stopping.
-        order = ["membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
+        order = ["dispatcher", "membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
         for name in order:
             slot = self._slots.get(name)
             if slot is None:
@@ -326,6 +343,10 @@ class Engine:
                 log.error("actor %s did not stop within %.0f s", slot.name, timeout_s)
             except pykka.ActorDeadError:
                 pass
+            if name == "dispatcher":
+                # Deliveries in flight may wait an hour for their answer: end them now (their
+                # runs go on at the agents, whose results arrive on the callback URL).
+                self.membridge.agents.abort_all()
         if self.membridge is not None and hasattr(self.membridge, "close"):
             self.membridge.close()
         self.store.close()
@@ -412,8 +433,11 @@ class Engine:
         return self._stats.get()
 
 
-def _pick_message(context_id: str, labels: list[str], reply: pykka.ThreadingFuture, *, fresh: bool) -> PickWorkers:
-    return PickWorkers(context_id, labels, reply, fresh)
+def _pick_message(
+    context_id: str, labels: list[str], reply: pykka.ThreadingFuture, *, fresh: bool, push: bool = False,
+    exclude: frozenset[str] = frozenset(),
+) -> PickWorkers:
+    return PickWorkers(context_id, labels, reply, fresh, push, exclude)
 
 
 def _acquire_message(task_id: str, worker_id: str, ttl: int | None, actor: str, reply: pykka.ThreadingFuture) -> AcquireLease:
@@ -475,9 +499,11 @@ class LeaseService(_Service):
     """Leases: acquire (push), claim (pull), heartbeat, fail; and the read side."""
 
     def acquire(
-        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api"
+        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api",
+        *, push: bool = False, exclude: frozenset[str] = frozenset(),
     ) -> LeaseGrant:
-        """Lease a queued task to ``worker_id`` or to the best worker ``pick`` finds.
+        """Lease a queued task to ``worker_id`` or to the best worker ``pick`` finds (with
+        ``push`` among workers with a verified URL, never one in ``exclude``).
 
         Raises ``NotFound``, ``Conflict`` (not queued), ``NoCapacity``."""
         engine = self._engine
@@ -493,7 +519,8 @@ class LeaseService(_Service):
             engine.routing_keys.remember(task_id, *routing)
         context_id, labels = routing
         for fresh in (False, True):
-            candidates = engine.call("registry", functools.partial(_pick_message, context_id, list(labels), fresh=fresh))
+            pick = functools.partial(_pick_message, context_id, list(labels), fresh=fresh, push=push, exclude=exclude)
+            candidates = engine.call("registry", pick)
             if not candidates:
                 break
             best = candidates[0]

@@ -1,8 +1,9 @@
-"""Membridge wiring: runtime configuration, test-connection, pass-through, sync fetch and dispatch.
+"""Membridge wiring: runtime configuration, test-connection, pass-through and sync fetch.
 
 ``MembridgeService`` is what ``engine.membridge`` holds. It owns the two
 hardened clients (``MembridgeClient`` for the control plane, ``AgentClient``
-for worker agents) and the membridge configuration:
+for worker agents, which push dispatch and the liveness probes use) and the
+membridge configuration:
 
 - The URL and admin key are persisted in ``runtime_settings``; the environment
   values are the defaults. The clients read them through providers on every
@@ -26,12 +27,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from .agent_client import AgentClient
 from .errors import BloomError, InvalidInput, MembridgeError, MembridgeUnavailable, StoreUnavailable
 from .membridge import MembridgeClient
-from .models import AuditEntry, Lease, LeaseGrant, Task, Worker, new_id
+from .models import AuditEntry, Worker, new_id
 from .outgoing import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Backoff, MembridgeResponse, key_header
 from .settings import mask
 from .urls import join, safe_path_segment, validate_outgoing_url
@@ -43,7 +42,6 @@ log = logging.getLogger("bloom_runtime.membridge")
 
 URL_KEY = "membridge_server_url"
 ADMIN_KEY = "membridge_admin_key"
-LEASE_PREFIX = "/api/leases"  # runtime_url = callback base + /api/leases/{lease_id}/{lease_token}
 MAX_FIELD_CHARS = 256  # parsed /health fields are shown, bounded; raw bodies never are
 MAX_FIELDS = 32
 NOT_CONFIGURED_RETRY_AFTER_S = 60
@@ -108,14 +106,6 @@ class SyncStats:
                 "agents_seen": self.agents_seen,
                 "last_duration_ms": self.last_duration_ms,
             }
-
-
-class DispatchResult(msgspec.Struct, frozen=True, kw_only=True):
-    task: Task
-    lease: Lease
-    worker: Worker
-    dispatched: bool
-    worker_status: int | None = None
 
 
 def _scalar_fields(data: Any) -> dict[str, Any]:
@@ -192,7 +182,8 @@ class MembridgeService:
         secret = self._engine.settings.membridge_admin_key
         return secret.reveal() if secret is not None else None
 
-    def _agent_key(self) -> str | None:
+    def agent_key(self) -> str | None:
+        """``MEMBRIDGE_AGENT_KEY``, sent as ``X-MEMBRIDGE-AGENT`` to agents only when set."""
         secret = self._engine.settings.membridge_agent_key
         return secret.reveal() if secret is not None else None
 
@@ -323,78 +314,6 @@ class MembridgeService:
     def known_workers(self) -> list[Worker]:
         """Workers the sync manages (source ``membridge``), read from the store."""
         return [w for w in self._engine.store.list_workers() if w.source == "membridge"]
-
-    # --- dispatch ----------------------------------------------------------------------
-
-    @property
-    def dispatch_enabled(self) -> bool:
-        """Dispatch is part of the membridge integration: on once a URL or an agent key is set."""
-        return self.configured or self._agent_key() is not None
-
-    def runtime_url(self, lease_id: str) -> str:
-        """The callback base handed to an agent: it embeds the lease's token, which authorises
-        that lease's heartbeat and complete (no API key needed) and fences late callbacks."""
-        return self._engine.settings.callback_base_url + join(LEASE_PREFIX, lease_id, self._engine.leases.token(lease_id))
-
-    def dispatch(
-        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api"
-    ) -> DispatchResult:
-        """Lease the task, then POST it to the worker's ``/execute-task``.
-
-        Runs on the caller's thread. If the worker refuses or cannot be reached,
-        the lease is marked failed (the task goes back to the queue or to
-        failed), the outcome is audited and ``MembridgeError`` (502) is raised."""
-        if not self.dispatch_enabled:
-            raise MembridgeUnavailable("dispatch not available: membridge not configured",
-                                       retry_after_s=NOT_CONFIGURED_RETRY_AFTER_S)
-        engine = self._engine
-        grant: LeaseGrant = engine.leases.acquire(task_id, worker_id, ttl_seconds, actor=actor)
-        task, lease, worker = grant.task, grant.lease, grant.worker
-        payload = {
-            "task_id": task.id,
-            "lease_id": lease.id,
-            "context_id": task.context_id,
-            "agent_slug": task.agent_slug,
-            "prompt": task.prompt,
-            "context_hints": task.context_hints,
-            "policy": msgspec.to_builtins(task.policy),
-            "desired_format": task.desired_format,
-            "labels": task.labels,
-            "attempt": task.attempts,
-            "ttl_seconds": lease.ttl_seconds,
-            "expires_at": lease.expires_at,
-            "runtime_url": self.runtime_url(lease.id),
-        }
-        reason: str | None = None
-        status: int | None = None
-        if not worker.url:
-            reason = "worker has no url"
-        elif not engine.workers.vouched(worker).url_verified:
-            reason = "worker URL is unverified (set it with an admin key, or list its host in MEMBRIDGE_ALLOWED_HOSTS)"
-        else:
-            try:
-                response = self.agents.post_execute_task(worker.url, payload, self._agent_key())
-            except BloomError as exc:  # MembridgeError (unreachable, 5xx, breaker open) or UnsafeURL
-                reason = exc.message
-            else:
-                status = response.status
-                if not response.ok:
-                    reason = f"worker answered {response.status}"
-        if reason is None:
-            engine.record([self._audit("task_dispatched", "task", task.id, actor,
-                                       f"lease={lease.id} worker={worker.id} status={status}")])
-            return DispatchResult(task=task, lease=lease, worker=worker, dispatched=True, worker_status=status)
-        task_status = None
-        try:
-            failed_task, _ = engine.leases.fail(lease.id, f"dispatch failed: {reason}"[:500], actor=actor)
-            task_status = failed_task.status
-        except BloomError as exc:
-            # The lease moved on (the agent completed it, or it expired) while we waited.
-            log.warning("dispatch of task %s: could not fail lease %s: %s", task.id, lease.id, exc.message)
-        log.warning("dispatch of task %s to worker %s failed: %s", task.id, worker.id, reason)
-        raise MembridgeError(f"dispatch to worker {worker.id} failed: {reason}", task_id=task.id,
-                             lease_id=lease.id, worker_id=worker.id, task_status=task_status,
-                             worker_status=status)
 
     # --- state ---------------------------------------------------------------------------
 

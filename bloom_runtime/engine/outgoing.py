@@ -210,6 +210,25 @@ def _request_not_sent(exc: BaseException) -> bool:
     return isinstance(_connection_reason(exc), NewConnectionError)
 
 
+def upstream_reason(data: Any) -> str | None:
+    """The reason in a peer's error body: FastAPI's ``{"detail": "…"}`` or its 422 list of
+    ``{loc, msg}``, or ``{"error": "…"}``; None when there is none."""
+    if not isinstance(data, dict):
+        return None
+    value = data.get("detail", data.get("error"))
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list):
+        parts = []
+        for item in value[:5]:
+            if isinstance(item, dict) and isinstance(item.get("msg"), str):
+                loc = item.get("loc")
+                where = ".".join(str(p) for p in loc[1:] if isinstance(p, str | int)) if isinstance(loc, list) else ""
+                parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+        return "; ".join(parts) or None
+    return None
+
+
 def _loads_strict(body: bytes) -> Any:
     def reject(constant: str) -> Any:
         raise ValueError(f"non-finite number {constant}")

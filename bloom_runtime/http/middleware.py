@@ -73,7 +73,7 @@ class LoadShedder:
             # (Connection is a hop-by-hop header a WSGI app may not set; waitress closes
             # idle connections itself when it shuts down.)
             raise falcon.HTTPServiceUnavailable(description="server is shutting down", retry_after=SHED_RETRY_AFTER_S)
-        long_poll = req.method == "POST" and req.path.endswith("/claim")
+        long_poll = req.method == "POST" and req.path.endswith(("/claim", "/dispatch"))  # dispatch may wait
         backlog = self.backlog()
         with self._lock:
             if long_poll and self.long_polls < self.long_poll_budget:

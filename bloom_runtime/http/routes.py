@@ -112,7 +112,7 @@ ROUTES: tuple[Route, ...] = (
         "GET": Op("Tasks, newest first", {200: (list[Task], NEXT_LINK)}, params=(_status(TASK_STATUSES), *PAGED)),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}", lambda c: tasks.TaskItem(c.engine), {
-        "GET": Op("One task", {200: (Task, "the task")}),
+        "GET": Op("One task, with its latest push delivery", {200: (schemas.TaskView, "the task")}),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/lease", lambda c: tasks.TaskLease(c.engine), {
         "POST": Op("Push mode: lease a queued task to a named or the best worker",
@@ -136,10 +136,15 @@ ROUTES: tuple[Route, ...] = (
         "GET": Op("The task's latest result", {200: (Result, "the result")}),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/dispatch", lambda c: dispatch.TaskDispatch(c.engine), {
-        "POST": Op("Lease and POST the task to the worker's /execute-task (failed dispatch: lease failed, task requeued)",
-                   {201: (schemas.DispatchResponse, "dispatched"),
-                    502: (schemas.ErrorBody, "the worker refused or could not be reached; the lease is failed"),
-                    503: (schemas.ErrorBody, "no capacity, membridge not configured, or the worker's breaker is open")},
+        "POST": Op("Lease the task to a worker with a verified URL and push it to its /execute-task; answers at once, "
+                   "or after wait_seconds (on the long-poll budget). A task already sent answers with its delivery.",
+                   {202: (schemas.DispatchResponse, "sent: the agent is running it (watch the task)"),
+                    200: (schemas.DispatchResponse, "the agent answered (ok or not; see delivery.state and the task)"),
+                    409: (schemas.ErrorBody, "the task is not queued, or the named worker cannot be pushed to"),
+                    502: (schemas.DispatchResponse, "the agent refused it or was unreachable; the lease failed "
+                                                    "(an unreachable agent costs no attempt)"),
+                    503: (schemas.ErrorBody, "no push worker free, or the worker's circuit breaker is open (Retry-After)"),
+                    504: (schemas.DispatchResponse, "no answer in time: the run may still be going; the lease is left to its TTL")},
                    body=schemas.DispatchRequest, body_optional=True),
     }),
     Route(f"{TOKEN_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.TokenHeartbeat(c.engine), {

@@ -18,6 +18,7 @@ from bloom_runtime.engine.models import (
     Artifact,
     Capabilities,
     Completion,
+    Delivery,
     EpochMs,
     Fence,
     Id,
@@ -83,6 +84,7 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
 class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: Id | None = None
     ttl_seconds: TtlSeconds | None = None
+    wait_seconds: WaitSeconds = 0  # wait this long for the agent's answer (on the long-poll budget)
 
 
 class ConfigUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,14 +119,28 @@ class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     artifact: Artifact
 
 
-class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True):
-    """The lease granted and the worker that accepted the task."""
+class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A delivery and where to watch it (``dispatched``, ``task_id``, ``worker_id``, ``lease_id``
+    as the first version answered; ``execution`` is the agent's answer when it was waited for)."""
 
-    lease: Lease
-    worker: Worker
-    task: Task
     dispatched: bool
-    worker_status: int | None = None
+    task_id: str
+    worker_id: str
+    lease_id: str
+    task: Task
+    lease: Lease
+    worker: Worker | None
+    delivery: Delivery
+    watch: dict[str, str]
+    lease_token: str | None = None  # only to the caller that created the delivery
+    execution: Any = None
+    error: str | None = None
+
+
+class TaskView(Task, frozen=True, kw_only=True):
+    """One task, with its latest push delivery (null if it was never pushed)."""
+
+    delivery: Delivery | None = None
 
 
 class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True):

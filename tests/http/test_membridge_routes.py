@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import falcon.testing
 import pytest
-import requests
-from waitress import create_server, wasyncore
 
 from bloom_runtime.engine.clock import ManualClock
 from bloom_runtime.engine.engine import Engine
@@ -200,103 +197,27 @@ def test_path_parameter_injection_refused(build, membridge_server, path):  # noq
     assert membridge_server.count() == 0
 
 
-# --- dispatch ------------------------------------------------------------------------------
+# --- lease-fenced callbacks ---------------------------------------------------------------
 
 
-@pytest.fixture
-def served(tmp_path) -> Iterator[Callable[..., tuple[str, Engine]]]:
-    """A real waitress server in a thread on a loopback port, over a fresh engine."""
-    running: list[tuple[Any, threading.Thread, Engine]] = []
-
-    def serve(**over: Any) -> tuple[str, Engine]:
-        server = create_server(lambda env, start: [], host="127.0.0.1", port=0, threads=4)  # app set below, once the port is known
-        port = server.effective_port
-        settings = Settings(**{"database_url": "sqlite:///" + str(tmp_path / "served.db"),
-                                      "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"), "lease_sweep_interval_s": 3600.0,
-                                      "public_url": f"http://127.0.0.1:{port}", "extra": dict(TUNING), **over})
-        engine = Engine.start(settings)
-        server.application = create_app(engine, settings)
-        thread = threading.Thread(target=server.run, name="waitress-test")
-        thread.start()
-        running.append((server, thread, engine))
-        return f"http://127.0.0.1:{port}", engine
-
-    yield serve
-    for server, thread, engine in running:
-        server.trigger.pull_trigger(lambda s=server: wasyncore.close_all(s._map, ignore_all=True))
-        thread.join(timeout=10)
-        server.task_dispatcher.shutdown()
-        engine.stop()
-
-
-def test_dispatch_to_agent_runs_the_task_to_completion(served):
-    with AgentStandIn() as agent:  # no RUNTIME_API_KEY in the agent's environment: the lease token is enough
-        base, engine = served(membridge_agent_key=Secret(AGENT_KEY), membridge_server_url=None)
-        http = requests.Session()
-        http.trust_env = False
-        http.headers["X-Runtime-API-Key"] = CLIENT_KEY
-        assert http.post(f"{base}{API}/workers", json={"name": "w1", "url": agent.url}).status_code == 201
-        task = http.post(f"{base}{API}/llm-tasks", json=new_task()).json()
-        r = http.post(f"{base}{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 60},
-                      headers={"X-Forwarded-Host": "evil.example", "Host": "evil.example"})
-        assert r.status_code == 201, r.text
-        out = r.json()
-        assert out["dispatched"] is True and out["worker"]["id"] == "w1" and out["lease"]["ttl_seconds"] == 60
-        lease_id = out["lease"]["id"]
-        sent = [q for q in agent.requests if q.route == "POST /execute-task"]
-        assert len(sent) == 1
-        assert sent[0].headers["X-MEMBRIDGE-AGENT"] == AGENT_KEY and "X-MEMBRIDGE-ADMIN" not in sent[0].headers
-        payload = sent[0].json
-        assert payload["task_id"] == task["id"] and payload["lease_id"] == lease_id
-        assert payload["prompt"] == "say hi" and payload["context_id"] == "ctx-1" and payload["agent_slug"] == "writer"
-        token = engine.leases.token(lease_id)
-        assert payload["runtime_url"] == f"{base}/api/leases/{lease_id}/{token}"  # never from a request header
-        assert agent.wait_for_callbacks(2)
-        assert [(cb.kind, cb.status) for cb in agent.callbacks] == [("heartbeat", 200), ("complete", 200)]
-        done = http.get(f"{base}{API}/llm-tasks/{task['id']}").json()
-        assert done["status"] == "completed"
-        assert http.get(f"{base}{API}/leases", params={"status": "released"}).json()[0]["id"] == lease_id
-        http.close()
-        assert "task_dispatched" in audit_text(engine)
-
-
-def test_dispatch_to_dead_agent_fails_lease_and_requeues(build, dead_agent_server):  # noqa: F811
-    c = build()
-    assert c.simulate_post(f"{API}/workers", json={"name": "w1", "url": dead_agent_server.url}, headers=ADMIN).status_code == 201
-    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"worker_id": "w1"})
-    assert r.status_code == 502 and "unreachable" in r.json["error"]
-    assert r.json["task_status"] == "queued" and r.json["worker_id"] == "w1"
-    lease = c.engine.leases.get(r.json["lease_id"])
-    assert lease.status == "failed"
-    assert c.engine.tasks.get(task["id"]).status == "queued"
-    text = audit_text(c.engine)
-    assert "lease_failed" in text and "task_retry" in text and "dispatch failed" in text
-    assert AGENT_KEY not in text and AGENT_KEY not in r.text
-
-
-def test_dispatch_refused_by_agent_is_502(build, agent_server):  # noqa: F811
-    c = build()
-    agent_server.agent_key = "another-agent-key"
-    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url}, headers=ADMIN)
-    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
-    assert r.status_code == 502 and r.json["worker_status"] == 401
-    assert c.engine.tasks.get(task["id"]).status == "queued"
-
-
-def test_late_callback_after_lease_expired_is_409(build, agent_server):  # noqa: F811
+@pytest.mark.parametrize("with_token", [True, False])
+def test_late_callback_after_lease_expired_is_409(build, with_token):
     clock = ManualClock()
     c = build(clock=clock)
-    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url}, headers=ADMIN)
+    c.simulate_post(f"{API}/workers", json={"name": "w1"}, headers=ADMIN)
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    lease_id = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 5}).json["lease"]["id"]
-    prefix = f"/api/leases/{lease_id}{API}/llm-tasks/{task['id']}"
+    granted = c.simulate_post(f"{API}/llm-tasks/{task['id']}/lease", json={"ttl_seconds": 5}).json
+    lease_id = granted["lease"]["id"]
+    # The callback URL a dispatched agent gets (the token is the credential), and the older
+    # lease-fenced one that still needs the API key.
+    base = f"/api/leases/{lease_id}/{granted['lease_token']}" if with_token else f"/api/leases/{lease_id}"
+    prefix = f"{base}{API}/llm-tasks/{task['id']}"
     assert c.simulate_post(f"{prefix}/heartbeat").status_code == 200  # empty body, like the agent
     # Another lease id in the path, or in the body, is refused while the lease is active.
     assert c.simulate_post(f"/api/leases/other-lease{API}/llm-tasks/{task['id']}/heartbeat").status_code == 409
     assert c.simulate_post(f"{prefix}/heartbeat", json={"lease_id": "other"}).status_code == 409
-    assert c.simulate_post(f"{prefix}/heartbeat", headers={"X-Runtime-API-Key": "wrong-key-123"}).status_code == 401
+    if not with_token:
+        assert c.simulate_post(f"{prefix}/heartbeat", headers={"X-Runtime-API-Key": "wrong-key-123"}).status_code == 401
     clock.advance(6_000)
     assert c.engine.leases.sweep_now() == 1
     assert c.engine.tasks.get(task["id"]).status == "queued"
@@ -304,12 +225,4 @@ def test_late_callback_after_lease_expired_is_409(build, agent_server):  # noqa:
     assert r.status_code == 409
     r = c.simulate_post(f"{prefix}/complete", json={"status": "success", "output": "late", "metrics": {"tokens_used": None}})
     assert r.status_code == 409
-    assert c.engine.tasks.get(task["id"]).status == "queued"
-
-
-def test_dispatch_not_configured_is_503(build):
-    c = build(membridge_server_url=None, membridge_agent_key=None)
-    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
-    assert r.status_code == 503 and "not configured" in r.json["error"]
     assert c.engine.tasks.get(task["id"]).status == "queued"

@@ -17,7 +17,7 @@ import falcon
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.errors import InvalidInput, MembridgeError, MembridgeUnavailable
-from bloom_runtime.engine.outgoing import MembridgeResponse
+from bloom_runtime.engine.outgoing import MembridgeResponse, upstream_reason
 from bloom_runtime.http.errors import write_error
 from bloom_runtime.http.util import actor, body, send
 
@@ -50,25 +50,6 @@ def relay(resp: falcon.Response, answer: MembridgeResponse, what: str) -> None:
         write_error(resp, answer.status, message[:MAX_UPSTREAM_ERROR_CHARS], {"upstream_status": answer.status})
         return
     raise MembridgeError(f"membridge answered {answer.status} for {what}", status=answer.status)
-
-
-def upstream_reason(data: Any) -> str | None:
-    """The reason in a peer's error body: FastAPI's ``{"detail": "…"}`` or its 422 list of
-    ``{loc, msg}``, or ``{"error": "…"}``; None when there is none."""
-    if not isinstance(data, dict):
-        return None
-    value = data.get("detail", data.get("error"))
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, list):
-        parts = []
-        for item in value[:5]:
-            if isinstance(item, dict) and isinstance(item.get("msg"), str):
-                loc = item.get("loc")
-                where = ".".join(str(p) for p in loc[1:] if isinstance(p, str | int)) if isinstance(loc, list) else ""
-                parts.append(f"{where}: {item['msg']}" if where else item["msg"])
-        return "; ".join(parts) or None
-    return None
 
 
 def _segments(req: falcon.Request, params: dict[str, str]) -> list[str]:

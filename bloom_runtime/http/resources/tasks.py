@@ -43,7 +43,9 @@ class TaskItem:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        send(resp, self.engine.tasks.get(path_id(task_id, "task")))
+        task = self.engine.tasks.get(path_id(task_id, "task"))
+        delivery = self.engine.dispatch.latest(task.id)
+        send(resp, schemas.TaskView(**msgspec.structs.asdict(task), delivery=delivery))
 
 
 class TaskLease:

@@ -1,0 +1,190 @@
+"""Dispatcher: owns push delivery to worker agents and the delivery records.
+
+A ``Deliver`` message (a granted lease) is recorded as a ``sent`` delivery and
+its ``POST /execute-task`` handed to a bounded pool of delivery threads, never
+run on a request thread or on this actor's thread: the real agent answers only
+once the whole run is over. The thread tells the outcome back as
+``DeliveryDone``; this actor records it once, with its audit entry, and wakes
+whoever waits for it. What the outcome means for the lease (fail it, give the
+attempt back, leave it to its TTL) is decided by the delivery function, which
+runs on the delivery thread and may ask other actors: no actor ever waits on
+this one.
+
+On each ``Tick`` the dispatcher marks ``unknown`` the deliveries left ``sent``
+past their deadline by a process that stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from bloom_runtime.actors.base import BatchingActor, Record, Write, _fail, audit
+from bloom_runtime.engine.clock import Clock
+from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, new_id
+from bloom_runtime.sql.store import Store, Transaction
+
+log = logging.getLogger(__name__)
+
+ACTOR = "dispatcher"
+EXPIRE_BATCH = 500
+NO_ANSWER = "no outcome recorded by the deadline (the process that sent it stopped)"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one delivery, as the delivery thread found it."""
+
+    state: str
+    agent_status: int | None = None
+    detail: str | None = None
+
+
+@dataclass
+class Deliver:
+    """Record a delivery for ``grant`` and send ``payload`` to ``url``; ``reply`` gets the ``Delivery``."""
+
+    grant: LeaseGrant
+    url: str
+    payload: dict[str, Any]
+    timeout_s: float
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
+class DeliveryDone:
+    """Told by a delivery thread."""
+
+    delivery: Delivery
+    outcome: Outcome
+
+
+# The delivery function: POST the payload, settle the lease, return the outcome.
+Send = Callable[[Delivery, dict[str, Any], float], Outcome]
+
+
+class Dispatcher(BatchingActor):
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        audit_sink: Callable[[Record], None],
+        *,
+        send: Send,
+        on_finished: Callable[[Delivery], None],
+        pool_size: int,
+        batch_max: int = 256,
+        inline_audit: bool = True,
+    ) -> None:
+        super().__init__(store, clock, audit_sink, batch_max, inline_audit)
+        self._send = send
+        self._on_finished = on_finished
+        self._pool_size = pool_size
+        self._pool: ThreadPoolExecutor | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="delivery")
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        self._shutdown()
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        super().on_failure(exception_type, exception_value, traceback)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            # Calls in flight end when the engine aborts them; their DeliveryDone finds
+            # the actor gone and the rows stay 'sent' until a tick marks them unknown.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # --- messages --------------------------------------------------------------
+
+    def plan(self, m: Any) -> Write | None:
+        now = self.clock.now_ms
+        if isinstance(m, Deliver):
+            grant = m.grant
+
+            def record(tx: Transaction) -> tuple[Delivery, list[AuditEntry]]:
+                t = now()
+                delivery = Delivery(
+                    id=new_id(), task_id=grant.task.id, lease_id=grant.lease.id, worker_id=grant.worker.id, url=m.url,
+                    state="sent", agent_status=None, detail=None, actor=m.actor, created_at=t,
+                    deadline_at=t + int(m.timeout_s * 1000), finished_at=None,
+                )
+                tx.insert_delivery(delivery)
+                return delivery, [audit(t, "task_dispatched", "task", grant.task.id, m.actor,
+                                        f"lease={grant.lease.id} worker={grant.worker.id} delivery={delivery.id}")]
+
+            return Write(record, m.reply, after=lambda d: self._submit(d, m.payload, m.timeout_s))
+
+        if isinstance(m, DeliveryDone):
+            d, outcome = m.delivery, m.outcome
+
+            def finish(tx: Transaction) -> tuple[Delivery | None, list[AuditEntry]]:
+                t = now()
+                done = tx.finish_delivery(d.id, outcome.state, outcome.agent_status, outcome.detail, t)
+                if done is None:
+                    return None, []  # another process marked it unknown meanwhile
+                detail = f"lease={d.lease_id} worker={d.worker_id}"
+                if outcome.agent_status is not None:
+                    detail += f" status={outcome.agent_status}"
+                if outcome.detail:
+                    detail += f": {outcome.detail}"
+                return done, [audit(t, f"dispatch_{outcome.state}", "task", d.task_id, ACTOR, detail[:1000])]
+
+            return Write(finish, pykka.ThreadingFuture(), after=self._finished)
+        return None
+
+    def on_tick(self, reply: pykka.ThreadingFuture | None = None) -> None:
+        try:
+            now = self.clock.now_ms()
+            with self.store.transaction() as tx:
+                expired = tx.expire_deliveries(now, NO_ANSWER, EXPIRE_BATCH)
+                entries = [audit(now, "dispatch_unknown", "task", d.task_id, ACTOR, f"lease={d.lease_id} worker={d.worker_id}: {NO_ANSWER}")
+                           for d in expired]
+                if self.inline_audit:
+                    tx.insert_audit(entries)
+        except Exception as exc:
+            log.warning("expiring deliveries failed: %s", exc)
+            _fail(reply, exc)
+            return
+        for d in expired:
+            self._finished(d)
+        if entries and not self.inline_audit:
+            self._audit_sink(Record(entries, reply, len(expired)))
+        elif reply is not None:
+            reply.set(len(expired))
+
+    # --- deliveries --------------------------------------------------------------
+
+    def _submit(self, delivery: Delivery, payload: dict[str, Any], timeout_s: float) -> None:
+        if self._pool is None:
+            return
+        self._pool.submit(self._run_delivery, delivery, payload, timeout_s)
+
+    def _run_delivery(self, delivery: Delivery, payload: dict[str, Any], timeout_s: float) -> None:
+        """Runs on a delivery thread."""
+        try:
+            outcome = self._send(delivery, payload, timeout_s)
+        except Exception:
+            log.exception("delivery %s of task %s failed unexpectedly", delivery.id, delivery.task_id)
+            outcome = Outcome("unknown", detail="internal error while delivering")
+        try:
+            self.actor_ref.tell(DeliveryDone(delivery, outcome))
+        except pykka.ActorDeadError:
+            log.info("delivery %s ended after the dispatcher stopped; its outcome is not recorded", delivery.id)
+
+    def _finished(self, delivery: Delivery | None) -> None:
+        if delivery is not None:
+            self._on_finished(delivery)

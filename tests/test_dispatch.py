@@ -1,0 +1,285 @@
+"""Push dispatch end to end: a real runtime over HTTP, worker agents that behave like membridge's, both stores.
+
+Times are scaled down through settings (policy.timeout_sec, DISPATCH_GRACE, the
+agent client's own timeout, TTLs, sweep interval); the tests wait on conditions
+with a bound, never for a fixed time. The agent stand-ins' runs are the only
+sleeps: they are the CLI's run time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from bloom_runtime.engine.settings import Secret, parse_api_keys
+
+from .agent_standin import AgentStandIn, Run
+from .conftest import truncate_pg
+from .runtime_server import RuntimeServer
+
+CLIENT_KEY = "client-key-0001"
+ADMIN_KEY = "admin-key-00003"
+AGENT_KEY = "sk-agent-SECRET-77aa1"
+FAST: dict[str, Any] = {
+    "lease_sweep_interval_s": 0.1,
+    "retry_backoff_base_ms": 10,
+    "retry_backoff_cap_ms": 50,
+    "dispatch_grace_s": 2.0,
+    "auto_dispatch": False,
+    "agent_probe_interval_s": 0,
+    "ask_timeout_s": 10.0,
+    # The agent client's own timeout, as short as the first version's fixed 10 s was against a
+    # 40 s run: a delivery must wait policy.timeout_sec + grace instead.
+    "extra": {"membridge_agent_timeout_s": 0.3, "membridge_agent_retries": 1, "membridge_backoff_base_s": 0.01,
+              "membridge_agent_breaker_fail_max": 3, "membridge_agent_breaker_reset_s": 30.0},
+}
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        time.sleep(0.01)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "bloom.db")
+    url = request.getfixturevalue("pg_url")
+    truncate_pg(url)
+    return url
+
+
+@pytest.fixture
+def runtime(database_url: str) -> Iterator[Callable[..., RuntimeServer]]:
+    started: list[RuntimeServer] = []
+
+    def start(**over: Any) -> RuntimeServer:
+        settings = {**FAST, "database_url": database_url,
+                    "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"),
+                    "admin_keys": parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"), **over}
+        rt = RuntimeServer(api_key=CLIENT_KEY, **settings)
+        started.append(rt)
+        return rt
+
+    yield start
+    for rt in reversed(started):
+        rt.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., AgentStandIn]]:
+    running: list[AgentStandIn] = []
+
+    def start(node_id: str = "node-1", **kwargs: Any) -> AgentStandIn:
+        agent = AgentStandIn(node_id, **kwargs).start()
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        agent.close()
+
+
+def vouch(rt: RuntimeServer, agent: AgentStandIn, **fields: Any) -> None:
+    """Register the agent as its own payload does, then have an admin vouch for its URL."""
+    assert rt.api("POST", "/workers", json=agent.registration()).status_code in (200, 201)
+    r = rt.api("POST", "/workers", json={"name": agent.node_id, "url": agent.url, **fields},
+               headers={"X-Runtime-API-Key": ADMIN_KEY})
+    assert r.status_code == 200 and r.json()["url_verified"] is True
+
+
+def create(rt: RuntimeServer, **fields: Any) -> dict[str, Any]:
+    body = {"context_id": "ctx-1", "agent_slug": "writer", "prompt": "say hi", **fields}
+    r = rt.api("POST", "/llm-tasks", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def task(rt: RuntimeServer, task_id: str) -> dict[str, Any]:
+    return rt.api("GET", f"/llm-tasks/{task_id}").json()
+
+
+def audit(rt: RuntimeServer, task_id: str) -> list[str]:
+    return [e["action"] for e in reversed(rt.api("GET", "/audit", params={"entity_id": task_id}).json())]
+
+
+# --- one delivery --------------------------------------------------------------------------------
+
+
+def test_a_run_longer_than_the_agent_timeout_completes_exactly_once(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(seconds=1.5, output="forty seconds of work"))
+    vouch(rt, agent)
+    t = create(rt, policy={"timeout_sec": 3})
+    started = time.monotonic()
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch")
+    assert r.status_code == 202, r.text
+    assert time.monotonic() - started < 1.0  # answered at once, not after the run
+    out = r.json()
+    assert out["dispatched"] is True and out["delivery"]["state"] == "sent" and out["worker"]["id"] == "node-1"
+    assert out["lease_id"] == out["lease"]["id"] == out["delivery"]["lease_id"] and out["lease_token"]
+    assert out["watch"]["task"] == f"/api/runtime/llm-tasks/{t['id']}"
+    assert task(rt, t["id"])["delivery"]["state"] == "sent"
+    done = wait_for(lambda: (v := task(rt, t["id"]))["delivery"]["state"] != "sent" and v, what="the delivery's outcome")
+    assert done["status"] == "completed" and done["attempts"] == 1
+    assert done["delivery"]["state"] == "answered" and done["delivery"]["agent_status"] == 200
+    assert rt.api("GET", f"/llm-tasks/{t['id']}/result").json()["output"] == "forty seconds of work"
+    assert agent.count("POST /execute-task") == 1
+    assert [(c.kind, c.status) for c in agent.callbacks] == [("heartbeat", 200), ("complete", 200)]
+    assert audit(rt, t["id"])[-3:] == ["task_dispatched", "task_completed", "dispatch_answered"]
+
+
+def test_wait_seconds_returns_the_agent_s_answer(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(seconds=0.2, output="quick"))
+    vouch(rt, agent)
+    t = create(rt)
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["delivery"]["state"] == "answered" and out["task"]["status"] == "completed"
+    assert out["execution"]["ok"] is True and out["execution"]["output"] == "quick"
+    # A second dispatch of the same task answers with that delivery, not 409, and sends nothing.
+    again = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch")
+    assert again.status_code == 200 and again.json()["delivery"]["id"] == out["delivery"]["id"]
+    assert "lease_token" not in again.json()
+    assert agent.count("POST /execute-task") == 1
+
+
+def test_a_second_dispatch_while_running_answers_with_the_delivery(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(seconds=1.0))
+    vouch(rt, agent)
+    t = create(rt)
+    first = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch").json()
+    assert agent.wait_for_runs(1)
+    second = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch")
+    assert second.status_code == 202 and second.json()["delivery"]["id"] == first["delivery"]["id"]
+    waited = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
+    assert waited.status_code == 200 and waited.json()["delivery"]["state"] == "answered"
+    assert agent.count("POST /execute-task") == 1
+
+
+def test_the_agent_s_error_is_recorded_and_the_task_retried(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(exit_code=1, stderr="claude: rate limited"))
+    vouch(rt, agent)
+    t = create(rt)
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
+    assert r.status_code == 200
+    out = r.json()
+    assert out["delivery"]["state"] == "agent_error" and out["delivery"]["detail"] == "claude: rate limited"
+    assert out["execution"]["ok"] is False
+    assert out["task"]["status"] == "queued" and out["task"]["attempts"] == 1  # its complete(error) arrived
+
+
+def test_an_unreachable_agent_costs_no_attempt_and_its_open_breaker_answers_503(runtime, agents):
+    rt = runtime()
+    agent = agents()
+    vouch(rt, agent)
+    agent.refuse()
+    t = create(rt, max_attempts=1)
+    for _ in range(3):  # the breaker opens after 3 failed attempts (1 delivery = 2 attempts here)
+        wait_for(lambda: task(rt, t["id"])["status"] == "queued" and (not task(rt, t["id"])["not_before"]
+                 or task(rt, t["id"])["not_before"] <= time.time() * 1000), what="queued and due")
+        r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
+        if r.status_code == 503:
+            break
+        assert r.status_code == 502, r.text
+        out = r.json()
+        assert out["dispatched"] is False and out["delivery"]["state"] == "unreachable" and "unreachable" in out["error"]
+        assert out["task"]["status"] == "queued" and out["task"]["attempts"] == 0
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"worker_id": "node-1"})
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "circuit breaker" in r.json()["error"]
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch")  # picked: no push worker with a closed breaker
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+    final = task(rt, t["id"])
+    assert final["status"] == "queued" and final["attempts"] == 0  # max_attempts=1, and still never used
+    assert agent.requests == []
+
+
+def test_an_agent_that_refuses_uses_the_attempt(runtime, agents):
+    rt = runtime(membridge_agent_key=Secret(AGENT_KEY))
+    wrong_key = agents("node-1", agent_key="another-agent-key")
+    vouch(rt, wrong_key)
+    t = create(rt)
+    out = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10}).json()
+    assert out["delivery"]["state"] == "refused" and out["delivery"]["agent_status"] == 401
+    assert "X-MEMBRIDGE-AGENT" in out["delivery"]["detail"]  # FastAPI's detail, relayed
+    assert out["task"]["status"] == "queued" and out["task"]["attempts"] == 1
+    assert wrong_key.requests[0].headers["X-MEMBRIDGE-AGENT"] == AGENT_KEY
+    no_claude = agents("node-2", claude=False)
+    vouch(rt, no_claude)
+    t2 = create(rt)
+    out = rt.api("POST", f"/llm-tasks/{t2['id']}/dispatch", json={"worker_id": "node-2", "wait_seconds": 10}).json()
+    assert out["delivery"]["state"] == "refused" and out["delivery"]["agent_status"] == 503
+
+
+def test_no_control_plane_no_agent_key_and_no_runtime_key_on_the_agent(runtime, agents):
+    rt = runtime()  # RUNTIME_API_KEY set on the runtime; no MEMBRIDGE_SERVER_URL, no MEMBRIDGE_AGENT_KEY
+    agent = agents()  # no RUNTIME_API_KEY in the agent's environment
+    vouch(rt, agent)
+    t = create(rt)
+    out = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10}).json()
+    assert out["task"]["status"] == "completed", out
+    [sent] = agent.requests
+    assert "x-membridge-agent" not in {h.lower() for h in sent.headers}
+    assert "x-runtime-api-key" not in {h.lower() for c in agent.requests for h in c.headers}
+    assert sent.json["runtime_url"] == f"{rt.url}/api/leases/{out['lease_id']}/{rt.engine.leases.token(out['lease_id'])}"
+
+
+def test_a_late_result_is_not_reported_as_success(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(seconds=2.0))
+    vouch(rt, agent)
+    t = create(rt, policy={"timeout_sec": 5})
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"ttl_seconds": 1, "wait_seconds": 10})
+    out = r.json()
+    # The lease expired during the run (one heartbeat only, at the start): the agent's
+    # result got 409 though the agent answered ok.
+    assert r.status_code == 200 and out["execution"]["ok"] is True
+    assert out["delivery"]["state"] == "callback_missing" and "after its lease had expired" in out["delivery"]["detail"]
+    assert rt.engine.leases.get(out["lease_id"]).status == "expired"
+    assert [c.status for c in agent.callbacks if c.kind == "complete"] == [409]
+    assert task(rt, t["id"])["status"] == "queued"
+
+
+def test_refused_callbacks_are_not_reported_as_success_and_change_nothing(runtime, agents):
+    rt = runtime()
+    # Something between agent and runtime mangles the token in the callback URL: 401.
+    agent = agents(callback_url=lambda url: url[:-4] + "AAAA")
+    vouch(rt, agent)
+    t = create(rt)
+    out = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10}).json()
+    assert [(c.kind, c.status) for c in agent.callbacks] == [("heartbeat", 401), ("complete", 401)]
+    assert out["execution"]["ok"] is True  # the agent ignores its callbacks' answers
+    assert out["delivery"]["state"] == "callback_missing" and "never reached" in out["delivery"]["detail"]
+    final = task(rt, t["id"])
+    assert final["status"] == "queued" and final["attempts"] == 1  # retried at once, not after the TTL
+    assert rt.api("GET", f"/llm-tasks/{t['id']}/result").status_code == 404
+    assert "lease_renewed" not in audit(rt, t["id"]) and "lease_failed" not in audit(rt, t["id"])
+
+
+def test_an_agent_killed_mid_run_is_left_to_its_lease(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(seconds=30))
+    vouch(rt, agent)
+    t = create(rt, policy={"timeout_sec": 60})
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"ttl_seconds": 1})
+    assert r.status_code == 202
+    assert agent.wait_for_runs(1)
+    agent.kill()
+    d = wait_for(lambda: (v := task(rt, t["id"])["delivery"])["state"] != "sent" and v, what="the delivery's outcome")
+    assert d["state"] == "unknown"  # the run may still be going: no second run before the lease expires
+    # The lease expires (TTL) and the sweep requeues the task.
+    t2 = wait_for(lambda: (v := task(rt, t["id"]))["status"] == "queued" and v, what="requeued by the sweep")
+    assert t2["attempts"] == 1 and "lease_expired" in [e["action"] for e in rt.api("GET", "/audit").json()]
