@@ -283,3 +283,16 @@ def test_an_agent_killed_mid_run_is_left_to_its_lease(runtime, agents):
     # The lease expires (TTL) and the sweep requeues the task.
     t2 = wait_for(lambda: (v := task(rt, t["id"]))["status"] == "queued" and v, what="requeued by the sweep")
     assert t2["attempts"] == 1 and "lease_expired" in [e["action"] for e in rt.api("GET", "/audit").json()]
+
+
+def test_an_agent_s_malformed_json_output_is_a_retryable_error(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(output="Here you go: {not json"))
+    vouch(rt, agent)
+    t = create(rt, desired_format="json")
+    out = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10}).json()
+    assert out["execution"]["ok"] is True and out["delivery"]["state"] == "answered"  # its result did get in
+    result = rt.api("GET", f"/llm-tasks/{t['id']}/result").json()
+    assert result["status"] == "error" and "not valid JSON" in result["error_message"]
+    assert task(rt, t["id"])["status"] == "queued"
+    assert agent.requests[0].json["desired_format"] == "json"

@@ -101,6 +101,17 @@ SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
 DELIVERY_EXPIRY_INTERVAL_S = 10.0  # how often deliveries left unanswered are looked for, with probes off
 
 
+def _json_refusal(output: str | None) -> str | None:
+    """Why ``output`` is not a JSON document (None when it is)."""
+    if output is None:
+        return "no output"
+    try:
+        msgspec.json.decode(output)
+    except msgspec.DecodeError as exc:
+        return str(exc)[:200]
+    return None
+
+
 def check_limit(limit: int | None) -> int:
     if limit is None:
         return 100
@@ -470,11 +481,26 @@ class TaskService(_Service):
         return self._engine.store.list_tasks(status, check_limit(limit), cursor)
 
     def complete(self, task_id: str, completion: Completion, fence: Fence = Fence(), actor: str | None = None) -> CompletionOutcome:
-        """Record the result of the task's active lease (see DESIGN §5)."""
+        """Record the result of the task's active lease (see DESIGN §5).
+
+        For a task that wants ``desired_format: json``, a success whose output is not
+        valid JSON is recorded as a retryable error saying why, whichever worker sent it."""
         completion = validate(completion)
         fence = self._engine.leases.prove(task_id, validate(fence))
+        completion = self._checked_format(task_id, completion)
         return self._engine.call(
             "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r), key=task_id
+        )
+
+    def _checked_format(self, task_id: str, completion: Completion) -> Completion:
+        if completion.status != "success":
+            return completion
+        reason = _json_refusal(completion.output)
+        if reason is None or self._engine.store.get_task(task_id).desired_format != "json":
+            return completion  # valid JSON needs no look at the task; text is anything
+        return msgspec.structs.replace(
+            completion, status="error", retryable=True,
+            error_message=f"desired_format is json but the output is not valid JSON ({reason})",
         )
 
     def requeue(self, task_id: str, actor: str = "api") -> Task:

@@ -380,3 +380,19 @@ def test_fail_lease_requeues(engine):
     assert lease.status == "failed" and t.status == "queued"
     with pytest.raises(Conflict):
         engine.leases.fail(g.lease.id, "again")
+
+
+def test_json_tasks_only_complete_with_json_whoever_the_worker(engine, clock):
+    engine.workers.register(worker("w1"))
+    wants_json, _ = engine.tasks.create(new_task(desired_format="json", max_attempts=2))
+    engine.leases.acquire(wants_json.id)
+    out = engine.tasks.complete(wants_json.id, Completion(status="success", output="Sure! Here is the JSON: {"))
+    assert out.task.status == "queued" and out.result.status == "error"
+    assert out.result.error_message.startswith("desired_format is json but the output is not valid JSON")
+    assert out.result.output == "Sure! Here is the JSON: {"  # kept, for whoever looks into it
+    clock.advance(60_000)  # past the retry backoff
+    engine.leases.acquire(wants_json.id)
+    assert engine.tasks.complete(wants_json.id, Completion(status="success", output='{"a": [1, 2]}')).task.status == "completed"
+    text, _ = engine.tasks.create(new_task())
+    engine.leases.acquire(text.id)
+    assert engine.tasks.complete(text.id, Completion(status="success", output="not json {")).task.status == "completed"
