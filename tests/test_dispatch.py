@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bloom_runtime.engine.clock import Clock, ManualClock
 from bloom_runtime.engine.settings import Secret, parse_api_keys
 
 from .agent_standin import AgentStandIn, Run
@@ -62,11 +63,11 @@ def database_url(request, tmp_path) -> str:
 def runtime(database_url: str) -> Iterator[Callable[..., RuntimeServer]]:
     started: list[RuntimeServer] = []
 
-    def start(**over: Any) -> RuntimeServer:
+    def start(clock: Clock | None = None, **over: Any) -> RuntimeServer:
         settings = {**FAST, "database_url": database_url,
                     "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"),
                     "admin_keys": parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"), **over}
-        rt = RuntimeServer(api_key=CLIENT_KEY, **settings)
+        rt = RuntimeServer(api_key=CLIENT_KEY, clock=clock, **settings)
         started.append(rt)
         return rt
 
@@ -296,3 +297,128 @@ def test_an_agent_s_malformed_json_output_is_a_retryable_error(runtime, agents):
     assert result["status"] == "error" and "not valid JSON" in result["error_message"]
     assert task(rt, t["id"])["status"] == "queued"
     assert agent.requests[0].json["desired_format"] == "json"
+
+
+# --- automatic dispatch ----------------------------------------------------------------------------
+
+
+def executions_by_task(*fleet: AgentStandIn) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for agent in fleet:
+        for body in agent.executions():
+            counts[body["task_id"]] = counts.get(body["task_id"], 0) + 1
+    return counts
+
+
+def all_done(rt: RuntimeServer, ids: list[str], status: str = "completed") -> bool:
+    return all(task(rt, i)["status"] == status for i in ids)
+
+
+def test_fifty_tasks_created_and_nothing_else_complete_exactly_once_across_three_agents(runtime, agents):
+    rt = runtime(auto_dispatch=True)
+    fleet = [agents(f"node-{i}", run=Run(seconds=0.02)) for i in range(3)]
+    for agent in fleet:
+        vouch(rt, agent)  # max_concurrency 2 each, as the agents register themselves
+    ids = [create(rt, context_id=f"ctx-{i % 7}", prompt=f"task {i}")["id"] for i in range(50)]
+    wait_for(lambda: all_done(rt, ids), timeout_s=60, what="all 50 tasks completed")
+    assert executions_by_task(*fleet) == dict.fromkeys(ids, 1)
+    assert all(task(rt, i)["attempts"] == 1 for i in ids)
+    assert all(agent.executions() for agent in fleet)  # the work was spread
+    results = {r["task_id"]: r["output"] for r in rt.api("GET", "/runs", params={"limit": 100}).json()}
+    assert results == {i: f"done: task {n}" for n, i in enumerate(ids)}
+
+
+def test_an_error_result_is_retried_on_another_agent_by_itself(runtime, agents):
+    rt = runtime(auto_dispatch=True)
+    failing = agents("node-a", run=Run(exit_code=1, stderr="claude: out of credits"))
+    healthy = agents("node-b", run=Run(output="fine"))
+    vouch(rt, failing, capabilities={"max_concurrency": 4})  # the most free room: the first attempt goes there
+    vouch(rt, healthy)
+    t = create(rt)
+    done = wait_for(lambda: (v := task(rt, t["id"]))["status"] == "completed" and v, what="retried and completed")
+    assert done["attempts"] == 2 and done["worker_id"] == "node-b"
+    assert len(failing.executions()) == 1 and len(healthy.executions()) == 1
+    assert rt.api("GET", f"/llm-tasks/{t['id']}/result").json()["output"] == "fine"
+
+
+def test_an_agent_killed_mid_run_has_its_task_dispatched_again_after_ttl_and_sweep(runtime, agents):
+    clock = ManualClock(int(time.time() * 1000))  # the runtime's time: the TTL passes when the test says
+    rt = runtime(clock=clock, auto_dispatch=True)
+    doomed = agents("node-a", run=Run(seconds=30))
+    vouch(rt, doomed)
+    t = create(rt, policy={"timeout_sec": 60})
+    assert doomed.wait_for_runs(1)
+    first = task(rt, t["id"])
+    lease = rt.engine.leases.get(first["lease_id"])
+    doomed.kill()
+    assert wait_for(lambda: task(rt, t["id"])["delivery"]["state"] == "unknown", what="the delivery's outcome")
+    survivor = agents("node-b", run=Run(output="second run"))
+    vouch(rt, survivor)
+    assert task(rt, t["id"])["status"] == "running"  # nobody runs it twice while the first run may go on
+    clock.advance(lease.ttl_seconds * 1000 + 1)  # the TTL passes; the sweep (every 0.1 s) requeues it
+    done = wait_for(lambda: (v := task(rt, t["id"]))["status"] == "completed" and v, timeout_s=20, what="re-dispatched")
+    assert done["worker_id"] == "node-b" and done["attempts"] == 2
+    assert rt.engine.leases.get(lease.id).status == "expired"
+    assert executions_by_task(doomed, survivor) == {t["id"]: 2}
+
+
+def test_a_down_agent_costs_no_attempt_and_the_task_goes_elsewhere(runtime, agents):
+    rt = runtime(auto_dispatch=True)
+    down = agents("node-a")
+    vouch(rt, down, capabilities={"max_concurrency": 8})  # most free room: picked first
+    down.refuse()
+    up = agents("node-b")
+    vouch(rt, up)
+    ids = [create(rt, max_attempts=1)["id"] for _ in range(4)]
+    wait_for(lambda: all_done(rt, ids), timeout_s=30, what="all completed by node-b")
+    assert all(task(rt, i)["attempts"] == 1 and task(rt, i)["worker_id"] == "node-b" for i in ids)
+    unreachable = [e for e in rt.api("GET", "/audit", params={"limit": 1000}).json() if e["action"] == "dispatch_unreachable"]
+    assert unreachable and down.requests == []
+
+
+def test_a_mixed_fleet_pushes_and_pulls_from_one_queue(runtime, agents):
+    rt = runtime(auto_dispatch=True)
+    pusher = agents("node-push")
+    vouch(rt, pusher)
+    assert rt.api("POST", "/workers", json={"name": "puller", "capabilities": {"max_concurrency": 4, "labels": ["gpu"]}}).status_code == 201
+    pushed = [create(rt)["id"] for _ in range(5)]
+    pulled = [create(rt, labels=["gpu"])["id"] for _ in range(3)]  # no push worker has the label
+    wait_for(lambda: all_done(rt, pushed), what="pushed tasks done")
+    assert all(task(rt, i)["status"] == "queued" for i in pulled)
+    for _ in pulled:
+        r = rt.api("POST", "/workers/puller/claim", json={"wait_seconds": 5})
+        assert r.status_code == 200 and r.json()["task"]["labels"] == ["gpu"]
+        grant = r.json()
+        assert rt.api("POST", f"/llm-tasks/{grant['task']['id']}/complete",
+                      json={"status": "success", "output": "pulled", "lease_token": grant["lease_token"]}).status_code == 200
+    assert all_done(rt, pulled)
+    assert sorted(executions_by_task(pusher)) == sorted(pushed)
+
+
+def test_a_self_registered_agent_gets_no_pushes_until_vouched_for(runtime, agents):
+    rt = runtime(auto_dispatch=True)
+    agent = agents()
+    assert agent.register(rt.url) == 401  # without RUNTIME_API_KEY in its environment, the runtime refuses it
+    assert rt.api("POST", "/workers", json=agent.registration()).status_code == 201
+    t = create(rt)
+    rt.engine.dispatch.plan_once()
+    assert agent.requests == [] and task(rt, t["id"])["status"] == "queued"
+    vouch(rt, agent)
+    wait_for(lambda: task(rt, t["id"])["status"] == "completed", what="pushed once vouched for")
+
+
+@pytest.mark.postgres
+def test_two_engine_processes_on_one_database_never_dispatch_a_task_twice(pg_url, agents):
+    truncate_pg(pg_url)
+    settings = {**FAST, "database_url": pg_url, "auto_dispatch": True}
+    with RuntimeServer(**settings) as one, RuntimeServer(**settings) as two:
+        fleet = [agents(f"node-{i}", run=Run(seconds=0.01)) for i in range(3)]
+        for agent in fleet:
+            assert one.api("POST", "/workers", json={**agent.registration(), "capabilities": {"max_concurrency": 4}}).status_code == 201
+        ids = [(one if i % 2 else two).api("POST", "/llm-tasks", json={"context_id": f"c{i}", "agent_slug": "a",
+                                                                      "prompt": f"p{i}"}).json()["id"] for i in range(40)]
+        wait_for(lambda: all(one.api("GET", f"/llm-tasks/{i}").json()["status"] == "completed" for i in ids),
+                 timeout_s=60, what="all completed")
+        assert executions_by_task(*fleet) == dict.fromkeys(ids, 1)
+        actors = {e["actor"] for e in one.api("GET", "/audit", params={"limit": 1000}).json() if e["action"] == "task_leased"}
+        assert actors == {"auto-dispatch"}

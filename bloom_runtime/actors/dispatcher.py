@@ -10,6 +10,12 @@ attempt back, leave it to its TTL) is decided by the delivery function, which
 runs on the delivery thread and may ask other actors: no actor ever waits on
 this one.
 
+With automatic dispatch, ``PlanNow`` (told when tasks queue, when a delivery
+ends, and on a timer for retries whose backoff ends) runs the planner on a
+thread of its own: it leases due tasks to free push workers and tells
+``Deliver`` back here. Requests that arrive while it runs are folded into one
+more run, so plans never pile up.
+
 On each ``Tick`` the dispatcher marks ``unknown`` the deliveries left ``sent``
 past their deadline by a process that stopped.
 """
@@ -65,8 +71,22 @@ class DeliveryDone:
     outcome: Outcome
 
 
+@dataclass
+class PlanNow:
+    """Look for queued tasks to push to free workers (automatic dispatch)."""
+
+
+@dataclass
+class PlanDone:
+    """Told by the planner thread."""
+
+    sent: int
+
+
 # The delivery function: POST the payload, settle the lease, return the outcome.
 Send = Callable[[Delivery, dict[str, Any], float], Outcome]
+# The planner: lease due tasks to free push workers and have them delivered; returns how many.
+Plan = Callable[[], int]
 
 
 class Dispatcher(BatchingActor):
@@ -79,6 +99,7 @@ class Dispatcher(BatchingActor):
         send: Send,
         on_finished: Callable[[Delivery], None],
         pool_size: int,
+        plan: Plan | None = None,
         batch_max: int = 256,
         inline_audit: bool = True,
     ) -> None:
@@ -86,12 +107,19 @@ class Dispatcher(BatchingActor):
         self._send = send
         self._on_finished = on_finished
         self._pool_size = pool_size
+        self._plan = plan  # None: automatic dispatch is off
         self._pool: ThreadPoolExecutor | None = None
+        self._planner: ThreadPoolExecutor | None = None
+        self._planning = False
+        self._plan_again = False
 
     # --- lifecycle ---------------------------------------------------------------
 
     def on_start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="delivery")
+        if self._plan is not None:
+            self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auto-dispatch")
+            self.actor_ref.tell(PlanNow())  # tasks may have queued while no process was dispatching
 
     def on_stop(self) -> None:
         super().on_stop()
@@ -107,8 +135,22 @@ class Dispatcher(BatchingActor):
             # the actor gone and the rows stay 'sent' until a tick marks them unknown.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._planner is not None:
+            self._planner.shutdown(wait=False, cancel_futures=True)
+            self._planner = None
 
     # --- messages --------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, PlanNow):
+            self._request_plan()
+            return None
+        if isinstance(message, PlanDone):
+            self._planning = False
+            if self._plan_again:
+                self._request_plan()
+            return None
+        return super().on_receive(message)
 
     def plan(self, m: Any) -> Write | None:
         now = self.clock.now_ms
@@ -188,3 +230,28 @@ class Dispatcher(BatchingActor):
     def _finished(self, delivery: Delivery | None) -> None:
         if delivery is not None:
             self._on_finished(delivery)
+            self._request_plan()  # its worker has room again
+
+    # --- automatic dispatch ------------------------------------------------------
+
+    def _request_plan(self) -> None:
+        if self._planner is None:
+            return
+        if self._planning:
+            self._plan_again = True
+            return
+        self._planning, self._plan_again = True, False
+        self._planner.submit(self._run_plan)
+
+    def _run_plan(self) -> None:
+        """Runs on the planner thread."""
+        assert self._plan is not None
+        sent = 0
+        try:
+            sent = self._plan()
+        except Exception:
+            log.exception("automatic dispatch failed")
+        try:
+            self.actor_ref.tell(PlanDone(sent))
+        except pykka.ActorDeadError:
+            pass

@@ -48,6 +48,9 @@ LEASE_PREFIX = "/api/leases"  # runtime_url = public URL + /api/leases/{lease_id
 MAX_WAIT_S = 30.0
 POLL_OTHER_PROCESS_S = 0.5  # a delivery another process sent is only seen in the store
 MAX_DETAIL_CHARS = 500
+AUTO_ACTOR = "auto-dispatch"
+MAX_PLAN_SCAN = 500  # queued tasks one plan looks at, at most
+PLAN_SCAN_FACTOR = 4  # ... and at most this many per free slot (some may need labels no push worker has)
 # Delivery states in which the agent took the task (dispatched: true).
 TAKEN = frozenset({"sent", "answered", "agent_error", "callback_missing", "unknown"})
 
@@ -141,6 +144,58 @@ class DispatchService:
         """The callback base handed to an agent: it embeds the lease's token, which authorises
         that lease's heartbeat and complete (no API key needed) and fences late callbacks."""
         return self._engine.settings.callback_base_url + join(LEASE_PREFIX, lease_id, self._engine.leases.token(lease_id))
+
+    # --- automatic dispatch (the planner thread) ---------------------------------------------
+
+    def plan_once(self) -> int:
+        """Push due queued tasks, oldest first, to free workers with a verified URL, as many
+        as they have room for; returns how many were sent. Pull workers claim from the same
+        queue and other engine processes plan too: the lease grant decides who gets a task."""
+        engine = self._engine
+        if not engine.running:
+            return 0
+        exclude = self._open_breakers()
+        workers = [w for w in engine.workers.list("online")
+                   if w.url_verified and w.capabilities.claude_cli and w.id not in exclude]
+        room = sum(max(0, w.free_capacity) for w in workers)
+        room = min(room, engine.settings.dispatch_max_in_flight - self.in_flight)
+        if room <= 0:
+            return 0
+        sent = 0
+        for task in engine.store.due_tasks(engine.clock.now_ms(), min(MAX_PLAN_SCAN, room * PLAN_SCAN_FACTOR)):
+            if sent >= room or not engine.running:
+                break
+            if not any(set(task.labels) <= set(w.capabilities.labels) for w in workers):
+                continue  # for pull workers (or nobody) to take
+            if not self._reserve():
+                break
+            try:
+                grant = self._lease_for_retry(task, exclude) if task.attempts else None
+                grant = grant or engine.leases.acquire(task.id, actor=AUTO_ACTOR, push=True, exclude=exclude)
+            except (Conflict, NotFound, NoCapacity):
+                self._release()  # taken meanwhile (a pull worker, another process), or no fit after all
+                continue
+            except BloomError as exc:
+                self._release()
+                log.warning("automatic dispatch stopped for now: %s", exc.message)
+                break
+            try:
+                self.deliver(grant, actor=AUTO_ACTOR, reserved=True)
+            except BloomError as exc:
+                log.warning("automatic dispatch of task %s failed before sending: %s", task.id, exc.message)
+                continue
+            sent += 1
+        return sent
+
+    def _lease_for_retry(self, task: Task, exclude: frozenset[str]) -> LeaseGrant | None:
+        """A retry goes to another worker than the one its last delivery went to, if one can take it."""
+        last = self._engine.store.latest_delivery(task.id)
+        if last is None:
+            return None
+        try:
+            return self._engine.leases.acquire(task.id, actor=AUTO_ACTOR, push=True, exclude=exclude | {last.worker_id})
+        except NoCapacity:
+            return None
 
     # --- what a delivery thread runs ------------------------------------------------------
 

@@ -26,7 +26,7 @@ import pykka
 from bloom_runtime import __version__
 from bloom_runtime.actors.audit_writer import AuditWriter
 from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
-from bloom_runtime.actors.dispatcher import Dispatcher
+from bloom_runtime.actors.dispatcher import Dispatcher, PlanNow
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
 from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
 from bloom_runtime.actors.messages import (
@@ -259,7 +259,7 @@ class Engine:
             self._slots[name] = _ActorSlot(
                 f"task-queue-{i}",
                 lambda: TaskQueue.start(
-                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.notify,
+                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self._task_queued,
                     batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
                 ),
             )
@@ -268,7 +268,7 @@ class Engine:
                 f"lease-supervisor-{i}",
                 lambda: LeaseSupervisor.start(
                     store, clock, sink, health=self.jobs["lease_sweep"], retry_delay=self.retry_backoff,
-                    on_queued=self.wakeup.notify, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+                    on_queued=self._task_queued, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
                     fault=self._sweep_fault,
                 ),
             )
@@ -285,11 +285,15 @@ class Engine:
             "dispatcher",
             lambda: Dispatcher.start(
                 store, clock, sink, send=self.dispatch.send, on_finished=self.dispatch.finished,
-                pool_size=s.dispatch_max_in_flight, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+                pool_size=s.dispatch_max_in_flight, plan=self.dispatch.plan_once if s.auto_dispatch else None,
+                batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
             ),
         )
         self._tickers = [
             Ticker("dispatcher", self._dispatcher_interval(), lambda: self._slots["dispatcher"].ref),
+            # Retries whose backoff ended queue no event: look for them every CLAIM_RECHECK_S.
+            *([Ticker("auto-dispatch", CLAIM_RECHECK_S, lambda: self._slots["dispatcher"].ref, message=PlanNow)]
+              if s.auto_dispatch else []),
             Ticker("lease-sweep", s.lease_sweep_interval_s, lambda: self._slots["leases"].ref),
             Ticker("audit-flush", AUDIT_RETRY_INTERVAL_S, lambda: self._slots["audit"].ref),
             Ticker("worker-liveness", self._liveness_interval(), lambda: self._slots["registry"].ref),
@@ -306,11 +310,22 @@ class Engine:
         """Wake claimers when another engine process queues a task (LISTEN/NOTIFY)."""
         self._listener = threading.Thread(
             target=self.store.listen,  # type: ignore[attr-defined]
-            args=(self.wakeup.notify, self._stopping),
+            args=(self._task_queued, self._stopping),
             name="task-listener",
             daemon=False,
         )
         self._listener.start()
+
+    def _task_queued(self) -> None:
+        """A task became claimable: wake long-polling claimers, and automatic dispatch."""
+        self.wakeup.notify()
+        if self.settings.auto_dispatch:
+            slot = self._slots.get("dispatcher")
+            if slot is not None:
+                try:
+                    slot.ref.tell(PlanNow())
+                except pykka.ActorDeadError:
+                    pass  # the watchdog restarts it; its start plans anyway
 
     def _sweep_fault(self) -> None:
         if self.sweep_fault is not None:

@@ -62,7 +62,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[tuple[Server, requests.Session]]:
-    srv = Server(tmp_path / "e2e.db", "--threads", "80", env={"RUNTIME_API_KEY": f"agents={CLIENT_KEY}"})
+    # Automatic dispatch off: these tests drive the lease calls themselves, for a worker whose URL answers nothing.
+    srv = Server(tmp_path / "e2e.db", "--threads", "80", env={"RUNTIME_API_KEY": f"agents={CLIENT_KEY}", "AUTO_DISPATCH": "off"})
     with requests.Session() as session:
         session.headers[HEADER] = CLIENT_KEY
         try:

@@ -12,7 +12,7 @@ API = "/api/runtime"
 
 
 def test_push_lifecycle_with_agent_payloads(make_client, db_url):
-    c = make_client(database_url=db_url)
+    c = make_client(database_url=db_url, auto_dispatch=False)  # the test leases it itself
     r = c.simulate_post(f"{API}/workers", json={"name": "node-a", "url": "http://node-a:8001", "capabilities": {"max_concurrency": 2}})
     assert r.status_code == 201 and r.json["id"] == "node-a"
     r = c.simulate_post(f"{API}/workers", json={"name": "node-a", "agent_version": "1.2"})
