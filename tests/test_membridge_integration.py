@@ -20,7 +20,7 @@ from bloom_runtime.http import create_app
 
 from .conftest import truncate_pg
 from .membridge_fixtures import membridge_server  # noqa: F401
-from .membridge_server import Answer, MembridgeServer
+from .membridge_server import Answer, MembridgeServer, canonical_id
 
 ADMIN_KEY = "sk-membridge-ADMIN-SECRET-9d2e"
 FAST_FAIL_S = 0.05
@@ -77,6 +77,7 @@ def make_engine(tmp_path, clock: ManualClock, membridge_server: MembridgeServer)
             "membridge_sync_interval_s": 3600.0,  # the tests run the syncs
             "lease_sweep_interval_s": 3600.0,
             "worker_offline_after_s": 60.0,
+            "agent_probe_interval_s": 0,  # the agents' 10.0.0.x URLs lead nowhere
             "ask_timeout_s": 10.0,
             "extra": dict(TUNING),
         }
@@ -94,45 +95,51 @@ def workers(engine: Engine) -> dict[str, Any]:
     return {w.id: w for w in engine.workers.list()}
 
 
-def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url, clock, membridge_server):  # noqa: F811
+def test_sync_adds_merges_and_leaves_leases(make_engine, database_url, clock, membridge_server):  # noqa: F811
     engine = make_engine(database_url)
     now_s = clock.now_ms() / 1000
     membridge_server.set_agents([agent("node-a", now_s, seen_ago_s=1.25),
-                                      agent("node-b", now_s, status="offline", seen_ago_s=300.0)])
+                                 agent("node-b", now_s, status="offline", seen_ago_s=300.0)])
     created = engine.membridge.sync_now()
     assert sorted((w.id, new) for w, new in created) == [("node-a", True), ("node-b", True)]
     ws = workers(engine)
     a = ws["node-a"]
-    assert (a.status, a.source, a.url) == ("online", "membridge", "http://10.0.0.6:8001")
+    assert (a.status, a.source, a.url, a.url_verified) == ("online", "membridge", "http://10.0.0.6:8001", True)
     assert a.last_heartbeat == round((now_s - 1.25) * 1000)  # float seconds → ms
     assert ws["node-b"].status == "offline"
-    assert [r.headers.get("X-MEMBRIDGE-ADMIN") for r in membridge_server.requests] == [ADMIN_KEY]
+    # /agents, then where heartbeats show: every project's nodes, each node's own id.
+    assert [r.route for r in membridge_server.requests] == [
+        "GET /agents", "GET /projects", f"GET /projects/{canonical_id('node-a')}/nodes", f"GET /projects/{canonical_id('node-b')}/nodes"]
+    assert {r.headers.get("X-MEMBRIDGE-ADMIN") for r in membridge_server.requests} == {ADMIN_KEY}
 
     task, _ = engine.tasks.create(NewTask(context_id="ctx", agent_slug="w", prompt="p"))
     grant = engine.leases.acquire(task.id, "node-a")
 
-    # Update node-a (new URL, fresher sighting), node-b comes online, node-c appears.
+    # node-a moves and is seen again, node-b comes back, node-c appears.
     clock.advance(10_000)
     now_s = clock.now_ms() / 1000
     membridge_server.set_agents([agent("node-a", now_s, url="http://10.0.0.99:8001"),
-                                     agent("node-b", now_s, status="healthy"), agent("node-c", now_s)])
+                                 agent("node-b", now_s, status="healthy"), agent("node-c", now_s)])
     changed = engine.membridge.sync_now()
     assert sorted((w.id, new) for w, new in changed) == [("node-a", False), ("node-b", False), ("node-c", True)]
     ws = workers(engine)
-    assert ws["node-a"].url == "http://10.0.0.99:8001" and ws["node-a"].last_heartbeat == round((now_s - 1) * 1000)
+    assert ws["node-a"].url == "http://10.0.0.99:8001" and ws["node-a"].url_verified
+    assert ws["node-a"].last_heartbeat == round((now_s - 1) * 1000)
     assert ws["node-b"].status == "online" and ws["node-c"].status == "online"
+    entries = [(e.action, e.entity_id, e.detail) for e in engine.audit.list(limit=100).items]
+    assert ("worker_online", "node-b", "offline -> online: membridge last_seen 1 s ago") in entries
 
-    # node-a disappears: still online within worker_offline_after (60 s), offline after it.
-    for step_ms, expected in ((30_000, "online"), (31_000, "offline")):
-        clock.advance(step_ms)
-        now_s = clock.now_ms() / 1000
-        membridge_server.set_agents([agent("node-b", now_s), agent("node-c", now_s)])
-        engine.membridge.sync_now()
-        assert workers(engine)["node-a"].status == expected
-    assert workers(engine)["node-b"].status == "online"
-    # The syncer or the registry's liveness check (its timer runs too) offlines it, audited either way.
-    actions = [(e.action, e.entity_id) for e in engine.audit.list(limit=100).items]
-    assert ("worker_offline", "node-a") in actions
+    # node-a disappears from /agents: a sync never offlines (the control plane forgets
+    # everything when it restarts); its silence does, after WORKER_OFFLINE_AFTER.
+    membridge_server.set_agents([agent("node-b", now_s), agent("node-c", now_s)])
+    assert engine.membridge.sync_now() == []  # and nothing else changed: no write at all
+    clock.advance(55_000)
+    engine.workers.check_liveness_now()
+    assert workers(engine)["node-a"].status == "online"
+    clock.advance(10_000)
+    engine.workers.check_liveness_now()
+    assert workers(engine)["node-a"].status == "offline"
+    assert ("worker_offline", "node-a") in [(e.action, e.entity_id) for e in engine.audit.list(limit=100).items]
     # Leases are never touched by a sync.
     assert engine.leases.get(grant.lease.id).status == "active"
     assert engine.tasks.get(task.id).status == "leased"

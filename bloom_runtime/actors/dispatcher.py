@@ -16,8 +16,14 @@ thread of its own: it leases due tasks to free push workers and tells
 ``Deliver`` back here. Requests that arrive while it runs are folded into one
 more run, so plans never pile up.
 
-On each ``Tick`` the dispatcher marks ``unknown`` the deliveries left ``sent``
-past their deadline by a process that stopped.
+On each ``Tick`` the dispatcher probes every worker with a verified URL
+(``GET {url}/health`` through its breaker, on a small pool of its own) and
+marks ``unknown`` the deliveries left ``sent`` past their deadline by a
+process that stopped. Probe and delivery results go to the registry as
+sightings: an answer is a sign of life (the worker comes online, its heartbeat
+is refreshed when it grows old), and ``FAILURES_OFFLINE`` failures in a row
+with no answer between take it offline. One failure never does, so a worker
+does not flap; the registry audits only real changes.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from typing import Any
 import pykka
 
 from bloom_runtime.actors.base import BatchingActor, Record, Write, _fail, audit
+from bloom_runtime.actors.messages import Sighting
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, new_id
+from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, Worker, new_id
 from bloom_runtime.sql.store import Store, Transaction
 
 log = logging.getLogger(__name__)
 
 ACTOR = "dispatcher"
 EXPIRE_BATCH = 500
+FAILURES_OFFLINE = 2  # probes or deliveries in a row that found no agent before it counts as offline
+PROBE_THREADS = 8
 NO_ANSWER = "no outcome recorded by the deadline (the process that sent it stopped)"
 
 
@@ -72,6 +81,15 @@ class DeliveryDone:
 
 
 @dataclass
+class ProbeDone:
+    """Told by a probe thread: what ``GET {url}/health`` of ``worker`` found."""
+
+    worker: Worker
+    alive: bool
+    cause: str
+
+
+@dataclass
 class PlanNow:
     """Look for queued tasks to push to free workers (automatic dispatch)."""
 
@@ -87,6 +105,9 @@ class PlanDone:
 Send = Callable[[Delivery, dict[str, Any], float], Outcome]
 # The planner: lease due tasks to free push workers and have them delivered; returns how many.
 Plan = Callable[[], int]
+# Liveness: the workers to probe, the probe itself, and where sightings go.
+Targets = Callable[[], list[Worker]]
+Probe = Callable[[Worker], tuple[bool, str]]
 
 
 class Dispatcher(BatchingActor):
@@ -100,6 +121,10 @@ class Dispatcher(BatchingActor):
         on_finished: Callable[[Delivery], None],
         pool_size: int,
         plan: Plan | None = None,
+        targets: Targets | None = None,
+        probe: Probe | None = None,
+        sightings: Callable[[list[Sighting]], None] | None = None,
+        refresh_ms: int = 30_000,
         batch_max: int = 256,
         inline_audit: bool = True,
     ) -> None:
@@ -112,11 +137,20 @@ class Dispatcher(BatchingActor):
         self._planner: ThreadPoolExecutor | None = None
         self._planning = False
         self._plan_again = False
+        self._targets = targets  # None: no probes
+        self._probe = probe
+        self._sightings = sightings or (lambda seen: None)
+        self._refresh_ms = refresh_ms  # refresh a live worker's heartbeat once it is this old
+        self._prober: ThreadPoolExecutor | None = None
+        self._probing = 0
+        self._failures: dict[str, int] = {}  # worker id → probes/deliveries in a row that found nobody
 
     # --- lifecycle ---------------------------------------------------------------
 
     def on_start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="delivery")
+        if self._targets is not None:
+            self._prober = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="agent-probe")
         if self._plan is not None:
             self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auto-dispatch")
             self.actor_ref.tell(PlanNow())  # tasks may have queued while no process was dispatching
@@ -138,6 +172,9 @@ class Dispatcher(BatchingActor):
         if self._planner is not None:
             self._planner.shutdown(wait=False, cancel_futures=True)
             self._planner = None
+        if self._prober is not None:
+            self._prober.shutdown(wait=False, cancel_futures=True)
+            self._prober = None
 
     # --- messages --------------------------------------------------------------
 
@@ -149,6 +186,10 @@ class Dispatcher(BatchingActor):
             self._planning = False
             if self._plan_again:
                 self._request_plan()
+            return None
+        if isinstance(message, ProbeDone):
+            self._probing -= 1
+            self._observe(message.worker.id, message.alive, message.cause, message.worker)
             return None
         return super().on_receive(message)
 
@@ -172,6 +213,7 @@ class Dispatcher(BatchingActor):
 
         if isinstance(m, DeliveryDone):
             d, outcome = m.delivery, m.outcome
+            self._observe(d.worker_id, outcome.state != "unreachable", f"delivery {outcome.state}", None)
 
             def finish(tx: Transaction) -> tuple[Delivery | None, list[AuditEntry]]:
                 t = now()
@@ -189,6 +231,7 @@ class Dispatcher(BatchingActor):
         return None
 
     def on_tick(self, reply: pykka.ThreadingFuture | None = None) -> None:
+        self._probe_round()
         try:
             now = self.clock.now_ms()
             with self.store.transaction() as tx:
@@ -231,6 +274,52 @@ class Dispatcher(BatchingActor):
         if delivery is not None:
             self._on_finished(delivery)
             self._request_plan()  # its worker has room again
+
+    # --- liveness ----------------------------------------------------------------
+
+    def _probe_round(self) -> None:
+        if self._prober is None or self._targets is None or self._probing:
+            return  # off, or the last round is still going: rounds never pile up
+        try:
+            targets = self._targets()
+        except Exception as exc:
+            log.warning("agent probes skipped: %s", exc)
+            return
+        for worker in targets:
+            self._probing += 1
+            self._prober.submit(self._run_probe, worker)
+
+    def _run_probe(self, worker: Worker) -> None:
+        """Runs on a probe thread."""
+        assert self._probe is not None
+        try:
+            alive, cause = self._probe(worker)
+        except Exception:
+            log.exception("probe of worker %s failed unexpectedly", worker.id)
+            alive, cause = False, "internal error while probing"
+        try:
+            self.actor_ref.tell(ProbeDone(worker, alive, cause))
+        except pykka.ActorDeadError:
+            pass
+
+    def _observe(self, worker_id: str, alive: bool, cause: str, known: Worker | None) -> None:
+        """Count a probe's or a delivery's finding; tell the registry what deserves a write.
+
+        ``known`` is the worker as the probe round read it (None for a delivery)."""
+        now = self.clock.now_ms()
+        if alive:
+            self._failures.pop(worker_id, None)
+            if known is None:
+                return  # a delivery's callbacks already refreshed its heartbeat
+            stale = known.last_heartbeat is None or now - known.last_heartbeat >= self._refresh_ms
+            if known.status != "online" or stale:
+                self._sightings([Sighting(worker_id, True, now, cause)])
+                if known.status != "online":
+                    self._request_plan()  # room to push to
+            return
+        failures = self._failures[worker_id] = self._failures.get(worker_id, 0) + 1
+        if failures >= FAILURES_OFFLINE and (known is None or known.status != "offline"):
+            self._sightings([Sighting(worker_id, False, now, f"{cause} ({failures} in a row)")])
 
     # --- automatic dispatch ------------------------------------------------------
 

@@ -113,3 +113,23 @@ class PickWorkers:
     push: bool = False  # only workers tasks can be pushed to (a verified URL)
     exclude: frozenset[str] = frozenset()  # e.g. workers whose circuit breaker is open
 
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """The runtime's own observation of a worker: alive (a probe or delivery got an answer) at ``at``,
+    or not (``cause`` says why)."""
+
+    worker_id: str
+    alive: bool
+    at: int
+    cause: str
+
+
+@dataclass
+class RecordLiveness:
+    """Tell the registry what probes and deliveries saw; only real status changes are audited."""
+
+    sightings: Sequence[Sighting]
+    actor: str
+    reply: pykka.ThreadingFuture | None = None

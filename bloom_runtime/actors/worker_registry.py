@@ -19,6 +19,7 @@ from bloom_runtime.actors.base import (
 )
 from bloom_runtime.actors.messages import (
     PickWorkers,
+    RecordLiveness,
     RegisterWorker,
     RemoveWorker,
     UpsertWorkers,
@@ -73,10 +74,12 @@ class WorkerRegistry(BatchingActor):
         batch_max: int = 256,
         inline_audit: bool = True,
         allowed: AllowList | None = None,
+        probed: bool = False,
     ) -> None:
         super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.health = health
         self.offline_after_ms = offline_after_ms
+        self.probed = probed  # the runtime probes workers with a verified URL: their silence counts too
         self.allowed = allowed  # MEMBRIDGE_ALLOWED_HOSTS: its hosts count as verified push targets
         self._workers: list[Worker] = []
         self._active: dict[str, int] = {}
@@ -131,6 +134,10 @@ class WorkerRegistry(BatchingActor):
     def _changed(self, value: Any) -> None:
         self._loaded_at = float("-inf")
 
+    def _changed_if(self, changes: int) -> None:
+        if changes:
+            self._changed(changes)
+
     def plan(self, m: Any) -> Write | None:
         now = self.clock.now_ms
         if isinstance(m, RegisterWorker):
@@ -164,6 +171,22 @@ class WorkerRegistry(BatchingActor):
 
             return Write(upsert_many, m.reply or pykka.ThreadingFuture(), after=self._changed)
 
+        if isinstance(m, RecordLiveness):
+
+            def record(tx: Transaction) -> tuple[int, list]:
+                t = now()
+                entries, changes = [], 0
+                for seen in sorted(m.sightings, key=lambda s: s.worker_id):  # lock workers in id order
+                    statuses = tx.worker_liveness(seen.worker_id, seen.alive, seen.at)
+                    if statuses is None or statuses[0] == statuses[1]:
+                        continue
+                    changes += 1
+                    action = "worker_online" if seen.alive else "worker_offline"
+                    entries.append(audit(t, action, "worker", seen.worker_id, m.actor, f"{statuses[0]} -> {statuses[1]}: {seen.cause}"[:1000]))
+                return changes, entries
+
+            return Write(record, m.reply or pykka.ThreadingFuture(), after=self._changed_if)
+
         if isinstance(m, RemoveWorker):
 
             def remove(tx: Transaction) -> tuple[Worker, list]:
@@ -179,8 +202,9 @@ class WorkerRegistry(BatchingActor):
         try:
             now = self.clock.now_ms()
             with self.store.transaction() as tx:
-                changed = tx.mark_stale_workers_offline(now - self.offline_after_ms, now)
-                entries = [audit(now, "worker_offline", "worker", w.id, "worker-registry", "not seen") for w in changed]
+                changed = tx.mark_stale_workers_offline(now - self.offline_after_ms, now, vouched=self.probed)
+                entries = [audit(now, "worker_offline", "worker", w.id, "worker-registry",
+                                 f"not seen for {self.offline_after_ms // 1000} s") for w in changed]
                 if self.inline_audit:
                     tx.insert_audit(entries)
         except Exception as exc:

@@ -49,6 +49,7 @@ MAX_WAIT_S = 30.0
 POLL_OTHER_PROCESS_S = 0.5  # a delivery another process sent is only seen in the store
 MAX_DETAIL_CHARS = 500
 AUTO_ACTOR = "auto-dispatch"
+PROBE_TIMEOUT_S = 5.0  # a round waits for its slowest probe before the next starts
 MAX_PLAN_SCAN = 500  # queued tasks one plan looks at, at most
 PLAN_SCAN_FACTOR = 4  # ... and at most this many per free slot (some may need labels no push worker has)
 # Delivery states in which the agent took the task (dispatched: true).
@@ -196,6 +197,22 @@ class DispatchService:
             return self._engine.leases.acquire(task.id, actor=AUTO_ACTOR, push=True, exclude=exclude | {last.worker_id})
         except NoCapacity:
             return None
+
+    # --- liveness probes (probe threads) -----------------------------------------------------
+
+    def probe_targets(self) -> list[Worker]:
+        """Workers the runtime probes: every one with a verified URL, whatever its status."""
+        return [w for w in self._engine.workers.list() if w.url_verified]
+
+    def probe(self, worker: Worker) -> tuple[bool, str]:
+        """``GET {url}/health`` in one attempt through the worker's breaker: (answered 2xx, why)."""
+        try:
+            response = self._engine.membridge.agents.health(worker.url or "", timeout_s=PROBE_TIMEOUT_S)
+        except BloomError as exc:
+            return False, f"probe: {exc.message}"
+        if not response.ok:
+            return False, f"probe: agent answered {response.status}"
+        return True, "probe answered"
 
     # --- what a delivery thread runs ------------------------------------------------------
 

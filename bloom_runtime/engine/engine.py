@@ -38,9 +38,11 @@ from bloom_runtime.actors.messages import (
     FailLease,
     Heartbeat,
     PickWorkers,
+    RecordLiveness,
     RegisterWorker,
     RemoveWorker,
     RequeueTask,
+    Sighting,
     UpsertWorkers,
 )
 from bloom_runtime.actors.task_queue import TaskQueue
@@ -244,7 +246,7 @@ class Engine:
             lambda: WorkerRegistry.start(
                 store, clock, sink, health=self.jobs["worker_liveness"],
                 offline_after_ms=int(s.worker_offline_after_s * 1000), batch_max=s.write_batch_max,
-                inline_audit=s.audit_group_commit, allowed=self.allowed,
+                inline_audit=s.audit_group_commit, allowed=self.allowed, probed=bool(s.agent_probe_interval_s),
             ),
         )
         # Writes may be spread over shards so several transactions run at once: task
@@ -286,6 +288,8 @@ class Engine:
             lambda: Dispatcher.start(
                 store, clock, sink, send=self.dispatch.send, on_finished=self.dispatch.finished,
                 pool_size=s.dispatch_max_in_flight, plan=self.dispatch.plan_once if s.auto_dispatch else None,
+                targets=self.dispatch.probe_targets if s.agent_probe_interval_s else None, probe=self.dispatch.probe,
+                sightings=self._sightings, refresh_ms=int(s.worker_offline_after_s * 500),
                 batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
             ),
         )
@@ -315,6 +319,13 @@ class Engine:
             daemon=False,
         )
         self._listener.start()
+
+    def _sightings(self, sightings: list[Sighting]) -> None:
+        """What the dispatcher's probes and deliveries saw, for the registry (a tell)."""
+        try:
+            self._slots["registry"].tell(RecordLiveness(sightings, "dispatcher"))
+        except EngineStopped:
+            pass
 
     def _task_queued(self) -> None:
         """A task became claimable: wake long-polling claimers, and automatic dispatch."""

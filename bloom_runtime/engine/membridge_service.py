@@ -18,6 +18,7 @@ membridge configuration:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -45,9 +46,15 @@ ADMIN_KEY = "membridge_admin_key"
 MAX_FIELD_CHARS = 256  # parsed /health fields are shown, bounded; raw bodies never are
 MAX_FIELDS = 32
 NOT_CONFIGURED_RETRY_AFTER_S = 60
+MAX_NODE_QUERIES = 64  # /projects/{cid}/nodes reads one sync may make
 MAX_NODE_ID_CHARS = 128
 MAX_LEASE_SECONDS = 366 * 86_400
 _NODE_ID_RE = re.compile(r"[^\x00-\x1f\x7f]+")  # printable: no NUL or other control characters
+
+
+def node_canonical_id(name: str) -> str:
+    """The id a node with no projects heartbeats under (membridge's sha256(name)[:16])."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,45 @@ class MembridgeService:
         self._require_configured()
         return self.client.agents()
 
+    def fetch_node_sightings(self, agent_names: Sequence[str]) -> dict[str, float]:
+        """When each node last heartbeated the control plane (float seconds), from
+        ``/projects/{cid}/nodes``: each project's, then the node-only id
+        (sha256(name)[:16]) of agents no project listed. The control plane fills
+        ``/agents`` only when it calls an agent itself, so these are often the
+        only signs of life it has. Best effort: a failed query only means no
+        sighting; at most ``MAX_NODE_QUERIES`` queries a sync."""
+        seen: dict[str, float] = {}
+        budget = MAX_NODE_QUERIES
+
+        def nodes(cid: str) -> None:
+            nonlocal budget
+            budget -= 1
+            try:
+                data = self.client.get_json(join("", "projects", safe_path_segment(cid), "nodes"))
+            except (MembridgeError, InvalidInput) as exc:
+                log.debug("membridge nodes of %s not read: %s", cid, getattr(exc, "message", exc))
+                return
+            for node in data if isinstance(data, list) else ():
+                if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
+                    continue
+                at = node.get("last_seen")
+                if isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at) and at > 0:
+                    seen[node["node_id"]] = max(seen.get(node["node_id"], 0.0), float(at))
+
+        try:
+            projects = self.client.get_json("/projects")
+        except MembridgeError as exc:
+            log.debug("membridge projects not read: %s", exc.message)
+            projects = []
+        for project in projects if isinstance(projects, list) else ():
+            cid = project.get("canonical_id") if isinstance(project, dict) else None
+            if isinstance(cid, str) and budget > 0:
+                nodes(cid)
+        for name in agent_names:
+            if name not in seen and budget > 0:
+                nodes(node_canonical_id(name))
+        return seen
+
     def sync_now(self, timeout_s: float | None = None) -> list[Any] | None:
         """Run one sync now and wait until its upserts are committed.
 
@@ -312,8 +358,8 @@ class MembridgeService:
         return self._engine.call("membridge", lambda r: Tick(r), timeout_s)
 
     def known_workers(self) -> list[Worker]:
-        """Workers the sync manages (source ``membridge``), read from the store."""
-        return [w for w in self._engine.store.list_workers() if w.source == "membridge"]
+        """Every worker, ``url_verified`` filled in: the sync merges with what others registered."""
+        return self._engine.workers.list()
 
     # --- state ---------------------------------------------------------------------------
 

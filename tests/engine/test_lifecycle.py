@@ -349,7 +349,8 @@ def test_list_filters_and_pages(engine):
         engine.tasks.list(cursor="garbage!!")
 
 
-def test_claim_counts_as_heartbeat_and_offline_after_silence(engine, clock):
+def test_claim_counts_as_heartbeat_and_offline_after_silence(make_engine, clock):
+    engine = make_engine(agent_probe_interval_s=0)
     engine.workers.register(worker("puller"))
     engine.workers.register(worker("pushed", url="http://127.0.0.1:9/"))
     assert engine.leases.claim("puller") is None
@@ -358,7 +359,7 @@ def test_claim_counts_as_heartbeat_and_offline_after_silence(engine, clock):
     clock.advance(61_000)
     engine.workers.check_liveness_now()
     assert engine.workers.get("puller").status == "offline"
-    assert engine.workers.get("pushed").status == "online"  # API push targets keep their status
+    assert engine.workers.get("pushed").status == "online"  # unprobed API push targets keep their status
     engine.leases.claim("puller")
     assert engine.workers.get("puller").status == "online"
 
