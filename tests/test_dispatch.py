@@ -422,3 +422,18 @@ def test_two_engine_processes_on_one_database_never_dispatch_a_task_twice(pg_url
         assert executions_by_task(*fleet) == dict.fromkeys(ids, 1)
         actors = {e["actor"] for e in one.api("GET", "/audit", params={"limit": 1000}).json() if e["action"] == "task_leased"}
         assert actors == {"auto-dispatch"}
+
+
+def test_dispatch_without_a_callback_url_is_503_and_changes_nothing(tmp_path):
+    from bloom_runtime.engine.engine import Engine
+    from bloom_runtime.engine.errors import MembridgeUnavailable
+    from bloom_runtime.engine.models import NewTask
+    from bloom_runtime.engine.settings import Settings
+
+    # Served on a public address with no RUNTIME_PUBLIC_URL (allowed only for a pull-only fleet).
+    with Engine.start(Settings(database_url="sqlite:///" + str(tmp_path / "x.db"), host="10.1.2.3", auto_dispatch=False,
+                               agent_probe_interval_s=0)) as engine:
+        task, _ = engine.tasks.create(NewTask(context_id="c", agent_slug="a", prompt="p"))
+        with pytest.raises(MembridgeUnavailable, match="RUNTIME_PUBLIC_URL"):
+            engine.dispatch.dispatch(task.id)
+        assert engine.tasks.get(task.id).status == "queued" and engine.leases.list().items == []

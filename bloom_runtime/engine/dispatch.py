@@ -49,6 +49,7 @@ MAX_WAIT_S = 30.0
 POLL_OTHER_PROCESS_S = 0.5  # a delivery another process sent is only seen in the store
 MAX_DETAIL_CHARS = 500
 AUTO_ACTOR = "auto-dispatch"
+NOT_CONFIGURED_RETRY_AFTER_S = 60
 PROBE_TIMEOUT_S = 5.0  # a round waits for its slowest probe before the next starts
 MAX_PLAN_SCAN = 500  # queued tasks one plan looks at, at most
 PLAN_SCAN_FACTOR = 4  # ... and at most this many per free slot (some may need labels no push worker has)
@@ -87,6 +88,9 @@ class DispatchService:
         if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_WAIT_S:
             raise InvalidInput(f"wait_seconds must be between 0 and {MAX_WAIT_S:g}")
         engine = self._engine
+        if not engine.settings.callback_known:
+            raise MembridgeUnavailable("push dispatch needs RUNTIME_PUBLIC_URL: the URL worker agents call back on",
+                                       retry_after_s=NOT_CONFIGURED_RETRY_AFTER_S)
         task = engine.store.get_task(task_id)
         if task.status != "queued" and task.lease_id is not None:
             existing = engine.store.latest_delivery(task_id)

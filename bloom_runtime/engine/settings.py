@@ -135,6 +135,12 @@ class Settings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
+    def callback_known(self) -> bool:
+        """Whether agents elsewhere can call back: RUNTIME_PUBLIC_URL is set, or HOST is loopback
+        (then they run on this machine)."""
+        return bool(self.public_url) or is_loopback(self.host)
+
+    @property
     def callback_base_url(self) -> str:
         """The base URL workers use to call back (``RUNTIME_PUBLIC_URL``)."""
         if self.public_url:

@@ -180,6 +180,22 @@ def test_refuses_public_bind_without_key(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "--insecure-no-auth" in proc.stderr
 
 
+@pytest.mark.parametrize("extra", [[], ["--auto-dispatch"], ["--no-auto-dispatch", "--membridge"]])
+def test_refuses_public_bind_with_push_dispatch_but_no_public_url(tmp_path, extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_PUBLIC_URL", "AUTO_DISPATCH", "MEMBRIDGE_SERVER_URL")}
+    env["RUNTIME_API_KEY"] = f"agents={CLIENT_KEY}"
+    if "--membridge" in extra:
+        extra = [e for e in extra if e != "--membridge"]
+        env["MEMBRIDGE_SERVER_URL"] = "http://10.0.0.5:8000"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bloom_runtime.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
+         "--database-url", f"sqlite:///{tmp_path / 'x.db'}", *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "RUNTIME_PUBLIC_URL must be set" in proc.stderr
+
+
 def test_errors_stay_json_under_waitress(server):
     """Waitress applies checks the test client does not (e.g. no hop-by-hop headers)."""
     srv, session = server
