@@ -27,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -53,6 +54,7 @@ NOT_CONFIGURED_RETRY_AFTER_S = 60
 PROBE_TIMEOUT_S = 5.0  # a round waits for its slowest probe before the next starts
 MAX_PLAN_SCAN = 500  # queued tasks one plan looks at, at most
 PLAN_SCAN_FACTOR = 4  # ... and at most this many per free slot (some may need labels no push worker has)
+PLAN_CONCURRENCY = 16  # leases a plan asks for at once
 # Delivery states in which the agent took the task (dispatched: true).
 TAKEN = frozenset({"sent", "answered", "agent_error", "callback_missing", "unknown"})
 
@@ -166,31 +168,38 @@ class DispatchService:
         room = min(room, engine.settings.dispatch_max_in_flight - self.in_flight)
         if room <= 0:
             return 0
-        sent = 0
-        for task in engine.store.due_tasks(engine.clock.now_ms(), min(MAX_PLAN_SCAN, room * PLAN_SCAN_FACTOR)):
-            if sent >= room or not engine.running:
-                break
-            if not any(set(task.labels) <= set(w.capabilities.labels) for w in workers):
-                continue  # for pull workers (or nobody) to take
-            if not self._reserve():
-                break
-            try:
-                grant = self._lease_for_retry(task, exclude) if task.attempts else None
-                grant = grant or engine.leases.acquire(task.id, actor=AUTO_ACTOR, push=True, exclude=exclude)
-            except (Conflict, NotFound, NoCapacity):
-                self._release()  # taken meanwhile (a pull worker, another process), or no fit after all
-                continue
-            except BloomError as exc:
-                self._release()
-                log.warning("automatic dispatch stopped for now: %s", exc.message)
-                break
-            try:
-                self.deliver(grant, actor=AUTO_ACTOR, reserved=True)
-            except BloomError as exc:
-                log.warning("automatic dispatch of task %s failed before sending: %s", task.id, exc.message)
-                continue
-            sent += 1
-        return sent
+        chosen = [
+            task for task in engine.store.due_tasks(engine.clock.now_ms(), min(MAX_PLAN_SCAN, room * PLAN_SCAN_FACTOR))
+            if any(set(task.labels) <= set(w.capabilities.labels) for w in workers)  # else for pull workers (or nobody)
+        ][:room]
+        if not chosen:
+            return 0
+        # Several at once: the registry still routes them one by one, and the lease
+        # supervisor and the dispatcher then write them in shared transactions.
+        with ThreadPoolExecutor(max_workers=min(len(chosen), PLAN_CONCURRENCY), thread_name_prefix="auto-dispatch-push") as pool:
+            return sum(pool.map(lambda task: self._push(task, exclude), chosen))
+
+    def _push(self, task: Task, exclude: frozenset[str]) -> bool:
+        """Lease one due task to a push worker and send it; False when it went elsewhere."""
+        engine = self._engine
+        if not engine.running or not self._reserve():
+            return False
+        try:
+            grant = self._lease_for_retry(task, exclude) if task.attempts else None
+            grant = grant or engine.leases.acquire(task.id, actor=AUTO_ACTOR, push=True, exclude=exclude)
+        except (Conflict, NotFound, NoCapacity):
+            self._release()  # taken meanwhile (a pull worker, another process), or no fit after all
+            return False
+        except BloomError as exc:
+            self._release()
+            log.warning("automatic dispatch of task %s: %s", task.id, exc.message)
+            return False
+        try:
+            self.deliver(grant, actor=AUTO_ACTOR, reserved=True)
+        except BloomError as exc:
+            log.warning("automatic dispatch of task %s failed before sending: %s", task.id, exc.message)
+            return False
+        return True
 
     def _lease_for_retry(self, task: Task, exclude: frozenset[str]) -> LeaseGrant | None:
         """A retry goes to another worker than the one its last delivery went to, if one can take it."""
