@@ -437,3 +437,15 @@ def test_dispatch_without_a_callback_url_is_503_and_changes_nothing(tmp_path):
         with pytest.raises(MembridgeUnavailable, match="RUNTIME_PUBLIC_URL"):
             engine.dispatch.dispatch(task.id)
         assert engine.tasks.get(task.id).status == "queued" and engine.leases.list().items == []
+
+
+def test_health_and_metrics_show_the_deliveries(runtime, agents):
+    rt = runtime()
+    agent = agents()
+    vouch(rt, agent)
+    t = create(rt)
+    rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
+    health = rt.api("GET", "/health").json()["dispatch"]
+    assert health["deliveries"]["answered"] == 1 and health["in_flight"] == 0 and health["auto_dispatch"] is False
+    metrics = rt.api("GET", "/metrics").text
+    assert 'bloom_dispatch_deliveries_total{state="answered"} 1.0' in metrics and "bloom_dispatch_in_flight 0.0" in metrics

@@ -36,7 +36,7 @@ from bloom_runtime.actors.base import Tick
 from bloom_runtime.actors.dispatcher import Deliver, Outcome
 
 from .errors import BloomError, Conflict, InvalidInput, MembridgeError, MembridgeUnavailable, NoCapacity, NotFound, UnsafeURL
-from .models import Delivery, LeaseGrant, Task, Worker
+from .models import DELIVERY_STATES, Delivery, LeaseGrant, Task, Worker
 from .outgoing import MembridgeResponse, upstream_reason
 from .urls import join, validate_outgoing_url
 
@@ -75,6 +75,7 @@ class DispatchService:
         self._waiters: dict[str, threading.Event] = {}
         self._answers: dict[str, Any] = {}  # delivery id → the agent's answer, for waiting callers
         self._in_flight = 0
+        self._outcomes: dict[str, int] = dict.fromkeys(DELIVERY_STATES[1:], 0)  # recorded here, since start
 
     # --- the facade ----------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class DispatchService:
     def finished(self, delivery: Delivery) -> None:
         """A delivery's outcome was recorded: wake whoever waits for it."""
         with self._lock:
+            self._outcomes[delivery.state] = self._outcomes.get(delivery.state, 0) + 1
             event = self._waiters.get(delivery.id)
         if event is not None:
             event.set()
@@ -424,6 +426,23 @@ class DispatchService:
     def in_flight(self) -> int:
         with self._lock:
             return self._in_flight
+
+    def state(self) -> dict[str, Any]:
+        """For /health and metrics: deliveries in flight and recorded (by state) in this process,
+        worker agents whose breaker is open, and the settings that shape dispatch."""
+        settings = self._engine.settings
+        with self._lock:
+            outcomes = dict(self._outcomes)
+            in_flight = self._in_flight
+        breakers = self._engine.membridge.agents.breakers.states()
+        return {
+            "auto_dispatch": settings.auto_dispatch,
+            "probe_interval_s": settings.agent_probe_interval_s,
+            "in_flight": in_flight,
+            "max_in_flight": settings.dispatch_max_in_flight,
+            "deliveries": outcomes,
+            "open_breakers": sum(1 for s in breakers.values() if s == "open"),
+        }
 
 
 __all__ = ["DispatchOutcome", "DispatchService"]

@@ -168,6 +168,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     storage_ok: bool
     storage_error: str | None = None
     membridge: dict[str, Any] = {}
+    dispatch: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
     actors: dict[str, Any] = {}
 
