@@ -18,7 +18,7 @@ from bloom_runtime.engine.clock import Clock, ManualClock
 from bloom_runtime.engine.settings import Secret, parse_api_keys
 
 from .agent_standin import AgentStandIn, Run
-from .conftest import truncate_pg
+from .conftest import truncate_pg, wait_for
 from .runtime_server import RuntimeServer
 
 CLIENT_KEY = "client-key-0001"
@@ -39,24 +39,8 @@ FAST: dict[str, Any] = {
 }
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return "sqlite:///" + str(tmp_path / "bloom.db")
-    url = request.getfixturevalue("pg_url")
-    truncate_pg(url)
-    return url
 
 
 @pytest.fixture
@@ -76,18 +60,6 @@ def runtime(database_url: str) -> Iterator[Callable[..., RuntimeServer]]:
         rt.close()
 
 
-@pytest.fixture
-def agents() -> Iterator[Callable[..., AgentStandIn]]:
-    running: list[AgentStandIn] = []
-
-    def start(node_id: str = "node-1", **kwargs: Any) -> AgentStandIn:
-        agent = AgentStandIn(node_id, **kwargs).start()
-        running.append(agent)
-        return agent
-
-    yield start
-    for agent in running:
-        agent.close()
 
 
 def vouch(rt: RuntimeServer, agent: AgentStandIn, **fields: Any) -> None:

@@ -7,7 +7,6 @@ through settings; the tests wait on conditions with a bound.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,8 +16,7 @@ from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.models import WorkerUpsert
 from bloom_runtime.engine.settings import Settings, parse_api_keys
 
-from .agent_standin import AgentStandIn
-from .conftest import truncate_pg
+from .conftest import wait_for
 from .membridge_server import MembridgeServer
 from .runtime_server import RuntimeServer
 
@@ -26,24 +24,8 @@ CLIENT_KEY = "client-key-0001"
 ADMIN_KEY = "admin-key-00003"
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return "sqlite:///" + str(tmp_path / "bloom.db")
-    url = request.getfixturevalue("pg_url")
-    truncate_pg(url)
-    return url
 
 
 @pytest.fixture
@@ -73,18 +55,6 @@ def make_engine(database_url: str, control_plane: MembridgeServer) -> Iterator[C
         engine.stop()
 
 
-@pytest.fixture
-def agents() -> Iterator[Callable[..., AgentStandIn]]:
-    running: list[AgentStandIn] = []
-
-    def start(node_id: str) -> AgentStandIn:
-        agent = AgentStandIn(node_id).start()
-        running.append(agent)
-        return agent
-
-    yield start
-    for agent in running:
-        agent.close()
 
 
 def audit_of(engine: Engine, worker_id: str) -> list[tuple[str, str | None]]:

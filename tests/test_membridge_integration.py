@@ -18,7 +18,7 @@ from bloom_runtime.engine.models import NewTask
 from bloom_runtime.engine.settings import Secret, Settings
 from bloom_runtime.http import create_app
 
-from .conftest import truncate_pg
+from .conftest import wait_for
 from .membridge_fixtures import membridge_server  # noqa: F401
 from .membridge_server import Answer, MembridgeServer, canonical_id
 
@@ -35,15 +35,6 @@ TUNING = {
 SYNC_LOGGER = "bloom_runtime.actors.membridge_syncer"
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.005)
 
 
 def agent(name: str, now_s: float, *, status: str = "online", seen_ago_s: float = 1.0, url: str | None = None) -> dict[str, Any]:
@@ -51,13 +42,6 @@ def agent(name: str, now_s: float, *, status: str = "online", seen_ago_s: float 
             "registered_at": now_s - 3600.5, "last_seen": now_s - seen_ago_s}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return "sqlite:///" + str(tmp_path / "bloom.db")
-    url = request.getfixturevalue("pg_url")
-    truncate_pg(url)
-    return url
 
 
 @pytest.fixture

@@ -175,24 +175,24 @@ def _checked_connect(conn: Any, policy: _Policy) -> socket.socket:
     raise NewConnectionError(conn, "Failed to establish a new connection: host resolved to no address")
 
 
+class _Checked:
+    """What both connection classes add: the address check, then the deadline on the socket."""
+
+    policy: _Policy
+    sock: Any
+
+    def _new_conn(self) -> socket.socket:
+        return _checked_connect(self, self.policy)
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock = _DeadlineSocket(self.sock, self.policy.live)
+
+
 def _connection_classes(policy: _Policy) -> tuple[type[HTTPConnection], type[HTTPSConnection]]:
-    class CheckedHTTPConnection(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return _checked_connect(self, policy)
-
-        def connect(self) -> None:
-            super().connect()
-            self.sock = _DeadlineSocket(self.sock, policy.live)
-
-    class CheckedHTTPSConnection(HTTPSConnection):
-        def _new_conn(self) -> socket.socket:
-            return _checked_connect(self, policy)
-
-        def connect(self) -> None:
-            super().connect()
-            self.sock = _DeadlineSocket(self.sock, policy.live)
-
-    return CheckedHTTPConnection, CheckedHTTPSConnection
+    plain = type("CheckedHTTPConnection", (_Checked, HTTPConnection), {"policy": policy})
+    tls = type("CheckedHTTPSConnection", (_Checked, HTTPSConnection), {"policy": policy})
+    return plain, tls
 
 
 class _CheckedAdapter(HTTPAdapter):
