@@ -42,7 +42,7 @@ def run_together(n: int, body: Callable[[int], Any]) -> list[Any]:
     return out
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
+def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition", interval_s: float = 0.005) -> Any:
     """Poll ``condition`` until it returns something truthy (returned); fail after ``timeout_s``."""
     import time
 
@@ -53,7 +53,7 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s} s")
-        time.sleep(0.005)
+        time.sleep(interval_s)
 
 
 STORE_FIXTURE = {"sqlite": "sqlite_store", "postgres": "pg_store"}
