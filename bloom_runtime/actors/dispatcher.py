@@ -39,7 +39,7 @@ import pykka
 from bloom_runtime.actors.base import BatchingActor, Record, Write, _fail, audit
 from bloom_runtime.actors.messages import Sighting
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, Worker, new_id
+from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, Worker
 from bloom_runtime.sql.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Deliver:
     timeout_s: float
     actor: str
     reply: pykka.ThreadingFuture
+    delivery_id: str
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Dispatcher(BatchingActor):
             def record(tx: Transaction) -> tuple[Delivery, list[AuditEntry]]:
                 t = now()
                 delivery = Delivery(
-                    id=new_id(), task_id=grant.task.id, lease_id=grant.lease.id, worker_id=grant.worker.id, url=m.url,
+                    id=m.delivery_id, task_id=grant.task.id, lease_id=grant.lease.id, worker_id=grant.worker.id, url=m.url,
                     state="sent", agent_status=None, detail=None, actor=m.actor, created_at=t,
                     deadline_at=t + int(m.timeout_s * 1000), finished_at=None,
                 )

@@ -36,7 +36,7 @@ from bloom_runtime.actors.base import Tick
 from bloom_runtime.actors.dispatcher import Deliver, Outcome
 
 from .errors import BloomError, Conflict, InvalidInput, MembridgeError, MembridgeUnavailable, NoCapacity, NotFound, UnsafeURL
-from .models import DELIVERY_STATES, Delivery, LeaseGrant, Task, Worker
+from .models import DELIVERY_STATES, Delivery, LeaseGrant, Task, Worker, new_id
 from .outgoing import MembridgeResponse, upstream_reason
 from .urls import join, validate_outgoing_url
 
@@ -98,7 +98,10 @@ class DispatchService:
         if task.status != "queued" and task.lease_id is not None:
             existing = engine.store.latest_delivery(task_id)
             if existing is not None and existing.lease_id == task.lease_id:
-                return self._answer(existing, wait_s, None, created=False)
+                try:
+                    return self._answer(existing, wait_s, None, created=False)
+                finally:
+                    self._unwatch(existing.id)
         exclude = self._open_breakers()
         if worker_id is not None:
             self._check_target(worker_id, exclude)
@@ -116,20 +119,26 @@ class DispatchService:
         except BaseException:
             self._release()
             raise
-        delivery = self.deliver(grant, actor=actor, reserved=True)
-        return self._answer(delivery, wait_s, engine.leases.token(grant.lease.id), created=True)
+        delivery_id = new_id()
+        if wait_s > 0:
+            self._watch(delivery_id)  # before it is sent: a fast agent may answer at once
+        try:
+            delivery = self.deliver(grant, actor=actor, reserved=True, delivery_id=delivery_id)
+            return self._answer(delivery, wait_s, engine.leases.token(grant.lease.id), created=True)
+        finally:
+            self._unwatch(delivery_id)
 
-    def deliver(self, grant: LeaseGrant, *, actor: str, reserved: bool = False) -> Delivery:
+    def deliver(self, grant: LeaseGrant, *, actor: str, reserved: bool = False, delivery_id: str | None = None) -> Delivery:
         """Record and send a delivery for a granted lease (the slot reserved, or reserve one)."""
         engine = self._engine
         if not reserved and not self._reserve():
             engine.leases.fail(grant.lease.id, "dispatch failed: every delivery thread is busy", actor=actor, refund=True)
             raise NoCapacity("every delivery thread is busy; retry shortly", task_id=grant.task.id)
-        url = validate_outgoing_url(grant.worker.url or "", engine.allowed)
-        timeout_s = grant.task.policy.timeout_sec + engine.settings.dispatch_grace_s
-        payload = self._payload(grant)
         try:
-            return engine.call("dispatcher", lambda r: Deliver(grant, url, payload, timeout_s, actor, r))
+            url = validate_outgoing_url(grant.worker.url or "", engine.allowed)
+            timeout_s = grant.task.policy.timeout_sec + engine.settings.dispatch_grace_s
+            payload = self._payload(grant)
+            return engine.call("dispatcher", lambda r: Deliver(grant, url, payload, timeout_s, actor, r, delivery_id or new_id()))
         except BaseException as exc:
             self._release()
             # Nothing was sent: give the lease back without using its attempt.
@@ -277,6 +286,15 @@ class DispatchService:
         if outcome.state in ("unreachable", "refused"):
             self._fail(delivery, reason, refund=outcome.state == "unreachable")
             return outcome
+        if outcome.state == "unknown":
+            # No answer: the lease is left to its TTL either way, but say whether the result got in.
+            try:
+                if leases.get(delivery.lease_id).status == "released":
+                    return Outcome("unknown", agent_status=outcome.agent_status,
+                                   detail=f"{outcome.detail} (its result did arrive)"[:MAX_DETAIL_CHARS])
+            except BloomError:
+                pass
+            return outcome
         if outcome.state in ("answered", "agent_error"):
             # The agent sends its result before it answers, so the lease tells whether the
             # result got in: released (it did), still active (it was refused: retry now rather
@@ -340,8 +358,12 @@ class DispatchService:
 
     def _answer(self, delivery: Delivery, wait_s: float, token: str | None, *, created: bool) -> DispatchOutcome:
         answer = None
-        if wait_s > 0 and delivery.state == "sent":
-            delivery, answer = self._wait(delivery, wait_s)
+        if wait_s > 0:
+            if delivery.state == "sent":
+                delivery, answer = self._wait(delivery, wait_s)
+            else:
+                with self._lock:
+                    answer = self._answers.pop(delivery.id, None)
         engine = self._engine
         task = engine.store.get_task(delivery.task_id)
         try:
@@ -350,30 +372,34 @@ class DispatchService:
             worker = None
         return DispatchOutcome(task=task, worker=worker, delivery=delivery, lease_token=token, created=created, execution=answer)
 
-    def _wait(self, delivery: Delivery, wait_s: float) -> tuple[Delivery, Any]:
-        event = threading.Event()
+    def _watch(self, delivery_id: str) -> threading.Event:
         with self._lock:
-            self._waiters[delivery.id] = event
-        try:
-            deadline = time.monotonic() + wait_s
-            current = delivery
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._engine.running:
-                    break
-                event.wait(min(remaining, POLL_OTHER_PROCESS_S))
-                latest = self._engine.store.latest_delivery(delivery.task_id)
-                if latest is not None and latest.id == delivery.id:
-                    current = latest
-                if current.state != "sent":
-                    break
-            with self._lock:
-                answer = self._answers.pop(delivery.id, None)
-            return current, answer
-        finally:
-            with self._lock:
-                self._waiters.pop(delivery.id, None)
-                self._answers.pop(delivery.id, None)
+            return self._waiters.setdefault(delivery_id, threading.Event())
+
+    def _unwatch(self, delivery_id: str) -> None:
+        with self._lock:
+            self._waiters.pop(delivery_id, None)
+            self._answers.pop(delivery_id, None)
+
+    def _wait(self, delivery: Delivery, wait_s: float) -> tuple[Delivery, Any]:
+        """Wait up to ``wait_s`` for the delivery's outcome: woken by this process's dispatcher,
+        or seen in the store (a delivery another process sent)."""
+        event = self._watch(delivery.id)
+        deadline = time.monotonic() + wait_s
+        current = delivery
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._engine.running:
+                break
+            event.wait(min(remaining, POLL_OTHER_PROCESS_S))
+            latest = self._engine.store.latest_delivery(delivery.task_id)
+            if latest is not None and latest.id == delivery.id:
+                current = latest
+            if current.state != "sent":
+                break
+        with self._lock:
+            answer = self._answers.pop(delivery.id, None)
+        return current, answer
 
     def _check_target(self, worker_id: str, open_breakers: frozenset[str]) -> None:
         engine = self._engine
