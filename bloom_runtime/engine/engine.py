@@ -54,11 +54,9 @@ from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
     EngineTimeout,
-    Forbidden,
     InvalidInput,
     NoCapacity,
     NotFound,
-    StaleLease,
     Unauthorized,
 )
 from bloom_runtime.engine.lease_tokens import LeaseTokens
@@ -83,9 +81,9 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.engine.routing_keys import RoutingKeys
 from bloom_runtime.engine.settings import Settings
 from bloom_runtime.engine.stats_cache import StatsCache
-from bloom_runtime.engine.urls import AllowList, validate_outgoing_url
+from bloom_runtime.engine.urls import AllowList
 from bloom_runtime.engine.wakeup import ClaimWakeup
-from bloom_runtime.engine.worker_trust import with_verification
+from bloom_runtime.engine.worker_trust import checked_registration, with_verification
 from bloom_runtime.sql import store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
 
@@ -546,7 +544,6 @@ class TaskService(_Service):
         return self._engine.store.list_artifacts(task_id, check_limit(limit), cursor)
 
 
-
 class LeaseService(_Service):
     """Leases: acquire (push), claim (pull), heartbeat, fail; and the read side."""
 
@@ -625,26 +622,11 @@ class LeaseService(_Service):
         return self._engine.lease_tokens.token(lease_id)
 
     def prove(self, task_id: str, fence: Fence) -> Fence:
-        """The fence a heartbeat or completion hands the store, its ``lease_token`` checked.
-
-        A token with ``lease_id`` must be that lease's (else ``Unauthorized``); a token
-        alone must be the task's active lease's (else ``StaleLease``: it may be an older
-        lease's). ``LEASE_FENCING=strict`` requires a token."""
-        token = fence.lease_token
-        if token is None:
-            if self._engine.settings.lease_fencing == "strict":
-                raise InvalidInput("lease_token is required (lease fencing is strict)")
-            return fence
-        lease_id = fence.lease_id
-        if lease_id is not None:
-            if not self._engine.lease_tokens.matches(lease_id, token):
-                raise Unauthorized("lease_token does not match lease_id", lease_id=lease_id)
-        else:
-            held = self._engine.store.get_task(task_id).lease_id
-            if held is None or not self._engine.lease_tokens.matches(held, token):
-                raise StaleLease("lease_token is not the task's active lease's", task_id=task_id)
-            lease_id = held
-        return Fence(lease_id=lease_id, worker_id=fence.worker_id)
+        """The fence a heartbeat or completion hands the store, its ``lease_token`` checked
+        (see ``LeaseTokens.prove``); ``LEASE_FENCING=strict`` requires a token."""
+        engine = self._engine
+        return engine.lease_tokens.prove(fence, strict=engine.settings.lease_fencing == "strict",
+                                         held=lambda: engine.store.get_task(task_id).lease_id, task_id=task_id)
 
     def callback(self, lease_id: str, token: str) -> Lease:
         """The lease a dispatched agent's callback URL names, once its token is checked
@@ -678,20 +660,15 @@ class WorkerService(_Service):
         the worker may then be pushed tasks. Without ``admin`` (a client key: an
         agent registering itself) a new worker's URL is kept unverified, and
         changing an existing worker's URL raises ``Forbidden``."""
-        upsert = validate(upsert)
-        if upsert.url == "":
-            upsert = msgspec.structs.replace(upsert, url=None)  # the first version's "no URL"
-        if upsert.url is not None:
-            upsert = msgspec.structs.replace(upsert, url=validate_outgoing_url(upsert.url, self._engine.allowed))
-            if not admin:
-                try:
-                    current = self._engine.store.get_worker(upsert.id).url
-                except NotFound:
-                    current = None
-                if current and current != upsert.url:
-                    raise Forbidden("changing a worker's URL needs an admin key", worker_id=upsert.id)
+        upsert = checked_registration(validate(upsert), admin, self._engine.allowed, current_url=self._current_url)
         worker, created = self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r, vouch=admin))
         return self.vouched(worker), created
+
+    def _current_url(self, worker_id: str) -> str | None:
+        try:
+            return self._engine.store.get_worker(worker_id).url
+        except NotFound:
+            return None
 
     def vouched(self, worker: Worker) -> Worker:
         """``worker`` with ``url_verified`` filled in (see ``worker_trust``)."""

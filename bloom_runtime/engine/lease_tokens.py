@@ -15,9 +15,11 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 
 from .clock import Clock
-from .errors import StoreUnavailable
+from .errors import InvalidInput, StaleLease, StoreUnavailable, Unauthorized
+from .models import Fence
 
 SECRET_SETTING = "lease_token_secret"
 SECRET_BYTES = 32
@@ -54,3 +56,25 @@ class LeaseTokens:
         if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
             return False
         return hmac.compare_digest(self.token(lease_id).encode(), token.encode())
+
+    def prove(self, fence: Fence, *, strict: bool, held: Callable[[], str | None], task_id: str) -> Fence:
+        """The fence to hand the store once ``fence.lease_token`` is checked.
+
+        A token with ``lease_id`` must be that lease's (else ``Unauthorized``); a token
+        alone must be the lease the task holds (``held()``; else ``StaleLease``: it may
+        be an older lease's). Without a token the fence is used as it is, unless
+        ``strict`` (then ``InvalidInput``)."""
+        token = fence.lease_token
+        if token is None:
+            if strict:
+                raise InvalidInput("lease_token is required (lease fencing is strict)")
+            return fence
+        lease_id = fence.lease_id
+        if lease_id is not None:
+            if not self.matches(lease_id, token):
+                raise Unauthorized("lease_token does not match lease_id", lease_id=lease_id)
+        else:
+            lease_id = held()
+            if lease_id is None or not self.matches(lease_id, token):
+                raise StaleLease("lease_token is not the task's active lease's", task_id=task_id)
+        return Fence(lease_id=lease_id, worker_id=fence.worker_id)

@@ -9,12 +9,12 @@ for it, so no client key can steer prompts or the agent key to a host it chose.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 
-from .errors import UnsafeURL
-from .models import Worker
+from .errors import Forbidden, UnsafeURL
+from .models import Worker, WorkerUpsert
 from .urls import AllowList, validate_outgoing_url
 
 VOUCHED_BY_SYNC = "membridge-sync"
@@ -38,3 +38,23 @@ def with_verification(worker: Worker, vouched: Mapping[str, str], allowed: Allow
     """``worker`` with ``url_verified`` filled in."""
     verified = url_verified(worker, vouched, allowed)
     return worker if worker.url_verified == verified else msgspec.structs.replace(worker, url_verified=verified)
+
+
+def checked_registration(
+    upsert: WorkerUpsert, admin: bool, allowed: AllowList | None, *, current_url: Callable[[str], str | None]
+) -> WorkerUpsert:
+    """A registration with its URL checked as every outgoing URL is (``UnsafeURL``) and normalised.
+
+    Without ``admin`` (a client key: an agent registering itself) a URL may be set on a
+    worker that has none, or repeated, but changing one raises ``Forbidden``; an admin's
+    URL is vouched for by the caller. ``""`` (the first version's "no URL") changes nothing."""
+    if upsert.url == "":
+        return msgspec.structs.replace(upsert, url=None)
+    if upsert.url is None:
+        return upsert
+    upsert = msgspec.structs.replace(upsert, url=validate_outgoing_url(upsert.url, allowed))
+    if not admin:
+        current = current_url(upsert.id)
+        if current and current != upsert.url:
+            raise Forbidden("changing a worker's URL needs an admin key", worker_id=upsert.id)
+    return upsert
