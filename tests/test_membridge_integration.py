@@ -238,3 +238,15 @@ def test_sync_ticker_runs_by_itself(make_engine, membridge_server, clock):  # no
     engine = make_engine(membridge_sync_interval_s=0.05)
     wait_for(lambda: "node-a" in workers(engine))
     wait_for(lambda: engine.membridge.state()["sync"]["successes"] >= 2)
+
+
+def test_an_agent_url_that_fails_the_check_is_shown_but_never_vouched_for(make_engine, membridge_server, clock):  # noqa: F811
+    engine = make_engine()
+    now_s = clock.now_ms() / 1000
+    membridge_server.set_agents([agent("node-meta", now_s, url="http://[::ffff:169.254.169.254]:80"),
+                                 agent("node-ok", now_s, url="http://10.0.0.7:8001/")])
+    engine.membridge.sync_now()
+    ws = workers(engine)
+    assert ws["node-meta"].url == "http://[::ffff:169.254.169.254]:80" and not ws["node-meta"].url_verified
+    assert ws["node-ok"].url == "http://10.0.0.7:8001" and ws["node-ok"].url_verified  # normalised, then vouched for
+    assert engine.store.worker_trust() == {"node-ok": "http://10.0.0.7:8001"}

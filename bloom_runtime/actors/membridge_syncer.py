@@ -238,7 +238,9 @@ class MembridgeSyncer(pykka.ThreadingActor):
             status = "offline" if last_seen is not None else "unknown"  # said online, but has gone quiet
         elif status == "unknown" and fresh:
             status = "online"  # never called by the control plane, but its heartbeats are recent
-        return WorkerUpsert(id=agent["name"], url=url, status=status,  # type: ignore[arg-type]
+        raw = agent.get("url")
+        shown = url or (raw if isinstance(raw, str) and raw.strip() else None)  # kept, but never vouched for
+        return WorkerUpsert(id=agent["name"], url=shown, status=status,  # type: ignore[arg-type]
                             last_heartbeat=last_seen, source="membridge", **self._extra(agent))
 
     def _merge(
@@ -258,7 +260,8 @@ class MembridgeSyncer(pykka.ThreadingActor):
 
     @staticmethod
     def _url(value: Any) -> str | None:
-        """The agent's URL in the form the registry stores, or None if it has none usable."""
+        """The agent's URL in the form the registry stores, or None if it has none that
+        passes the outgoing-URL check (such a URL is shown on a new worker, never vouched for)."""
         if not isinstance(value, str) or not value.strip():
             return None
         try:
