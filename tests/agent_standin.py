@@ -1,4 +1,10 @@
-"""A membridge worker agent on a loopback port, behaving as membridge's ``agent/main.py`` does.
+"""A membridge worker agent on a loopback port, behaving as membridge's ``agent/main.py`` (v0.4.0) does.
+
+Auth is the agent's middleware: every route but ``GET /health`` needs the right
+``X-MEMBRIDGE-AGENT`` (401 otherwise), checked before the route is looked up.
+``agent_key=None`` is an agent run with ``MEMBRIDGE_DEV=1`` (nothing checked);
+``agent_key=""`` one with no key and no dev mode (500 on every route but
+``/health``). ``GET /health`` answers as the agent's does.
 
 ``POST /execute-task`` is synchronous, like the real agent's: it sends **one**
 heartbeat with an empty body to ``{runtime_url}/api/runtime/llm-tasks/{id}/heartbeat``,
@@ -9,9 +15,11 @@ metrics{duration_ms, tokens_used: null}}`` to ``…/complete`` (ignoring the
 answer, as the agent does), and only then answers ``{ok: true|false, …}``.
 ``X-Runtime-API-Key`` goes with the callbacks only when ``runtime_api_key``
 is set (the agent's own ``RUNTIME_API_KEY``). Without ``claude`` it answers 503;
-``X-MEMBRIDGE-AGENT`` is checked when ``agent_key`` is set (401 otherwise); a
-body without the required fields gets FastAPI's 422. ``GET /health`` answers
-as the agent's does.
+a body without the required fields gets FastAPI's 422.
+
+``POST /self-update``, ``/restart`` and ``/uninstall`` change the agent: they
+answer 403 unless process control is allowed (``MEMBRIDGE_ALLOW_PROCESS_CONTROL``),
+and a self-update moves the version ``/health`` reports to ``next_version``.
 
 ``register(runtime_url)`` self-registers with the real payload; ``heartbeat_to``
 posts the control-plane heartbeat a node without projects sends. ``kill()`` is a
@@ -21,6 +29,7 @@ port refuses connections.
 
 from __future__ import annotations
 
+import hmac
 import platform
 import threading
 import time
@@ -35,6 +44,7 @@ from .membridge_server import Answer, PeerServer, canonical_id, detail, missing_
 AGENT_VERSION = "0.4.0"
 HEARTBEAT_TIMEOUT_S = 5.0  # the agent's own timeouts for its two callbacks
 COMPLETE_TIMEOUT_S = 30.0
+CONTROL_ROUTES = ("/self-update", "/restart", "/uninstall")
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class AgentStandIn(PeerServer):
         agent_key: str | None = None,
         runtime_api_key: str | None = None,
         claude: bool = True,
+        allow_process_control: bool = True,
+        version: str = AGENT_VERSION,
         callback_url: Callable[[str], str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -76,10 +88,15 @@ class AgentStandIn(PeerServer):
         self.agent_key = agent_key
         self.runtime_api_key = runtime_api_key
         self.claude = claude
+        self.allow_process_control = allow_process_control
+        self.version = version
+        self.next_version = "0.4.1"  # what a self-update brings
+        self.os_info = f"{node_id} / Debian GNU/Linux 12 (bookworm)"
         self.callbacks: list[Callback] = []
         self.started: list[str] = []  # task ids whose CLI run began
         self.finished: list[str] = []
         self._killed = threading.Event()
+        self._born = time.time()
 
     # what the tests do --------------------------------------------------------------------------
 
@@ -119,8 +136,8 @@ class AgentStandIn(PeerServer):
             "status": "online",
             "capabilities": {"claude_cli": self.claude, "max_concurrency": 2, "labels": ["systemd", platform.machine()]},
             "ip_addrs": ["127.0.0.1"],
-            "agent_version": AGENT_VERSION,
-            "os_info": f"{self.node_id} / Test Linux",
+            "agent_version": self.version,
+            "os_info": self.os_info,
             "install_method": "manual",
         }
 
@@ -139,7 +156,7 @@ class AgentStandIn(PeerServer):
         if admin_key:
             headers["X-MEMBRIDGE-ADMIN"] = admin_key
         payload = {"node_id": self.node_id, "canonical_id": canonical_id(self.node_id), "ip_addrs": ["127.0.0.1"],
-                   "agent_version": AGENT_VERSION}
+                   "agent_version": self.version}
         with self._session() as s:
             return s.post(f"{control_plane_url}/agent/heartbeat", json=payload, headers=headers, timeout=10).status_code
 
@@ -153,17 +170,56 @@ class AgentStandIn(PeerServer):
     # protocol -------------------------------------------------------------------------------------
 
     def route(self, method: str, path: str, headers: dict[str, str], body: Any) -> Answer | None:
-        if path == "/health" and method == "GET":
-            return Answer(200, {"status": "ok", "service": "membridge-agent", "version": AGENT_VERSION,
-                                "hostname": self.node_id, "node_id": self.node_id, "os_info": f"{self.node_id} / Test Linux",
-                                "capabilities": {"self_update": True, "restart": True, "uninstall": True}})
-        if self.agent_key is not None:
-            given = {k.lower(): v for k, v in headers.items()}.get("x-membridge-agent")
-            if given != self.agent_key:
-                return detail(401, "Unauthorized — invalid or missing X-MEMBRIDGE-AGENT header")
+        if path == "/health":
+            return self._health() if method == "GET" else detail(405, "Method Not Allowed")
+        refused = self._refuse_key(headers)
+        if refused is not None:
+            return refused
         if path == "/execute-task" and method == "POST":
             return self._execute(body)
+        if path in CONTROL_ROUTES and method == "POST":
+            return self._control(path, body)
         return detail(404, "Not Found")
+
+    def _refuse_key(self, headers: dict[str, str]) -> Answer | None:
+        """The agent's auth middleware: None when the request may go on."""
+        if self.agent_key is None:
+            return None  # MEMBRIDGE_DEV=1
+        if not self.agent_key:
+            return detail(500, "MEMBRIDGE_AGENT_KEY not configured on agent")
+        given = {k.lower(): v for k, v in headers.items()}.get("x-membridge-agent", "")
+        if not given or not hmac.compare_digest(given.encode(), self.agent_key.encode()):
+            return detail(401, "Unauthorized — invalid or missing X-MEMBRIDGE-AGENT header")
+        return None
+
+    def _health(self) -> Answer:
+        return Answer(200, {
+            "status": "ok", "service": "membridge-agent", "version": self.version, "git_version": None,
+            "git_commit": None, "hostname": self.node_id, "node_id": self.node_id, "os_info": self.os_info,
+            "arch": "aarch64", "python": platform.python_version(), "init_system": "systemd", "dryrun": False,
+            "allow_process_control": self.allow_process_control, "heartbeat_interval": 10, "runtime_url": None,
+            "projects_count": 0, "uptime_seconds": round(time.time() - self._born, 1),
+            "disk": {"total_gb": 29.1, "free_gb": 17.4, "used_pct": 40.2},
+            "capabilities": {"self_update": True, "restart": True, "uninstall": True, "clone": True, "sync": True,
+                             "process_control": self.allow_process_control},
+        })
+
+    def _control(self, path: str, body: Any) -> Answer:
+        if path == "/self-update" and not isinstance(body, dict):
+            return detail(422, [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
+        if not self.allow_process_control:
+            return detail(403, "Process control is disabled. Set MEMBRIDGE_ALLOW_PROCESS_CONTROL=1 to enable.")
+        if path == "/self-update":
+            self.version = self.next_version
+            return Answer(200, {"ok": True, "version": self.version, "new_commit": "abc1234",
+                                "steps": [{"step": "pull", "ok": True}, {"step": "restart", "ok": True}],
+                                "detail": "Self-update completed"})
+        if path == "/restart":
+            return Answer(200, {"ok": True, "init_system": "systemd", "service": "membridge-agent",
+                                "detail": "Service restart completed"})
+        return Answer(200, {"ok": True, "node_id": self.node_id, "init_system": "systemd",
+                            "steps": [{"step": "stop_service", "ok": True}],
+                            "detail": "Agent uninstalled (service stopped and disabled)"})
 
     def _execute(self, body: Any) -> Answer | None:
         if not isinstance(body, dict):

@@ -69,6 +69,7 @@ TABLES = (
     "users",
     "dispatch_deliveries",
     "worker_trust",
+    "runtime_history",
 )
 
 

@@ -296,7 +296,7 @@ def test_fifty_tasks_created_and_nothing_else_complete_exactly_once_across_three
     assert executions_by_task(*fleet) == dict.fromkeys(ids, 1)
     assert all(task(rt, i)["attempts"] == 1 for i in ids)
     assert all(agent.executions() for agent in fleet)  # the work was spread
-    results = {r["task_id"]: r["output"] for r in rt.api("GET", "/runs", params={"limit": 100}).json()}
+    results = {r["task_id"]: r["output"] for r in rt.api("GET", "/results", params={"limit": 100}).json()}
     assert results == {i: f"done: task {n}" for n, i in enumerate(ids)}
 
 

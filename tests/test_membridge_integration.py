@@ -206,16 +206,19 @@ def test_breaker_opens_fails_fast_half_opens_and_closes(make_engine, membridge_s
 
     membridge_server.refuse()
     r = client.simulate_post("/api/runtime/test-connection")
-    assert r.status_code == 502 and "unreachable" in r.json["error"]
+    assert r.status_code == 200 and r.json["connected"] is False and "unreachable" in r.json["error"]
     h = health()
     assert (h["breaker"], h["connected"], h["consecutiveFailures"]) == ("open", False, 2) and h["lastError"]
 
-    for call in (lambda: client.simulate_post("/api/runtime/test-connection"),
-                 lambda: client.simulate_get("/api/membridge/projects")):
-        started = time.monotonic()
-        r = call()
-        assert time.monotonic() - started < FAST_FAIL_S
-        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "circuit open" in r.json["error"]
+    started = time.monotonic()
+    r = client.simulate_post("/api/runtime/test-connection")
+    assert time.monotonic() - started < FAST_FAIL_S
+    assert r.status_code == 200 and r.json["connected"] is False and "circuit open" in r.json["error"]
+    assert r.json["retry_after_s"] > 0
+    started = time.monotonic()
+    r = client.simulate_get("/api/membridge/projects")
+    assert time.monotonic() - started < FAST_FAIL_S
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "circuit open" in r.json["error"]
     with pytest.raises(MembridgeError):
         engine.membridge.sync_now()  # a sync while open fails fast too, counted
     assert health()["sync"]["failures"] == 1

@@ -306,6 +306,9 @@ def test_reregisters_when_the_runtime_forgot_it(fake: FakeRuntime) -> None:
     with running(run, upper, runtime_url=fake.url, name="w1", backoff=fast_backoff, poll_wait_s=POLL_WAIT_S):
         fake.wait_for(lambda: fake.workers)
         fake.forget_workers()
+        # A claim already waiting when the runtime forgot the worker may still be answered
+        # with a task; the worker must meet the 404 before the task arrives.
+        fake.wait_for(lambda: any(c.status == 404 for c in fake.calls if c.path.endswith("/claim")))
         task = fake.add_task("again")
         done = completion(fake, task["id"])
     assert done["output"] == "AGAIN"

@@ -312,7 +312,7 @@ class Dispatcher(BatchingActor):
             self._failures.pop(worker_id, None)
             if known is None:
                 return  # a delivery's callbacks already refreshed its heartbeat
-            stale = known.last_heartbeat is None or now - known.last_heartbeat >= self._refresh_ms
+            stale = now - known.last_heartbeat >= self._refresh_ms
             if known.status != "online" or stale:
                 self._sightings([Sighting(worker_id, True, now, cause)])
                 if known.status != "online":

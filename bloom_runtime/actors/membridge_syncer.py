@@ -250,7 +250,7 @@ class MembridgeSyncer(pykka.ThreadingActor):
         fields: dict[str, Any] = {k: v for k, v in self._extra(agent).items() if getattr(old, k) != v}
         if url is not None and url != old.url:
             fields["url"] = url
-        if last_seen is not None and (old.last_heartbeat is None or last_seen > old.last_heartbeat):
+        if last_seen is not None and last_seen > old.last_heartbeat:
             fields["last_heartbeat"] = last_seen
             if old.status != "online" and now - last_seen <= self.offline_after_ms:
                 fields["status"] = "online"

@@ -96,6 +96,17 @@ class UpsertWorkers:
 
 
 @dataclass
+class RefreshWorker:
+    """Store what a known worker's agent reported (never creates one); audited only when
+    a field the fleet views show changed. ``cause`` says what reported it."""
+
+    upsert: WorkerUpsert
+    cause: str
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
 class RemoveWorker:
     worker_id: str
     actor: str

@@ -20,6 +20,7 @@ from bloom_runtime.actors.base import (
 from bloom_runtime.actors.messages import (
     PickWorkers,
     RecordLiveness,
+    RefreshWorker,
     RegisterWorker,
     RemoveWorker,
     UpsertWorkers,
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ROUTING_REFRESH_S = 1.0  # how stale the routing snapshot may get before a pick reloads it
 PICK_CANDIDATES = 3  # candidates handed to the lease transaction, which re-checks each
+REFRESH_AUDITED = ("status", "agent_version", "os_info")  # a refresh changing one of these is audited
 
 
 def rank(candidates: Sequence[Worker], sticky: set[str], active: dict[str, int] | None = None) -> list[Worker]:
@@ -187,12 +189,27 @@ class WorkerRegistry(BatchingActor):
 
             return Write(record, m.reply or pykka.ThreadingFuture(), after=self._changed_if)
 
+        if isinstance(m, RefreshWorker):
+
+            def refresh(tx: Transaction) -> tuple[Worker, list]:
+                t = now()
+                before = tx.lock_worker(m.upsert.id)  # NotFound: it was removed meanwhile, and stays removed
+                after, _ = tx.upsert_worker(m.upsert, t)
+                changes = [f"{name} {getattr(before, name)} -> {getattr(after, name)}"
+                           for name in REFRESH_AUDITED if getattr(before, name) != getattr(after, name)]
+                if not changes:
+                    return after, []
+                return after, [audit(t, "worker_refreshed", "worker", after.id, m.actor, f"{', '.join(changes)} ({m.cause})")]
+
+            return Write(refresh, m.reply, after=self._changed)
+
         if isinstance(m, RemoveWorker):
 
             def remove(tx: Transaction) -> tuple[Worker, list]:
                 t = now()
                 worker = tx.remove_worker(m.worker_id)
-                tx.forget_worker_url(worker.id)
+                vouched = tx.forget_worker_url(worker.id)
+                worker = with_verification(worker, {worker.id: vouched} if vouched else {}, self.allowed)  # as it was
                 return worker, [audit(t, "worker_removed", "worker", worker.id, m.actor)]
 
             return Write(remove, m.reply, after=self._changed)

@@ -1,4 +1,5 @@
-"""Client for worker agents (membridge agents: ``POST /execute-task``, ``GET /health``, ...).
+"""Client for worker agents (membridge agents): ``POST /execute-task``, the agent's open
+``GET /health``, and the ``POST /self-update|/restart|/uninstall`` that change it.
 
 Same retry loop, deadline and breaker rules as the membridge client
 (``outgoing.RetryingCaller``), but one breaker per worker base URL, so one dead
@@ -28,6 +29,7 @@ from .transport import Transport
 from .urls import AllowList, join, validate_outgoing_url
 
 AGENT_HEADER = "X-MEMBRIDGE-AGENT"
+CONTROL_ACTIONS = frozenset({"self-update", "restart", "uninstall"})  # the agent's POST routes that change it
 
 
 class AgentClient(PooledClient):
@@ -101,9 +103,28 @@ class AgentClient(PooledClient):
         """POST a task to ``{worker_url}/execute-task`` (the real agent answers once the run is over)."""
         return self.call(worker_url, "POST", "execute-task", agent_key=agent_key, json=payload, timeout_s=timeout_s)
 
-    def health(self, worker_url: str, *, timeout_s: float | None = None) -> MembridgeResponse:
-        """``GET {worker_url}/health`` in one attempt (the agent's open route; no key is sent)."""
-        return self.call(worker_url, "GET", "health", timeout_s=timeout_s, retries=False)
+    def health(self, worker_url: str, *, timeout_s: float | None = None, retries: bool = False) -> MembridgeResponse:
+        """``GET {worker_url}/health`` (the agent's open route; no key is sent). One attempt
+        unless ``retries`` (a probe asks again at its next round; an operator's question
+        is retried as any GET)."""
+        return self.call(worker_url, "GET", "health", timeout_s=timeout_s, retries=retries)
+
+    def post_control(
+        self,
+        worker_url: str,
+        action: str,
+        payload: Mapping[str, Any],
+        agent_key: str | None,
+        *,
+        timeout_s: float | None = None,
+    ) -> MembridgeResponse:
+        """POST ``payload`` to ``{worker_url}/{action}`` (one of ``CONTROL_ACTIONS``).
+
+        Never repeated unless it provably never reached the agent: updating or
+        uninstalling twice is not the same as once."""
+        if action not in CONTROL_ACTIONS:
+            raise ValueError(f"not an agent control action: {action!r}")
+        return self.call(worker_url, "POST", action, agent_key=agent_key, json=payload, timeout_s=timeout_s, idempotent=False)
 
     def breaker_state(self, worker_url: str) -> BreakerState:
         """The breaker state for a worker URL (``closed`` for one never called)."""

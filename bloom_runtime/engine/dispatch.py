@@ -39,6 +39,7 @@ from .errors import BloomError, Conflict, InvalidInput, MembridgeError, Membridg
 from .models import DELIVERY_STATES, Delivery, LeaseGrant, Task, Worker, new_id
 from .outgoing import MembridgeResponse, upstream_reason
 from .urls import join, validate_outgoing_url
+from .worker_trust import require_verified
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -135,7 +136,7 @@ class DispatchService:
             engine.leases.fail(grant.lease.id, "dispatch failed: every delivery thread is busy", actor=actor, refund=True)
             raise NoCapacity("every delivery thread is busy; retry shortly", task_id=grant.task.id)
         try:
-            url = validate_outgoing_url(grant.worker.url or "", engine.allowed)
+            url = validate_outgoing_url(grant.worker.url, engine.allowed)
             timeout_s = grant.task.policy.timeout_sec + engine.settings.dispatch_grace_s
             payload = self._payload(grant)
             return engine.call("dispatcher", lambda r: Deliver(grant, url, payload, timeout_s, actor, r, delivery_id or new_id()))
@@ -230,7 +231,7 @@ class DispatchService:
     def probe(self, worker: Worker) -> tuple[bool, str]:
         """``GET {url}/health`` in one attempt through the worker's breaker: (answered 2xx, why)."""
         try:
-            response = self._engine.membridge.agents.health(worker.url or "", timeout_s=PROBE_TIMEOUT_S)
+            response = self._engine.membridge.agents.health(worker.url, timeout_s=PROBE_TIMEOUT_S)
         except BloomError as exc:
             return False, f"probe: {exc.message}"
         if not response.ok:
@@ -404,12 +405,9 @@ class DispatchService:
     def _check_target(self, worker_id: str, open_breakers: frozenset[str]) -> None:
         engine = self._engine
         worker = engine.workers.get(worker_id)
-        if not worker.url_verified:
-            raise Conflict(
-                f"worker {worker_id} has no verified URL: set it with an admin key, let the membridge sync report it, "
-                "or list its host in MEMBRIDGE_ALLOWED_HOSTS", worker_id=worker_id)
+        require_verified(worker)
         if worker_id in open_breakers:
-            retry = engine.membridge.agents.breaker_retry_after(worker.url or "") or 1.0
+            retry = engine.membridge.agents.breaker_retry_after(worker.url) or 1.0
             raise MembridgeUnavailable(f"worker {worker_id}'s circuit breaker is open", retry_after_s=retry, worker_id=worker_id)
 
     def _open_breakers(self) -> frozenset[str]:
@@ -420,7 +418,7 @@ class DispatchService:
             return frozenset()
         out = set()
         for w in self._engine.store.list_workers():
-            if w.url is None:
+            if not w.url:
                 continue
             try:
                 if validate_outgoing_url(w.url, self._engine.allowed) in open_urls:
@@ -433,7 +431,7 @@ class DispatchService:
         if not open_breakers:
             return None
         agents = self._engine.membridge.agents
-        waits = [agents.breaker_retry_after(self._engine.store.get_worker(w).url or "") for w in open_breakers]
+        waits = [agents.breaker_retry_after(self._engine.store.get_worker(w).url) for w in open_breakers]
         known = [w for w in waits if w is not None]
         return max(1.0, math.ceil(min(known))) if known else None
 

@@ -27,6 +27,7 @@ from bloom_runtime import __version__
 from bloom_runtime.actors.audit_writer import AuditWriter
 from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
 from bloom_runtime.actors.dispatcher import Dispatcher, PlanNow
+from bloom_runtime.actors.history_sampler import HistorySampler
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
 from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
 from bloom_runtime.actors.messages import (
@@ -39,6 +40,7 @@ from bloom_runtime.actors.messages import (
     Heartbeat,
     PickWorkers,
     RecordLiveness,
+    RefreshWorker,
     RegisterWorker,
     RemoveWorker,
     RequeueTask,
@@ -47,6 +49,7 @@ from bloom_runtime.actors.messages import (
 )
 from bloom_runtime.actors.task_queue import TaskQueue
 from bloom_runtime.actors.worker_registry import WorkerRegistry
+from bloom_runtime.engine.agent_admin import AgentAdmin
 from bloom_runtime.engine.backoff import RetryBackoff
 from bloom_runtime.engine.clock import Clock, SystemClock
 from bloom_runtime.engine.dispatch import DispatchService
@@ -59,6 +62,7 @@ from bloom_runtime.engine.errors import (
     NotFound,
     Unauthorized,
 )
+from bloom_runtime.engine.history import HistoryService
 from bloom_runtime.engine.lease_tokens import LeaseTokens
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
@@ -80,7 +84,7 @@ from bloom_runtime.engine.models import (
 )
 from bloom_runtime.engine.routing_keys import RoutingKeys
 from bloom_runtime.engine.settings import Settings
-from bloom_runtime.engine.stats_cache import StatsCache
+from bloom_runtime.engine.stats_cache import StatsCache, summarize
 from bloom_runtime.engine.urls import AllowList
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.engine.worker_trust import checked_registration, with_verification
@@ -99,6 +103,7 @@ MAX_CLAIM_WAIT_S = 30.0
 CLAIM_RECHECK_S = 1.0
 SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
 DELIVERY_EXPIRY_INTERVAL_S = 10.0  # how often deliveries left unanswered are looked for, with probes off
+MAX_TASK_FILTER = 100  # task ids one lease listing may name
 
 
 def _json_refusal(output: str | None) -> str | None:
@@ -156,7 +161,7 @@ class Engine:
         self.version = __version__
         self.retry_backoff = RetryBackoff(settings.retry_backoff_base_ms, settings.retry_backoff_cap_ms)
         self.wakeup = ClaimWakeup()
-        self._stats = StatsCache(store.stats)
+        self._stats = StatsCache(lambda: summarize(store.stats()))
         self.routing_keys = RoutingKeys()
         self.lease_tokens = LeaseTokens.load(store, clock)
         self.allowed = AllowList.from_env(settings.membridge_allowed_hosts)  # ConfigError at boot if malformed
@@ -165,6 +170,7 @@ class Engine:
             "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
             "worker_liveness": JobHealth("worker_liveness", self._liveness_interval()),
             "membridge_sync": JobHealth("membridge_sync", settings.membridge_sync_interval_s),
+            "history_sample": JobHealth("history_sample", settings.history_tick_s),
         }
         self.sweep_fault: Callable[[], None] | None = None  # tests inject sweep failures here
         self._slots: dict[str, _ActorSlot] = {}
@@ -179,9 +185,11 @@ class Engine:
         self.leases = LeaseService(self)
         self.workers = WorkerService(self)
         self.audit = AuditService(self)
+        self.history = HistoryService(self)
         # Membridge config (read from the store), clients, test-connection, pass-through; no network I/O here.
         self.membridge: MembridgeService = MembridgeService(self)
         self.dispatch = DispatchService(self)
+        self.agent_admin = AgentAdmin(self)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -291,6 +299,12 @@ class Engine:
                 batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
             ),
         )
+        self._slots["history"] = _ActorSlot(
+            "history-sampler",
+            lambda: HistorySampler.start(
+                store, clock, self.jobs["history_sample"], retention_ms=int(s.history_retention_days * 86_400_000)
+            ),
+        )
         self._tickers = [
             Ticker("dispatcher", self._dispatcher_interval(), lambda: self._slots["dispatcher"].ref),
             # Retries whose backoff ended queue no event: look for them every CLAIM_RECHECK_S.
@@ -300,6 +314,7 @@ class Engine:
             Ticker("audit-flush", AUDIT_RETRY_INTERVAL_S, lambda: self._slots["audit"].ref),
             Ticker("worker-liveness", self._liveness_interval(), lambda: self._slots["registry"].ref),
             Ticker("membridge-sync", s.membridge_sync_interval_s, lambda: self._slots["membridge"].ref),
+            Ticker("history-sample", s.history_tick_s, lambda: self._slots["history"].ref),
         ]
         for t in self._tickers:
             t.start()
@@ -367,7 +382,7 @@ class Engine:
         if self._watchdog is not None:
             self._watchdog.join()
         # Producers first, the audit writer last, so it writes what they sent while stopping.
-        order = ["dispatcher", "membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
+        order = ["history", "dispatcher", "membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
         for name in order:
             slot = self._slots.get(name)
             if slot is None:
@@ -464,7 +479,8 @@ class Engine:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counts by status (tasks, leases, workers); see ``StatsCache`` for freshness."""
+        """Counts by status of tasks, leases and workers, with totals (``summarize``);
+        see ``StatsCache`` for freshness."""
         return self._stats.get()
 
 
@@ -499,9 +515,24 @@ class TaskService(_Service):
     def get(self, task_id: str) -> Task:
         return self._engine.store.get_task(task_id)
 
-    def list(self, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+    def list(
+        self,
+        status: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        *,
+        context_id: str | None = None,
+        agent_slug: str | None = None,
+    ) -> Page:
+        """Newest first; optionally of one status, and of one context or one agent."""
         if status is not None and status not in TASK_STATUSES:
             raise InvalidInput(f"unknown status {status!r}", allowed=list(TASK_STATUSES))
+        if context_id is not None and agent_slug is not None:
+            raise InvalidInput("search by context_id or by agent_slug, not both")
+        field, value = ("context_id", context_id) if context_id is not None else ("agent_slug", agent_slug)
+        if value is not None:
+            statuses = [status] if status is not None else list(TASK_STATUSES)
+            return self._engine.store.search_tasks(field, value, statuses, check_limit(limit), cursor)
         return self._engine.store.list_tasks(status, check_limit(limit), cursor)
 
     def complete(self, task_id: str, completion: Completion, fence: Fence = Fence(), actor: str | None = None) -> CompletionOutcome:
@@ -638,12 +669,28 @@ class LeaseService(_Service):
     def get(self, lease_id: str) -> Lease:
         return self._engine.store.get_lease(lease_id)
 
-    def list(self, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+    def list(
+        self,
+        status: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        *,
+        task_ids: Sequence[str] | None = None,
+    ) -> Page:
+        """Newest first; optionally of one status, and only the leases of ``task_ids``."""
         from bloom_runtime.engine.models import LEASE_STATUSES
 
         if status is not None and status not in LEASE_STATUSES:
             raise InvalidInput(f"unknown status {status!r}", allowed=list(LEASE_STATUSES))
+        if task_ids is not None:
+            if not 1 <= len(task_ids) <= MAX_TASK_FILTER:
+                raise InvalidInput(f"name 1 to {MAX_TASK_FILTER} task ids")
+            return self._engine.store.list_task_leases(list(task_ids), status, check_limit(limit), cursor)
         return self._engine.store.list_leases(status, check_limit(limit), cursor)
+
+    def expired(self, limit: int | None = None, cursor: str | None = None) -> Page:
+        """Expired leases, the latest expiry first."""
+        return self._engine.store.list_expired_leases(check_limit(limit), cursor)
 
     def sweep_now(self) -> int:
         """Run the expiry sweep now; returns how many leases expired, once their audit entries are written."""
@@ -680,6 +727,10 @@ class WorkerService(_Service):
     def get(self, worker_id: str) -> Worker:
         return self.vouched(self._engine.store.get_worker(worker_id))
 
+    def leases(self, worker_id: str) -> builtins.list[Lease]:
+        """The worker's active leases, newest first."""
+        return self._engine.store.worker_leases(worker_id)
+
     def list(self, status: str | None = None) -> list[Worker]:
         from bloom_runtime.engine.models import WORKER_STATUSES
 
@@ -692,6 +743,12 @@ class WorkerService(_Service):
     def remove(self, worker_id: str, actor: str = "api") -> Worker:
         return self._engine.call("registry", lambda r: RemoveWorker(worker_id, actor, r))
 
+    def refresh(self, upsert: WorkerUpsert, cause: str, actor: str = "api") -> Worker:
+        """Update a known worker with what its agent reported (``NotFound`` if it is gone);
+        audited only when its status, agent_version or os_info changed."""
+        upsert = validate(upsert)
+        return self._engine.call("registry", lambda r: RefreshWorker(upsert, cause, actor, r))
+
     def check_liveness_now(self) -> None:
         """Offline the workers not seen for ``worker_offline_after``; returns once done and audited."""
         self._engine.call("registry", lambda r: Tick(r))
@@ -702,8 +759,11 @@ class WorkerService(_Service):
 
 
 class AuditService(_Service):
-    def list(self, limit: int | None = None, cursor: str | None = None, entity_id: str | None = None) -> Page:
-        return self._engine.store.list_audit(check_limit(limit), cursor, entity_id)
+    def list(
+        self, limit: int | None = None, cursor: str | None = None, entity_id: str | None = None, action: str | None = None
+    ) -> Page:
+        """Newest first; optionally about one entity, of one action, or both."""
+        return self._engine.store.list_audit(check_limit(limit), cursor, entity_id, action)
 
 
 __all__ = ["AuditService", "Engine", "LeaseService", "TaskService", "WorkerService"]

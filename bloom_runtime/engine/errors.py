@@ -59,6 +59,11 @@ class SchemaTooNew(BloomError):
     """The database was migrated by a newer bloom-runtime than this one."""
 
 
+class NotAdoptable(BloomError):
+    """The database holds tables named as ours that are neither ours nor the first version's
+    as bloom-runtime can adopt them; nothing was changed."""
+
+
 class ConfigError(BloomError):
     """A setting is missing or malformed (exit status 2 at start)."""
 

@@ -33,7 +33,7 @@ from .errors import BloomError, InvalidInput, MembridgeError, MembridgeUnavailab
 from .membridge import MembridgeClient
 from .models import AuditEntry, Worker, new_id
 from .outgoing import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Backoff, MembridgeResponse, key_header
-from .settings import mask
+from .settings import mask, mask_ends
 from .urls import join, safe_path_segment, validate_outgoing_url
 
 if TYPE_CHECKING:
@@ -43,9 +43,14 @@ log = logging.getLogger("bloom_runtime.membridge")
 
 URL_KEY = "membridge_server_url"
 ADMIN_KEY = "membridge_admin_key"
+# The outcome of the last test-connection, under the first version's keys so an adopted
+# database keeps its own: "true"/"false", and epoch ms ("" once the configuration changed).
+CONNECTED_KEY = "connected"
+LAST_TEST_KEY = "last_test"
 MAX_FIELD_CHARS = 256  # parsed /health fields are shown, bounded; raw bodies never are
 MAX_FIELDS = 32
 NOT_CONFIGURED_RETRY_AFTER_S = 60
+HIDDEN = "****"  # a set key, as callers that may not see its ends are shown it
 MAX_NODE_QUERIES = 64  # /projects/{cid}/nodes reads one sync may make
 MAX_NODE_ID_CHARS = 128
 MAX_LEASE_SECONDS = 366 * 86_400
@@ -115,8 +120,9 @@ class SyncStats:
             }
 
 
-def _scalar_fields(data: Any) -> dict[str, Any]:
-    """Top-level scalar fields of a JSON object, bounded: what test-connection shows."""
+def scalar_fields(data: Any, depth: int = 0) -> dict[str, Any]:
+    """The scalar fields of a JSON object, bounded, and of the objects in it down to
+    ``depth`` levels: what a peer's /health may show a client (raw bodies never)."""
     if not isinstance(data, dict):
         return {}
     out: dict[str, Any] = {}
@@ -127,6 +133,8 @@ def _scalar_fields(data: Any) -> dict[str, Any]:
             out[key] = value[:MAX_FIELD_CHARS]
         elif value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
             out[key] = value
+        elif isinstance(value, dict) and depth > 0:
+            out[key] = scalar_fields(value, depth - 1)
     return out
 
 
@@ -169,7 +177,7 @@ class MembridgeService:
 
     def _load(self) -> dict[str, str]:
         stored = self._engine.store.get_settings()
-        values = {k: stored[k] for k in (URL_KEY, ADMIN_KEY) if stored.get(k)}
+        values = {k: stored[k] for k in (URL_KEY, ADMIN_KEY, CONNECTED_KEY, LAST_TEST_KEY) if stored.get(k)}
         with self._lock:
             self._stored = values
         return values
@@ -202,32 +210,50 @@ class MembridgeService:
         except StoreUnavailable:
             return bool(self._engine.settings.membridge_server_url)
 
-    def get_config(self, refresh: bool = True) -> dict[str, Any]:
-        """``{membridge_server_url, admin_key (masked), configured}``; re-reads the store
-        so a change made by another engine process shows (and applies) here too."""
-        if refresh:
-            self._load()
-        url = self._url()
-        return {"membridge_server_url": url, "admin_key": mask(self._admin_key()), "configured": bool(url)}
+    def get_config(self, refresh: bool = True, *, show_key: bool = False) -> dict[str, Any]:
+        """``{membridge_server_url, admin_key, admin_key_masked, configured, connected, last_test}``.
+
+        The key's ends show only with ``show_key`` (admin callers): ``admin_key`` its last
+        4 characters, ``admin_key_masked`` the first version's ``adm-****cdef``; others
+        learn only whether a key is set. ``connected`` and ``last_test`` are the recorded
+        outcome of the last test-connection since the configuration changed. Re-reads the
+        store so a change made by another engine process shows (and applies) here too."""
+        values = self._load() if refresh else self._values()
+        url, key = self._url(), self._admin_key()
+        hidden = HIDDEN if key else None
+        last_test = values.get(LAST_TEST_KEY, "")
+        return {
+            "membridge_server_url": url,
+            "admin_key": mask(key) if show_key else hidden,
+            "admin_key_masked": (mask_ends(key) if show_key else hidden) or "",
+            "configured": bool(url),
+            "connected": values.get(CONNECTED_KEY) == "true",
+            "last_test": int(last_test) if last_test.isdigit() else None,
+        }
 
     def update_config(self, url: str | None = None, admin_key: str | None = None, actor: str = "api") -> dict[str, Any]:
-        """Validate, persist and apply a new URL and/or admin key; audited by name only."""
+        """Validate, persist and apply a new URL and/or admin key; audited by name only.
+
+        An empty ``admin_key`` leaves the key as it is: the first version's settings form
+        sends one whenever only the URL was edited."""
         values: dict[str, str] = {}
         if url is not None:
             values[URL_KEY] = validate_outgoing_url(url, self.allowed)
-        if admin_key is not None:
+        if admin_key:
             try:
                 key_header("X", admin_key, "admin_key")
             except MembridgeError as exc:
                 raise InvalidInput(exc.message) from None
             values[ADMIN_KEY] = admin_key
         if values:
+            changed = ",".join(sorted(values))  # names only: never the key itself
+            # The last test described the old configuration.
+            values.update({CONNECTED_KEY: "false", LAST_TEST_KEY: ""})
             self._engine.store.run(lambda tx: tx.set_settings(values))
             self._load()
-            self._last_test = None  # it described the old configuration
-            changed = ",".join(sorted(values))  # names only: never the key itself
+            self._last_test = None
             self._engine.record([self._audit("config_updated", "config", "runtime", actor, f"changed={changed}")])
-        return self.get_config(refresh=False)
+        return self.get_config(refresh=False, show_key=True)
 
     def _audit(self, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None) -> AuditEntry:
         return AuditEntry(id=new_id(), timestamp=self._engine.clock.now_ms(), action=action,
@@ -240,32 +266,45 @@ class MembridgeService:
     # --- calls -------------------------------------------------------------------------
 
     def test_connection(self) -> dict[str, Any]:
-        """GET membridge ``/health`` and record the outcome (``connected``, ``last_test``).
+        """GET membridge ``/health``; record the outcome (``connected``, ``last_test``) and
+        answer it, reachable or not, as the first version does.
 
-        Returns ``{connected, status, health: {parsed scalar fields}, latency_ms,
-        tested_at}``; raises the client's error (after recording it) when
-        membridge cannot be reached or its breaker is open."""
-        self._require_configured()
+        ``{connected: true, status, health: {parsed scalar fields}, latency_ms, tested_at}``,
+        or ``{connected: false, error, …}`` (with ``status`` when membridge answered, and
+        ``retry_after_s`` while its breaker is open). Not configured: ``{connected: false,
+        configured: false, error}``, nothing recorded. Raises only ``StoreUnavailable``."""
+        if not self.configured:
+            return {"connected": False, "configured": False, "error": "membridge not configured"}
         started = time.monotonic()
         tested_at = self._engine.clock.now_ms()
+        result: dict[str, Any] = {"connected": False, "tested_at": tested_at}
         try:
             response = self.client.request("GET", "/health")
             if not response.ok:
                 raise MembridgeError(f"membridge answered {response.status} for GET /health", status=response.status)
             if response.malformed or not isinstance(response.data, dict):
                 raise MembridgeError("malformed /health response from membridge", status=response.status)
-        except BloomError as exc:
-            self._last_test = {"connected": False, "tested_at": tested_at, "error": exc.message}
+        except StoreUnavailable:
             raise
-        result = {
-            "connected": True,
-            "status": response.status,
-            "health": _scalar_fields(response.data),
-            "latency_ms": round((time.monotonic() - started) * 1000, 1),
-            "tested_at": tested_at,
-        }
+        except BloomError as exc:  # unreachable, refused, a bad answer, the breaker open, a URL not allowed
+            result["error"] = exc.message
+            for detail in ("status", "retry_after_s"):
+                if detail in exc.details:
+                    result[detail] = exc.details[detail]
+        else:
+            result.update(connected=True, status=response.status, health=scalar_fields(response.data))
+        result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
         self._last_test = result
+        self._record_test(result["connected"], tested_at)
         return result
+
+    def _record_test(self, connected: bool, tested_at: int) -> None:
+        values = {CONNECTED_KEY: "true" if connected else "false", LAST_TEST_KEY: str(tested_at)}
+        try:
+            self._engine.store.run(lambda tx: tx.set_settings(values))
+            self._load()
+        except StoreUnavailable as exc:  # the caller still gets the outcome; /config shows the one before
+            log.warning("test-connection outcome not recorded: %s", exc.message)
 
     def proxy(self, method: str, segments: Sequence[str], body: Any = None) -> MembridgeResponse:
         """Call membridge at ``/seg/seg/...``; each segment must be a safe path segment.

@@ -35,6 +35,7 @@ TASK_STATUSES: tuple[str, ...] = ("queued", "leased", "running", "completed", "f
 LEASE_STATUSES: tuple[str, ...] = ("active", "released", "expired", "failed")
 WORKER_STATUSES: tuple[str, ...] = ("online", "offline", "syncing", "error", "unknown")
 DELIVERY_STATES: tuple[str, ...] = ("sent", "answered", "agent_error", "callback_missing", "refused", "unreachable", "unknown")
+UNFINISHED_STATUSES: tuple[str, ...] = ("queued", "leased", "running")  # a queue's depth, by stage
 
 # Task transitions (DESIGN §5): the states each operation may start from.
 LEASABLE: frozenset[str] = frozenset({"queued"})
@@ -159,18 +160,18 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 class Worker(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     node_id: str
-    url: str | None
+    url: str  # "" when none was given (see WORKER_DEFAULTS)
     status: WorkerStatus
     capabilities: Capabilities
-    last_heartbeat: int | None
+    last_heartbeat: int  # the registration time until the worker is heard from
     ip_addrs: list[str]
     obs_count: int
-    db_sha: str | None
+    db_sha: str
     registered_at: int
     active_leases: int
-    agent_version: str | None
-    os_info: str | None
-    install_method: str | None
+    agent_version: str
+    os_info: str
+    install_method: str
     source: WorkerSource = "api"
     # Its URL was set by an admin key or the membridge sync (or is in the allow-list):
     # only then does it get pushed tasks and the agent key. Computed, not stored.
@@ -179,6 +180,17 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def free_capacity(self) -> int:
         return self.capabilities.max_concurrency - self.active_leases
+
+
+# What a worker's text fields hold when nobody gave them: the first version's values, so
+# its clients never see null there. New rows are stored with them (``new_worker``); rows
+# written before, holding NULL, are read with them.
+WORKER_DEFAULTS: dict[str, str] = {"url": "", "db_sha": "", "agent_version": "unknown", "os_info": "", "install_method": "manual"}
+
+
+def or_default(value: str | None, field: str) -> str:
+    """A stored worker text field, or its default when the row holds NULL."""
+    return WORKER_DEFAULTS[field] if value is None else value
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -268,6 +280,31 @@ class WorkerUpsert(msgspec.Struct, frozen=True, kw_only=True):
     source: WorkerSource | None = None
 
 
+def new_worker(upsert: WorkerUpsert, now: int) -> WorkerUpsert:
+    """Every field a worker created from ``upsert`` at ``now`` is stored with: the given
+    ones, defaults for the rest (``WORKER_DEFAULTS``; registered and last heard from now)."""
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    d = WORKER_DEFAULTS
+    return WorkerUpsert(
+        id=upsert.id,
+        node_id=given(upsert.node_id, upsert.id),
+        url=given(upsert.url, d["url"]),
+        status=given(upsert.status, "online"),
+        capabilities=given(upsert.capabilities, Capabilities()),
+        last_heartbeat=given(upsert.last_heartbeat, now),
+        ip_addrs=given(upsert.ip_addrs, []),
+        obs_count=given(upsert.obs_count, 0),
+        db_sha=given(upsert.db_sha, d["db_sha"]),
+        agent_version=given(upsert.agent_version, d["agent_version"]),
+        os_info=given(upsert.os_info, d["os_info"]),
+        install_method=given(upsert.install_method, d["install_method"]),
+        source=given(upsert.source, "api"),
+    )
+
+
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
     """A worker's report that a task finished."""
 
@@ -309,6 +346,49 @@ class Expiry(msgspec.Struct, frozen=True, kw_only=True):
 
     lease: Lease
     task: Task
+
+
+class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One stretch of time (a minute, or a bucket of minutes) of the runtime's history.
+
+    Depths are the unfinished tasks by status when it closed (None: not sampled, e.g.
+    while no engine ran); the counts are what happened within it."""
+
+    at: int  # start, epoch ms
+    queued: int | None
+    leased: int | None
+    running: int | None
+    created: int = 0
+    completed: int = 0
+    failed: int = 0  # results with status error, retried or not
+    expired: int = 0  # leases that expired
+
+
+class HistoryWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """The history of the last ``minutes`` in buckets of ``bucket_minutes``, oldest first.
+
+    The last bucket ends with the current minute, which is counted so far (live)."""
+
+    minutes: int
+    bucket_minutes: int
+    start: int  # epoch ms: the first bucket's start
+    end: int  # epoch ms: the end of the current minute
+    points: list[HistoryPoint]
+
+
+class OldestQueued(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    created_at: int
+    age_ms: int
+
+
+class QueueState(msgspec.Struct, frozen=True, kw_only=True):
+    """The unfinished tasks now, and the one that has waited longest to be leased."""
+
+    queued: int
+    leased: int
+    running: int
+    oldest_queued: OldestQueued | None
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):

@@ -53,6 +53,14 @@ def mask(value: str | None) -> str | None:
     return "****" + value[-4:] if len(value) >= 12 else "****"
 
 
+def mask_ends(value: str | None) -> str | None:
+    """The first version's masked key, ``adm-****cdef``: its first and last 4 characters,
+    and only of a key of 16 or more (of a shorter one they would give too much away)."""
+    if not value:
+        return None
+    return value[:4] + "****" + value[-4:] if len(value) >= 16 else "****"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """A client key; ``name`` is what the audit log records as the actor."""
@@ -132,6 +140,8 @@ class Settings:
     dispatch_max_in_flight: int = 256  # deliveries waiting for an answer at once (one thread each)
     auto_dispatch: bool = True  # push queued tasks to workers with a verified URL without being asked
     agent_probe_interval_s: float = 10.0  # GET {url}/health of push workers; 0: never
+    history_retention_days: float = 7.0  # per-minute history rows older than this are pruned
+    history_tick_s: float = 5.0  # how often the history sampler looks for a closed minute
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -211,6 +221,7 @@ class Settings:
         values["dispatch_max_in_flight"] = number("DISPATCH_MAX_IN_FLIGHT", int, 1, 10_000)
         values["auto_dispatch"] = flag("AUTO_DISPATCH")
         values["agent_probe_interval_s"] = number("AGENT_PROBE_INTERVAL", float, 0, 86400)
+        values["history_retention_days"] = number("HISTORY_RETENTION_DAYS", float, 1, 3650)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.validate()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from .errors import Forbidden, UnsafeURL
+from .errors import Conflict, Forbidden, UnsafeURL
 from .models import Worker, WorkerUpsert
 from .urls import AllowList, validate_outgoing_url
 
@@ -32,6 +32,14 @@ def url_verified(worker: Worker, vouched: Mapping[str, str], allowed: AllowList 
     except UnsafeURL:
         return False
     return True
+
+
+def require_verified(worker: Worker) -> None:
+    """Raise ``Conflict`` unless ``worker``'s URL is verified (before sending it a task or the agent key)."""
+    if not worker.url_verified:
+        raise Conflict(
+            f"worker {worker.id} has no verified URL: set it with an admin key, let the membridge sync report it, "
+            "or list its host in MEMBRIDGE_ALLOWED_HOSTS", worker_id=worker.id)
 
 
 def with_verification(worker: Worker, vouched: Mapping[str, str], allowed: AllowList | None) -> Worker:

@@ -36,7 +36,7 @@ class EngineCollector(Collector):
         if stats is not None:
             for name, help_text in (("tasks", "Tasks by status"), ("leases", "Leases by status"), ("workers", "Workers by status")):
                 g = GaugeMetricFamily(f"bloom_{name}", help_text, labels=["status"])
-                for status, n in sorted(stats.get(name, {}).items()):
+                for status, n in sorted(stats.get(name, {}).get("by_status", {}).items()):
                     g.add_metric([status], n)
                 yield g
             active = GaugeMetricFamily("bloom_active_leases", "Leases currently active")

@@ -29,15 +29,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, db: Path, *extra: str, env: dict[str, str] | None = None, database_url: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api/runtime"
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.origin}/api/runtime"
         self.db = db
         full_env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "DATABASE_URL")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bloom_runtime.cli", "serve", "--port", str(self.port),
-             "--database-url", f"sqlite:///{db}", "--lease-sweep-interval", "0.2", *extra],
+             "--database-url", database_url or f"sqlite:///{db}", "--lease-sweep-interval", "0.2", *extra],
             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 

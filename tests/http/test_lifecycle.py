@@ -29,7 +29,8 @@ def test_push_lifecycle_with_agent_payloads(make_client, db_url):
     # The membridge agent heartbeats with no body at all.
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat")
     assert r.status_code == 200, r.text
-    assert set(r.json) == {"task", "lease"} and r.json["task"]["status"] == "running"
+    assert set(r.json) == {"task", "lease", "expires_at"} and r.json["task"]["status"] == "running"
+    assert r.json["expires_at"] == r.json["lease"]["expires_at"]  # the first version's top-level field
 
     r = c.simulate_post(
         f"{API}/llm-tasks/{task['id']}/complete",
@@ -42,7 +43,8 @@ def test_push_lifecycle_with_agent_payloads(make_client, db_url):
 
     assert c.simulate_get(f"{API}/llm-tasks/{task['id']}/result").json["output"] == "hi"
     assert [a["task_id"] for a in c.simulate_get(f"{API}/artifacts", params={"task_id": task["id"]}).json] == [task["id"]]
-    assert len(c.simulate_get(f"{API}/runs").json) == 1
+    assert [r["task_id"] for r in c.simulate_get(f"{API}/results").json] == [task["id"]]
+    assert [t["id"] for t in c.simulate_get(f"{API}/runs").json] == [task["id"]]
     assert c.simulate_get(f"{API}/leases", params={"status": "released"}).json[0]["id"] == lease["id"]
     stats = c.simulate_get(f"{API}/stats").json
     assert stats["tasks"]["completed"] == 1 and stats["leases"]["released"] == 1

@@ -74,9 +74,10 @@ def test_config_masked_validated_and_applied_without_restart(build, membridge_se
 
 def _config_is_applied(build, membridge_server, agent_server, caplog):  # noqa: F811
     c = build(membridge_allowed_hosts="127.0.0.1")
-    r = c.simulate_get(f"{API}/config")
+    r = c.simulate_get(f"{API}/config", headers=ADMIN)
     assert r.json == {"membridge_server_url": membridge_server.url, "admin_key": "****" + MB_ADMIN_KEY[-4:],
-                      "configured": True}
+                      "admin_key_masked": MB_ADMIN_KEY[:4] + "****" + MB_ADMIN_KEY[-4:],
+                      "configured": True, "connected": False, "last_test": None}
     for bad in ("ftp://127.0.0.1/", "http://user:pw@127.0.0.1:1", "http://", "not a url", "http://10.1.2.3:8000"):
         r = c.simulate_post(f"{API}/config", json={"membridge_server_url": bad}, headers=ADMIN)
         assert r.status_code == 400 and r.json["error"], bad
@@ -85,12 +86,14 @@ def _config_is_applied(build, membridge_server, agent_server, caplog):  # noqa: 
 
     new_key = "sk-new-ADMIN-SECRET-0042"
     r = c.simulate_post(f"{API}/config", json={"membridge_server_url": agent_server.url, "admin_key": new_key}, headers=ADMIN)
-    assert r.status_code == 200 and r.json == {"membridge_server_url": agent_server.url, "admin_key": "****0042", "configured": True}
+    assert r.status_code == 200 and r.json == {"membridge_server_url": agent_server.url, "admin_key": "****0042",
+                                               "admin_key_masked": "sk-n****0042", "configured": True,
+                                               "connected": False, "last_test": None}
     # The next call goes to the new server with the new key.
     assert c.simulate_get(f"{MB}/projects").status_code == 200
     assert agent_server.requests[-1].headers["X-MEMBRIDGE-ADMIN"] == new_key
     assert membridge_server.count() == 0
-    assert c.simulate_get(f"{API}/config").json["admin_key"] == "****0042"
+    assert c.simulate_get(f"{API}/config", headers=ADMIN).json["admin_key"] == "****0042"
 
     texts = [c.simulate_get(p).text for p in (f"{API}/config", f"{API}/health", f"{API}/audit", f"{API}/metrics")]
     texts.append(audit_text(c.engine))
@@ -110,15 +113,20 @@ def test_test_connection_records_result(build, membridge_server):  # noqa: F811
     assert c.simulate_get(f"{API}/health").json["membridge"]["last_test"]["connected"] is True
     membridge_server.fail("malformed", "GET /health", times=1)
     r = c.simulate_post(f"{API}/test-connection")
-    assert r.status_code == 502 and "this is not json" not in r.text
+    assert r.status_code == 200 and r.json["connected"] is False and "malformed" in r.json["error"]
+    assert "this is not json" not in r.text and "health" not in r.json
     assert c.simulate_get(f"{API}/health").json["membridge"]["last_test"]["connected"] is False
 
 
 def test_not_configured_is_503(build):
     c = build(membridge_server_url=None, membridge_agent_key=None)
-    for method, path in (("GET", f"{MB}/health"), ("GET", f"{MB}/projects/p1/nodes"), ("POST", f"{API}/test-connection")):
+    for method, path in (("GET", f"{MB}/health"), ("GET", f"{MB}/projects/p1/nodes")):
         r = c.simulate_request(method, path)
         assert r.status_code == 503 and r.json["error"] == "membridge not configured" and r.headers["retry-after"] == "60"
+    # The first version's test button reads its answer, not the status: 200, not connected.
+    r = c.simulate_post(f"{API}/test-connection")
+    assert r.status_code == 200 and r.json == {"connected": False, "configured": False, "error": "membridge not configured"}
+    assert c.simulate_get(f"{API}/config").json["last_test"] is None
     assert c.simulate_get(f"{API}/health").json["membridge"] == {"configured": False}
 
 

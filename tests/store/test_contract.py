@@ -47,6 +47,7 @@ from bloom_runtime.engine.models import (
     WorkerUpsert,
     new_id,
 )
+from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.store import MAX_PAGE, Store, Transaction, TransientConflict
 
 T0 = 1_700_000_000_000  # a fixed "now" (epoch ms)
@@ -572,10 +573,10 @@ def test_heartbeat_renews_and_runs(store: Store) -> None:
 
 
 def test_heartbeat_refreshes_the_worker_at_most_every_5_s(store: Store) -> None:
-    worker = add_worker(store, "w-1")
+    worker = add_worker(store, "w-1", now=T0 - 10_000)
     task = add_task(store)
     acquire(store, task.id, ["w-1"], now=T0, ttl=60)
-    assert store.get_worker(worker.id).last_heartbeat is None
+    assert store.get_worker(worker.id).last_heartbeat == T0 - 10_000  # registered then
     store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 1000))
     assert store.get_worker(worker.id).last_heartbeat == T0 + 1000
     _, lease = store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 3000))
@@ -907,23 +908,24 @@ def test_expire_due_honours_limit_and_leaves_the_rest(store: Store) -> None:
 
 
 def test_upsert_worker_create_with_defaults(store: Store) -> None:
+    """The first version's defaults; registering counts as being heard from."""
     worker, created = store.run(lambda tx: tx.upsert_worker(WorkerUpsert(id="w-1"), T0))
     assert created
     assert worker == Worker(
         id="w-1",
         node_id="w-1",
-        url=None,
+        url="",
         status="online",
         capabilities=Capabilities(),
-        last_heartbeat=None,
+        last_heartbeat=T0,
         ip_addrs=[],
         obs_count=0,
-        db_sha=None,
+        db_sha="",
         registered_at=T0,
         active_leases=0,
-        agent_version=None,
-        os_info=None,
-        install_method=None,
+        agent_version="unknown",
+        os_info="",
+        install_method="manual",
         source="api",
     )
     assert store.get_worker("w-1") == worker
@@ -1021,8 +1023,9 @@ def test_worker_candidates(store: Store) -> None:
 def test_mark_stale_workers_offline_only_what_something_keeps_fresh(store: Store) -> None:
     add_worker(store, "w-api-old", source="api", last_heartbeat=T0 - 100_000)
     add_worker(store, "w-pull-old", source="pull", last_heartbeat=T0 - 100_000)
+    # Registering counts as being heard from: silent since then, judged from then.
     add_worker(store, "w-mb-silent", source="membridge", now=T0 - 100_000)  # no heartbeat since registration
-    add_worker(store, "w-mb-young", source="membridge")  # registered just now
+    add_worker(store, "w-mb-young", source="membridge", now=T0 - 1000)
     add_worker(store, "w-mb-unknown", source="membridge", status="unknown", now=T0 - 100_000)  # never heard from
     add_worker(store, "w-mb-old", source="membridge", status="syncing", last_heartbeat=T0 - 61_000)
     add_worker(store, "w-pull-fresh", source="pull", last_heartbeat=T0 - 1000)
@@ -1315,10 +1318,8 @@ def test_sqlite_wal_and_pending_migrations(tmp_path) -> None:
     try:
         with pytest.raises(StoreUnavailable, match="pending migrations"):
             store.check_schema()
-        from bloom_runtime.sql import migrate as migrations
-
         shipped = [m.version for m in migrations.available("sqlite")]
-        assert shipped[:3] == ["0001_initial", "0002_fewer_index_entries", "0003_dispatch"]
+        assert shipped[:4] == ["0001_initial", "0002_fewer_index_entries", "0003_dispatch", "0004_console_reads"]
         assert store.migrate() == shipped
         store.check_schema()
     finally:
@@ -1416,8 +1417,8 @@ def test_worker_trust(store: Store) -> None:
     store.run(lambda tx: tx.vouch_worker_url("w-2", "http://10.0.0.2:8001", "membridge-sync", T0))
     store.run(lambda tx: tx.vouch_worker_url("w-1", "http://10.0.0.7:8001", "membridge-sync", T0 + 1))
     assert store.worker_trust() == {"w-1": "http://10.0.0.7:8001", "w-2": "http://10.0.0.2:8001"}
-    store.run(lambda tx: tx.forget_worker_url("w-2"))
-    store.run(lambda tx: tx.forget_worker_url("w-nobody"))
+    assert store.run(lambda tx: tx.forget_worker_url("w-2")) == "http://10.0.0.2:8001"
+    assert store.run(lambda tx: tx.forget_worker_url("w-nobody")) is None
     assert store.worker_trust() == {"w-1": "http://10.0.0.7:8001"}
 
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from bloom_runtime.engine.errors import ConfigError, SchemaTooNew, StoreUnavailable
-from bloom_runtime.engine.models import Artifact, AuditEntry, Delivery, Lease, Result, Task, Worker
+from bloom_runtime.engine.models import Artifact, AuditEntry, Delivery, HistoryPoint, Lease, Result, Task, Worker
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.postgres import PostgresStore
 
@@ -36,6 +36,7 @@ EXPECTED: dict[str, set[str]] = {
     "audit_logs": _names(AuditEntry),
     "runtime_settings": {"key", "value", "updated_at"},
     "users": {"id", "username", "password"},
+    "runtime_history": (_names(HistoryPoint) - {"at"}) | {"minute", "sampled_at"},
     "schema_migrations": {"version", "applied_at"},
 }
 ALL_MIGRATIONS = {dialect: [m.version for m in migrations.available(dialect)] for dialect in ("postgres", "sqlite")}

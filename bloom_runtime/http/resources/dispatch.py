@@ -81,7 +81,7 @@ class TokenHeartbeat:
         given: Fence = body(req, Fence)
         fence = _token_fence(held, lease_token, given.lease_id)
         task, lease = self.engine.leases.heartbeat(task_id, fence, actor=held.worker_id)
-        send(resp, schemas.TaskLease(task=task, lease=lease))
+        send(resp, schemas.HeartbeatAnswer.of(task, lease))
 
 
 class TokenComplete:
@@ -110,7 +110,7 @@ class LeaseHeartbeat:
         given: Fence = body(req, Fence)
         fence = _lease_fence(lease_id, given.lease_id, given.worker_id)
         task, lease = self.engine.leases.heartbeat(task_id, fence, actor=fence.worker_id or actor(req))
-        send(resp, schemas.TaskLease(task=task, lease=lease))
+        send(resp, schemas.HeartbeatAnswer.of(task, lease))
 
 
 class LeaseComplete:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import falcon
+import msgspec
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.models import WorkerUpsert
@@ -29,10 +30,13 @@ class WorkerItem:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
-        send(resp, self.engine.workers.get(path_id(worker_id, "worker")))
+        worker_id = path_id(worker_id, "worker")
+        worker = self.engine.workers.get(worker_id)
+        send(resp, schemas.WorkerDetail(**msgspec.structs.asdict(worker), leases=self.engine.workers.leases(worker_id)))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
-        send(resp, self.engine.workers.remove(path_id(worker_id, "worker"), actor=actor(req)))
+        worker = self.engine.workers.remove(path_id(worker_id, "worker"), actor=actor(req))
+        send(resp, schemas.RemovedWorker(**msgspec.structs.asdict(worker)))
 
 
 class WorkerClaim:
