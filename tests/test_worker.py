@@ -127,8 +127,12 @@ def test_registers_with_capabilities_and_names_lease_on_every_call(fake: FakeRun
     assert reg["install_method"] == "bloom-runtime worker" and reg["agent_version"].startswith("bloom-runtime ")
     claim = fake.calls_to("/claim")[0].body
     assert claim == {"wait_seconds": POLL_WAIT_S, "ttl_seconds": 1, "max_tasks": 3}  # one claim for every free slot
-    for call in fake.calls_to("/heartbeat") + fake.calls_to("/complete"):
-        assert call.body["lease_id"] == fake.tasks[task["id"]]["lease_id"] and call.body["worker_id"] == "gpu-box"
+    calls = fake.calls_to("/heartbeat") + fake.calls_to("/complete")
+    assert calls
+    lease_id = fake.tasks[task["id"]]["lease_id"]
+    for call in calls:
+        assert call.body["lease_id"] == lease_id and call.body["worker_id"] == "gpu-box"
+        assert call.body["lease_token"] == "token-of-" + lease_id  # the token from the claim
 
 
 def test_a_worker_with_free_slots_claims_them_together(fake: FakeRuntime) -> None:

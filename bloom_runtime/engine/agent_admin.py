@@ -1,7 +1,9 @@
 """Managing a worker's membridge agent: its health, and self-update, restart and uninstall.
 
 The calls go out on the caller's thread through ``engine.membridge.agents``, the
-hardened agent client (URL validation, a breaker per worker URL). What the agent
+hardened agent client (URL validation, a wall-clock deadline, a breaker per worker
+URL). The three calls that change an agent carry the agent key, so they go only to
+a verified URL (``worker_trust``): a URL a client key set is refused. What the agent
 reports about itself is stored through the registry, audited only when a field the
 fleet views show changes; the three calls that change an agent are audited with
 the caller's name whatever their outcome.
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import BloomError, InvalidInput, MembridgeError, MembridgeUnavailable, StoreUnavailable, UnsafeURL
-from .membridge import MembridgeResponse
 from .membridge_service import scalar_fields
 from .models import AuditEntry, Worker, WorkerUpsert, new_id
+from .outgoing import MembridgeResponse
+from .worker_trust import require_verified
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -86,7 +89,7 @@ class AgentAdmin:
         teaches nothing new: no change)."""
         worker = self._target(worker_id)
         try:
-            response = self._engine.membridge.agents.get_health(worker.url)
+            response = self._engine.membridge.agents.health(worker.url, retries=True)
         except MembridgeUnavailable as exc:
             return {"reachable": False, "error": exc.message, "retry_after_s": exc.details.get("retry_after_s")}
         except UnsafeURL as exc:
@@ -109,12 +112,14 @@ class AgentAdmin:
     def control(self, worker_id: str, name: str, payload: dict[str, Any], actor: str) -> dict[str, Any]:
         """POST ``payload`` to the agent's route for ``name`` (``update``, ``restart``,
         ``uninstall``) with the agent key; the agent's answer with the first version's
-        ``status``. Raises ``MembridgeError`` (502) when the agent refuses, answers
+        ``status``. Raises ``Conflict`` (409) for a worker whose URL is not verified
+        (nothing is sent), ``MembridgeError`` (502) when the agent refuses, answers
         badly or cannot be reached, ``MembridgeUnavailable`` (503) while its breaker is
         open. Audited either way; an update's reported version and an uninstall are
         stored on the worker."""
         control = CONTROLS[name]
         worker = self._target(worker_id)
+        require_verified(worker)  # the agent key goes only where an admin or the sync said
         what = f"POST /{control.path}"
         try:
             response = self._engine.membridge.agents.post_control(

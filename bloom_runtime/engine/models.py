@@ -23,10 +23,18 @@ DesiredFormat = Literal["json", "text"]
 # Who keeps a worker's status fresh: `api` push targets keep what they were
 # given; `pull` and `membridge` workers go offline when they stop showing up.
 WorkerSource = Literal["api", "pull", "membridge"]
+# What became of one push delivery (POST /execute-task of one lease):
+# sent (waiting for the agent's answer), answered (ok, and its result arrived),
+# agent_error (the agent answered ok:false), callback_missing (the agent answered
+# but its result never reached the runtime), refused (the agent answered 4xx/503:
+# it ran nothing), unreachable (the request provably never reached it), unknown
+# (no answer: the run may or may not have happened).
+DeliveryState = Literal["sent", "answered", "agent_error", "callback_missing", "refused", "unreachable", "unknown"]
 
 TASK_STATUSES: tuple[str, ...] = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES: tuple[str, ...] = ("active", "released", "expired", "failed")
 WORKER_STATUSES: tuple[str, ...] = ("online", "offline", "syncing", "error", "unknown")
+DELIVERY_STATES: tuple[str, ...] = ("sent", "answered", "agent_error", "callback_missing", "refused", "unreachable", "unknown")
 UNFINISHED_STATUSES: tuple[str, ...] = ("queued", "leased", "running")  # a queue's depth, by stage
 
 # Task transitions (DESIGN §5): the states each operation may start from.
@@ -66,6 +74,7 @@ OsInfo = Annotated[str, Meta(max_length=512)]
 MAX_TTL_SECONDS = 86_400
 MAX_CLAIM_TASKS = 32  # one claim leases at most this many (a worker's capacity is at most 32)
 MAX_CREATE_BATCH = 1000  # tasks one create of several (one transaction) takes
+LeaseToken = Annotated[str, Meta(max_length=128)]
 
 
 _id_lock = threading.Lock()
@@ -166,6 +175,9 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True):
     os_info: str
     install_method: str
     source: WorkerSource = "api"
+    # Its URL was set by an admin key or the membridge sync (or is in the allow-list):
+    # only then does it get pushed tasks and the agent key. Computed, not stored.
+    url_verified: bool = False
 
     @property
     def free_capacity(self) -> int:
@@ -206,6 +218,23 @@ class Artifact(msgspec.Struct, frozen=True, kw_only=True):
     entity_refs: list[str]
     tags: list[str]
     content: str | None
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One lease pushed to a worker agent's ``/execute-task`` and what became of it."""
+
+    id: str
+    task_id: str
+    lease_id: str
+    worker_id: str
+    url: str
+    state: DeliveryState
+    agent_status: int | None  # HTTP status of the agent's answer
+    detail: str | None  # the agent's error or why the delivery ended as it did
+    actor: str
+    created_at: int
+    deadline_at: int  # when the dispatcher stops waiting for the answer
+    finished_at: int | None
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -291,10 +320,14 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Fence(msgspec.Struct, frozen=True, kw_only=True):
-    """What a worker call names to prove it holds the active lease (either may be absent)."""
+    """What a worker call names to prove it holds the active lease (any may be absent).
+
+    ``lease_token`` is the lease's callback token (from the grant); the engine checks
+    it and hands the stores a fence naming the lease it proved."""
 
     lease_id: Id | None = None
     worker_id: Id | None = None
+    lease_token: LeaseToken | None = None
 
 
 class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):

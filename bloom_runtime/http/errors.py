@@ -13,6 +13,7 @@ from bloom_runtime.engine.errors import (
     Conflict,
     EngineStopped,
     EngineTimeout,
+    Forbidden,
     InvalidInput,
     MembridgeError,
     MembridgeUnavailable,
@@ -20,13 +21,18 @@ from bloom_runtime.engine.errors import (
     NotFound,
     OutcomeUnknown,
     StoreUnavailable,
+    Unauthorized,
 )
+from bloom_runtime.http.util import loggable_path
 
 log = logging.getLogger("bloom_runtime.http")
+
 
 # Most specific first: StaleLease is a Conflict, MembridgeUnavailable a MembridgeError.
 STATUS_BY_ERROR: tuple[tuple[type[BloomError], int], ...] = (
     (InvalidInput, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
     (NoCapacity, 503),
@@ -77,7 +83,7 @@ def write_error(resp: falcon.Response, code: int, message: str, details: dict[st
 def handle_bloom_error(req: falcon.Request, resp: falcon.Response, exc: BloomError, params: dict[str, Any]) -> None:
     status = status_for(exc)
     if status == 500:
-        log.error("unmapped %s on %s %s: %s", type(exc).__name__, req.method, req.path, exc.message)
+        log.error("unmapped %s on %s %s: %s", type(exc).__name__, req.method, loggable_path(req.path), exc.message)
         write_error(resp, 500, "internal error")
         return
     if status in (502, 503):
@@ -89,7 +95,7 @@ def handle_bloom_error(req: falcon.Request, resp: falcon.Response, exc: BloomErr
         return
     if isinstance(exc, StoreUnavailable):
         # The driver's message may carry hosts or SQL; keep it in the server log.
-        log.warning("store unavailable on %s %s: %s", req.method, req.path, exc.message)
+        log.warning("store unavailable on %s %s: %s", req.method, loggable_path(req.path), exc.message)
         write_error(resp, status, "storage unavailable")
         return
     write_error(resp, status, exc.message, exc.details)

@@ -17,6 +17,7 @@ from bloom_runtime.http.auth import HEADER, Authenticator
 from bloom_runtime.http.metrics import Metrics
 from bloom_runtime.http.ratelimit import RateLimiter
 from bloom_runtime.http.routes import op_for
+from bloom_runtime.http.util import loggable_path
 
 access_log = logging.getLogger("bloom_runtime.http.access")
 
@@ -44,7 +45,7 @@ class RequestTracking:
         status = resp.status_code
         self.metrics.observe(req.method, req.uri_template or "unmatched", status, elapsed)
         # The path only: query strings carry cursors and ids, never keys, but keep lines short.
-        access_log.info("%s %s %d %.1fms rid=%s", req.method, req.path, status, elapsed * 1000, rid)
+        access_log.info("%s %s %d %.1fms rid=%s", req.method, loggable_path(req.path), status, elapsed * 1000, rid)
 
 
 class LoadShedder:
@@ -72,7 +73,7 @@ class LoadShedder:
             # (Connection is a hop-by-hop header a WSGI app may not set; waitress closes
             # idle connections itself when it shuts down.)
             raise falcon.HTTPServiceUnavailable(description="server is shutting down", retry_after=SHED_RETRY_AFTER_S)
-        long_poll = req.method == "POST" and req.path.endswith("/claim")
+        long_poll = req.method == "POST" and req.path.endswith(("/claim", "/dispatch"))  # dispatch may wait
         backlog = self.backlog()
         with self._lock:
             if long_poll and self.long_polls < self.long_poll_budget:

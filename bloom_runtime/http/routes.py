@@ -46,7 +46,8 @@ from bloom_runtime.http.resources import (
 
 BASE = "/api/runtime"
 MEMBRIDGE_BASE = "/api/membridge"
-LEASE_BASE = "/api/leases/{lease_id}"  # dispatched agents get runtime_url = public URL + this
+LEASE_BASE = "/api/leases/{lease_id}"  # lease-fenced callbacks that still need an API key
+TOKEN_BASE = "/api/leases/{lease_id}/{lease_token}"  # dispatched agents get runtime_url = public URL + this
 
 # Membridge answers: 502 unreachable or bad answer, 503 breaker open (Retry-After) or not configured.
 MB_502 = (schemas.ErrorBody, "membridge unreachable or answered badly")
@@ -139,6 +140,7 @@ ROUTES: tuple[Route, ...] = (
         "POST": Op(f"POST the agent's /{control.path} with the agent key (audited)",
                    {200: (dict[str, Any], f"status: {control.done}, and the agent's answer"),
                     400: (schemas.ErrorBody, "the worker has no url"),
+                    409: (schemas.ErrorBody, "the worker's URL is not verified: nothing is sent"),
                     502: (schemas.ErrorBody, "the agent refused, answered badly or could not be reached"),
                     503: (schemas.ErrorBody, "the agent's circuit breaker is open (Retry-After)")},
                    body=schemas.AgentUpdateRequest if name == "update" else None, body_optional=True, access="admin"),
@@ -159,7 +161,7 @@ ROUTES: tuple[Route, ...] = (
         "GET": Op("Tasks, newest first", {200: (list[Task], NEXT_LINK)}, params=(_status(TASK_STATUSES), *SEARCH, *PAGED)),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}", lambda c: tasks.TaskItem(c.engine), {
-        "GET": Op("One task", {200: (Task, "the task")}),
+        "GET": Op("One task, with its latest push delivery", {200: (schemas.TaskView, "the task")}),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/lease", lambda c: tasks.TaskLease(c.engine), {
         "POST": Op("Push mode: lease a queued task to a named or the best worker",
@@ -183,15 +185,30 @@ ROUTES: tuple[Route, ...] = (
         "GET": Op("The task's latest result", {200: (Result, "the result")}),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/dispatch", lambda c: dispatch.TaskDispatch(c.engine), {
-        "POST": Op("Lease and POST the task to the worker's /execute-task (failed dispatch: lease failed, task requeued)",
-                   {201: (schemas.DispatchResponse, "dispatched"),
-                    502: (schemas.ErrorBody, "the worker refused or could not be reached; the lease is failed"),
-                    503: (schemas.ErrorBody, "no capacity, membridge not configured, or the worker's breaker is open")},
+        "POST": Op("Lease the task to a worker with a verified URL and push it to its /execute-task; answers at once, "
+                   "or after wait_seconds (on the long-poll budget). A task already sent answers with its delivery.",
+                   {202: (schemas.DispatchResponse, "sent: the agent is running it (watch the task)"),
+                    200: (schemas.DispatchResponse, "the agent answered (ok or not; see delivery.state and the task)"),
+                    409: (schemas.ErrorBody, "the task is not queued, or the named worker cannot be pushed to"),
+                    502: (schemas.DispatchResponse, "the agent refused it or was unreachable; the lease failed "
+                                                    "(an unreachable agent costs no attempt)"),
+                    503: (schemas.ErrorBody, "no push worker free, or the worker's circuit breaker is open (Retry-After)"),
+                    504: (schemas.DispatchResponse, "no answer in time: the run may still be going; the lease is left to its TTL")},
                    body=schemas.DispatchRequest, body_optional=True),
+    }),
+    Route(f"{TOKEN_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.TokenHeartbeat(c.engine), {
+        "POST": Op("Heartbeat of a dispatched agent: the lease token in its runtime_url is the credential, no API key "
+                   "(401 for a wrong token, 409 once the lease is over)",
+                   {200: (schemas.HeartbeatAnswer, "renewed")}, body=Fence, body_optional=True, access="open", kind="worker"),
+    }),
+    Route(f"{TOKEN_BASE}{BASE}/llm-tasks/{{task_id}}/complete", lambda c: dispatch.TokenComplete(c.engine), {
+        "POST": Op("Completion of a dispatched agent: the lease token in its runtime_url is the credential, no API key "
+                   "(401 for a wrong token, 409 once the lease is over)",
+                   {200: (schemas.CompleteResponse, "recorded")}, body=schemas.CompleteRequest, access="open", kind="worker"),
     }),
     Route(f"{LEASE_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.LeaseHeartbeat(c.engine), {
         "POST": Op("Heartbeat of a dispatched agent, fenced by the lease in its runtime_url (409 once it expired)",
-                   {200: (schemas.TaskLease, "renewed")}, body=Fence, body_optional=True, kind="worker"),
+                   {200: (schemas.HeartbeatAnswer, "renewed")}, body=Fence, body_optional=True, kind="worker"),
     }),
     Route(f"{LEASE_BASE}{BASE}/llm-tasks/{{task_id}}/complete", lambda c: dispatch.LeaseComplete(c.engine), {
         "POST": Op("Completion of a dispatched agent, fenced by the lease in its runtime_url (409 once it expired)",
@@ -272,6 +289,7 @@ ROUTES: tuple[Route, ...] = (
 
 
 OPS: dict[tuple[str, str], Op] = {(r.path, m): op for r in ROUTES for m, op in r.ops.items()}
+
 
 
 def op_for(template: str | None, method: str) -> Op | None:

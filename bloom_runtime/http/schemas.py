@@ -20,12 +20,14 @@ from bloom_runtime.engine.models import (
     Artifact,
     Capabilities,
     Completion,
+    Delivery,
     EpochMs,
     Fence,
     Id,
     IpAddrs,
     Lease,
     LeaseStatus,
+    LeaseToken,
     Name,
     NewTask,
     ObsCount,
@@ -79,12 +81,13 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
 
     lease_id: Id | None = None
     worker_id: Id | None = None
+    lease_token: LeaseToken | None = None
 
     def completion(self) -> Completion:
         return Completion(**{f: getattr(self, f) for f in Completion.__struct_fields__})
 
     def fence(self) -> Fence:
-        return Fence(lease_id=self.lease_id, worker_id=self.worker_id)
+        return Fence(lease_id=self.lease_id, worker_id=self.worker_id, lease_token=self.lease_token)
 
 
 class AgentUpdateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -98,6 +101,7 @@ class AgentUpdateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_default
 class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: Id | None = None
     ttl_seconds: TtlSeconds | None = None
+    wait_seconds: WaitSeconds = 0  # wait this long for the agent's answer (on the long-poll budget)
 
 
 class ConfigUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,13 +131,15 @@ CreateAnswer = Task | list[CreatedTask]
 class LeaseResponse(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease
     worker: Worker
+    lease_token: str  # authorises heartbeat/complete of this lease (and only this one)
 
 
-class TaskLease(msgspec.Struct, frozen=True, kw_only=True):
-    """Heartbeat and claim answers."""
+class TaskLease(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Claim answers (with the lease's token); heartbeat answers add ``expires_at``."""
 
     task: Task
     lease: Lease
+    lease_token: str | None = None
 
 
 ClaimAnswer = TaskLease | list[TaskLease]  # a list when the claim names max_tasks
@@ -144,6 +150,10 @@ class HeartbeatAnswer(TaskLease, frozen=True, kw_only=True):
 
     expires_at: int
 
+    @classmethod
+    def of(cls, task: Task, lease: Lease) -> HeartbeatAnswer:
+        return cls(task=task, lease=lease, expires_at=lease.expires_at)
+
 
 class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     task: Task
@@ -151,14 +161,28 @@ class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     artifact: Artifact
 
 
-class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True):
-    """The lease granted and the worker that accepted the task."""
+class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A delivery and where to watch it (``dispatched``, ``task_id``, ``worker_id``, ``lease_id``
+    as the first version answered; ``execution`` is the agent's answer when it was waited for)."""
 
-    lease: Lease
-    worker: Worker
-    task: Task
     dispatched: bool
-    worker_status: int | None = None
+    task_id: str
+    worker_id: str
+    lease_id: str
+    task: Task
+    lease: Lease
+    worker: Worker | None
+    delivery: Delivery
+    watch: dict[str, str]
+    lease_token: str | None = None  # only to the caller that created the delivery
+    execution: Any = None
+    error: str | None = None
+
+
+class TaskView(Task, frozen=True, kw_only=True):
+    """One task, with its latest push delivery (null if it was never pushed)."""
+
+    delivery: Delivery | None = None
 
 
 class WorkerDetail(Worker, frozen=True, kw_only=True):
@@ -207,6 +231,7 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     storage_ok: bool
     storage_error: str | None = None
     membridge: dict[str, Any] = {}
+    dispatch: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
     actors: dict[str, Any] = {}
 

@@ -18,6 +18,8 @@ _ID_RE = re.compile(ID_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_ID_LEN = 128
 MAX_QUERY_LEN = 512
+# A dispatched agent's callback path carries its lease token (routes.TOKEN_BASE).
+_TOKEN_PATH = re.compile(r"^(/api/leases/[^/]+/)[^/]+(/api/runtime/.*)$")
 
 
 def send(resp: falcon.Response, value: Any, status: int = 200) -> None:
@@ -85,12 +87,17 @@ def send_page(req: falcon.Request, resp: falcon.Response, page: Page, limit: int
     send(resp, page.items)
 
 
+def loggable_path(path: str) -> str:
+    """``path`` fit for a log line: a callback URL's lease token masked."""
+    return _TOKEN_PATH.sub(r"\1****\2", path)
+
+
 def actor(req: falcon.Request) -> str:
     principal = getattr(req.context, "principal", None)
     return principal.name if principal is not None else "api"
 
 
 def is_admin(req: falcon.Request) -> bool:
-    """The caller's key may do admin operations (see ``Authenticator``)."""
+    """The caller's key may do admin operations (an admin key, or auth is off: see ``Authenticator``)."""
     principal = getattr(req.context, "principal", None)
     return principal is not None and principal.admin

@@ -16,6 +16,7 @@ from bloom_runtime.engine.models import (
     Artifact,
     AuditEntry,
     CompletionOutcome,
+    Delivery,
     Lease,
     Result,
     Task,
@@ -152,6 +153,13 @@ def result_record(r: Sequence[Any], o: int = 0) -> Result:
 
 
 RESULT_N = 9
+
+
+def delivery_record(r: Sequence[Any]) -> Delivery:
+    return Delivery(
+        id=r[0], task_id=r[1], lease_id=r[2], worker_id=r[3], url=r[4], state=r[5], agent_status=r[6],
+        detail=r[7], actor=r[8], created_at=r[9], deadline_at=r[10], finished_at=r[11],
+    )
 
 
 def audit_record(r: Sequence[Any]) -> AuditEntry:

@@ -16,8 +16,9 @@ locks taken in one order, never backwards:
   for a task lock, so that edge cannot close a cycle. The sweep takes tasks with SKIP
   LOCKED as well, then their leases.
 - A heartbeat touches its worker last (task -> lease -> worker), and only a stale row.
-- mark_stale_workers_offline locks workers in ascending id; set_settings locks
-  settings keys in sorted order.
+- mark_stale_workers_offline locks workers in ascending id, as do the registry's
+  liveness writes (one worker_liveness per worker, in id order); set_settings and
+  add_settings_if_absent lock settings keys in sorted order.
 
 What a batch's first message cannot hold runs after it, one operation at a time, in
 the same transaction: a second operation on a task already in the batch (or a second
@@ -34,15 +35,16 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import msgspec
 import psycopg
 
 from bloom_runtime.engine.errors import NoCapacity, NotFound
-from bloom_runtime.engine.models import AuditEntry, HistoryPoint, Worker, WorkerUpsert, new_worker
+from bloom_runtime.engine.models import AuditEntry, Delivery, HistoryPoint, Worker, WorkerUpsert, new_worker
 from bloom_runtime.sql import refusals
 from bloom_runtime.sql.pg_batch import Batch, statements
 from bloom_runtime.sql.pg_errors import translate, translating
 from bloom_runtime.sql.pg_messages import Messages
-from bloom_runtime.sql.pg_records import WORKER_N, encode, to_json, worker_columns, worker_row
+from bloom_runtime.sql.pg_records import WORKER_N, delivery_record, encode, to_json, worker_columns, worker_row
 from bloom_runtime.sql.store import AcquireOp, Op, Transaction, history_params
 
 
@@ -178,9 +180,41 @@ class PostgresTransaction(Transaction):
             raise NotFound("worker not found", worker_id=worker_id)
 
     @translating
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        rows = self._messages.fetch_all("mark_stale_workers_offline", {"seen_before": seen_before})
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        rows = self._messages.fetch_all("mark_stale_workers_offline", {"seen_before": seen_before, "vouched": vouched})
         return sorted((worker_row(r) for r in rows), key=lambda w: w.id)
+
+    @translating
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        row = self._messages.fetch_one("worker_liveness", {"id": worker_id, "alive": alive, "at": at})
+        return (row[0], row[1]) if row is not None else None
+
+    # --- push dispatch (the dispatcher's and the registry's own tables) --------
+
+    @translating
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        self._messages.fetch_all("vouch_worker_url", {"worker_id": worker_id, "url": url, "by": by, "now": now})
+
+    @translating
+    def forget_worker_url(self, worker_id: str) -> str | None:
+        row = self._messages.fetch_one("forget_worker_url", {"worker_id": worker_id})
+        return row[0] if row is not None else None
+
+    @translating
+    def insert_delivery(self, delivery: Delivery) -> None:
+        self._messages.fetch_all("insert_delivery", msgspec.structs.asdict(delivery))
+
+    @translating
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        row = self._messages.fetch_one(
+            "finish_delivery", {"id": delivery_id, "state": state, "agent_status": agent_status, "detail": detail, "now": now}
+        )
+        return delivery_record(row) if row is not None else None
+
+    @translating
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        rows = self._messages.fetch_all("expire_deliveries", {"now": now, "detail": detail, "limit": limit})
+        return [delivery_record(r) for r in rows]
 
     # --- audit and settings --------------------------------------------------
 
@@ -194,6 +228,13 @@ class PostgresTransaction(Transaction):
             return
         keys = sorted(values)
         self._messages.fetch_all("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
+
+    @translating
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        if not values:
+            return
+        keys = sorted(values)
+        self._messages.fetch_all("add_settings_if_absent", {"keys": keys, "values": [values[k] for k in keys], "now": now})
 
     @translating
     def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:

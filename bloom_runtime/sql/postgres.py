@@ -25,6 +25,7 @@ from bloom_runtime.engine.models import (
     TASK_STATUSES,
     UNFINISHED_STATUSES,
     WORKER_STATUSES,
+    Delivery,
     HistoryPoint,
     Lease,
     Page,
@@ -44,6 +45,7 @@ from bloom_runtime.sql.pg_records import (
     RawJsonbLoader,
     artifact_record,
     audit_record,
+    delivery_record,
     encode,
     lease_record,
     result_record,
@@ -427,6 +429,19 @@ class PostgresStore(Store):
     @_translating
     def get_settings(self) -> dict[str, str]:
         return dict(self._read_all("get_settings", {}))
+
+    @_translating
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        return [task_record(r) for r in self._read_all("due_tasks", {"now": now, "limit": limit})]
+
+    @_translating
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        row = self._read_one("latest_delivery", {"task_id": task_id})
+        return delivery_record(row) if row is not None else None
+
+    @_translating
+    def worker_trust(self) -> dict[str, str]:
+        return dict(self._read_all("worker_trust", {}))
 
     @_translating
     def stats(self) -> dict[str, dict[str, int]]:

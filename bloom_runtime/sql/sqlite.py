@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import msgspec
+
 from bloom_runtime.engine.errors import (
     BloomError,
     InvalidInput,
@@ -35,6 +37,7 @@ from bloom_runtime.engine.models import (
     Artifact,
     AuditEntry,
     CompletionOutcome,
+    Delivery,
     Expiry,
     HistoryPoint,
     Lease,
@@ -177,6 +180,11 @@ def _result(r: Sequence[Any]) -> Result:
         metrics=_dict(r[7]),
         completed_at=r[8],
     )
+
+
+def _delivery(r: Sequence[Any]) -> Delivery:
+    return Delivery(id=r[0], task_id=r[1], lease_id=r[2], worker_id=r[3], url=r[4], state=r[5], agent_status=r[6],
+                    detail=r[7], actor=r[8], created_at=r[9], deadline_at=r[10], finished_at=r[11])
 
 
 def _audit(r: Sequence[Any]) -> AuditEntry:
@@ -607,9 +615,38 @@ class SqliteTransaction(Transaction):
         if not self._q("touch_worker", {"id": worker_id, "now": now}):
             raise NotFound("worker not found", worker_id=worker_id)
 
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        rows = self._q("mark_stale_workers_offline", {"seen_before": seen_before})
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        rows = self._q("mark_stale_workers_offline", {"seen_before": seen_before, "vouched": vouched})
         return sorted((_worker(r) for r in rows), key=lambda w: w.id)
+
+    @_atomic
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        old = self._q1("worker_status", {"id": worker_id})  # the write lock is held: nothing moves meanwhile
+        if old is None:
+            return None
+        new = self._q1("worker_liveness", {"id": worker_id, "alive": alive, "at": at})
+        assert new is not None
+        return old[0], new[0]
+
+    # --- push dispatch ---------------------------------------------------------
+
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        self._q("vouch_worker_url", {"worker_id": worker_id, "url": url, "by": by, "now": now})
+
+    def forget_worker_url(self, worker_id: str) -> str | None:
+        row = self._q1("forget_worker_url", {"worker_id": worker_id})
+        return row[0] if row else None
+
+    def insert_delivery(self, delivery: Delivery) -> None:
+        self._q("insert_delivery", msgspec.structs.asdict(delivery))
+
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        row = self._q1("finish_delivery", {"id": delivery_id, "state": state, "agent_status": agent_status,
+                                           "detail": detail, "now": now})
+        return _delivery(row) if row is not None else None
+
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        return [_delivery(r) for r in self._q("expire_deliveries", {"now": now, "detail": detail, "limit": limit})]
 
     # --- audit and settings ----------------------------------------------------
 
@@ -621,6 +658,10 @@ class SqliteTransaction(Transaction):
         # The interface passes no ``now``; updated_at is informational, so the wall clock will do.
         if values:
             self._q("upsert_settings", {"values": _json(values), "now": time.time_ns() // 1_000_000})
+
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        if values:
+            self._q("add_settings_if_absent", {"values": _json(values), "now": now})
 
     # --- history ---------------------------------------------------------------
 
@@ -913,6 +954,16 @@ class SqliteStore(Store):
 
     def get_settings(self) -> dict[str, str]:
         return dict(self._read("get_settings"))
+
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        return [_task(r) for r in self._read("due_tasks", {"now": now, "limit": limit})]
+
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        row = self._read1("latest_delivery", {"task_id": task_id})
+        return _delivery(row) if row is not None else None
+
+    def worker_trust(self) -> dict[str, str]:
+        return dict(self._read("worker_trust"))
 
     def stats(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {

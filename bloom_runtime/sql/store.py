@@ -32,6 +32,7 @@ from bloom_runtime.engine.models import (
     AuditEntry,
     Completion,
     CompletionOutcome,
+    Delivery,
     Expiry,
     Fence,
     HistoryPoint,
@@ -260,7 +261,8 @@ class Transaction(abc.ABC):
     ) -> tuple[Task, Lease]:
         """Mark an active lease ``failed`` (dispatch to its worker failed) and send
         its task back to ``queued`` (attempts left, after ``retry_delay``) or
-        ``failed``. With ``refund`` the attempt is given back and the task queued.
+        ``failed``. With ``refund`` (the dispatch provably never reached the worker)
+        the lease's attempt is given back, so the task is always queued again.
         Raises ``NotFound`` / ``Conflict`` (lease not active)."""
         return self._one(FailOp(lease_id, reason, retry_delay, refund=refund), now)
 
@@ -304,10 +306,40 @@ class Transaction(abc.ABC):
         ``membridge`` worker that was offline comes back online."""
 
     @abc.abstractmethod
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        """Set ``offline`` every non-offline worker with source ``pull`` or
-        ``membridge`` whose ``last_heartbeat`` is older than ``seen_before`` (or
-        null). Returns those changed."""
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        """Set ``offline`` every worker neither offline nor ``unknown`` (never heard
+        from) whose ``last_heartbeat`` (or, without one, ``registered_at``) is older
+        than ``seen_before`` and that something keeps fresh: source ``pull`` or
+        ``membridge``, or with ``vouched`` a URL vouched for in ``worker_trust``
+        (the runtime probes those). Returns those changed."""
+
+    @abc.abstractmethod
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        """Record the runtime's own observation of a worker: ``alive`` sets it online with
+        ``last_heartbeat`` at least ``at``, otherwise offline. Returns the status before
+        and after, or None for an unknown worker."""
+
+    # --- push dispatch -------------------------------------------------------
+
+    @abc.abstractmethod
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        """Record that ``url`` was set for the worker by an admin key or the membridge sync."""
+
+    @abc.abstractmethod
+    def forget_worker_url(self, worker_id: str) -> str | None:
+        """Drop the worker's vouched URL (the worker was removed); returns it, if there was one."""
+
+    @abc.abstractmethod
+    def insert_delivery(self, delivery: Delivery) -> None:
+        """Record a delivery (state ``sent``); one per lease."""
+
+    @abc.abstractmethod
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        """Record a ``sent`` delivery's outcome; None when it already has one."""
+
+    @abc.abstractmethod
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        """Mark ``unknown`` up to ``limit`` deliveries still ``sent`` past their deadline."""
 
     # --- audit and settings --------------------------------------------------
 
@@ -318,6 +350,10 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def set_settings(self, values: dict[str, str]) -> None:
         """Upsert runtime settings by key."""
+
+    @abc.abstractmethod
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        """Insert runtime settings whose key is not set yet; existing values stay."""
 
     # --- history (runtime_history, the sampler's own table) -------------------
 
@@ -476,6 +512,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def history(self, since: int, until: int) -> list[HistoryPoint]:
         """The recorded minutes in ``[since, until)``, oldest first."""
+
+    @abc.abstractmethod
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        """Up to ``limit`` queued tasks that may be leased at ``now``, oldest first."""
+
+    @abc.abstractmethod
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        """The task's most recent delivery, if it was ever pushed to a worker agent."""
+
+    @abc.abstractmethod
+    def worker_trust(self) -> dict[str, str]:
+        """Every vouched worker URL: ``{worker_id: url}``."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, dict[str, int]]:

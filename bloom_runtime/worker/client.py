@@ -58,6 +58,7 @@ class Grant:
 
     task: dict[str, Any]
     lease: dict[str, Any]
+    token: str | None = None  # the lease's token: presented with every heartbeat and completion
 
 
 class Backoff:
@@ -114,6 +115,12 @@ def _error_text(resp: requests.Response) -> str:
     if isinstance(body, Mapping) and "error" in body:
         return str(body["error"])
     return str(body)[:200]
+
+
+def _token(grant: Mapping[str, Any]) -> str | None:
+    """The lease token a grant answer carries (None from a runtime that sends none)."""
+    token = grant.get("lease_token")
+    return token if isinstance(token, str) else None
 
 
 def _retry_after(resp: requests.Response) -> float | None:
@@ -189,7 +196,7 @@ class RuntimeClient:
                 isinstance(d, dict) and isinstance(d.get("task"), dict) and isinstance(d.get("lease"), dict) for d in items
             ):
                 raise Transient("claim answered 200 without a task and a lease")
-            return [Grant(task=d["task"], lease=d["lease"]) for d in items]
+            return [Grant(task=d["task"], lease=d["lease"], token=_token(d)) for d in items]
         if resp.status_code == 404:
             raise UnknownWorker(_error_text(resp))
         if resp.status_code == 409:
@@ -197,9 +204,12 @@ class RuntimeClient:
             raise Transient(f"claim refused: {_error_text(resp)}")
         raise self._refusal("claim", resp)
 
-    def heartbeat(self, task_id: str, lease_id: str, worker_id: str) -> dict[str, Any] | None:
+    def heartbeat(self, task_id: str, lease_id: str, worker_id: str, token: str | None = None) -> dict[str, Any] | None:
         """Renew the lease; None when it is stale (expired, reassigned, or the task is gone)."""
-        resp = self._post(f"/llm-tasks/{quote(task_id, safe='')}/heartbeat", {"lease_id": lease_id, "worker_id": worker_id})
+        body = {"lease_id": lease_id, "worker_id": worker_id}
+        if token is not None:
+            body["lease_token"] = token
+        resp = self._post(f"/llm-tasks/{quote(task_id, safe='')}/heartbeat", body)
         if resp.status_code == 200:
             return _json(resp)
         if resp.status_code in (404, 409):

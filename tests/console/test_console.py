@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import requests
 
 from .conftest import ADMIN_KEY, CLIENT_KEY, Console, Runtime
 
@@ -227,6 +228,40 @@ def test_a_worker_registered_through_the_api_appears_with_its_capacity(admin: Co
     c.shot("audit")
 
 
+def test_a_dispatched_task_shows_its_delivery_and_a_self_registered_url_shows_unverified(
+    admin: Console, runtime: Runtime, agents: Callable[..., Any]
+) -> None:
+    agent = agents("node-push")
+    runtime.call("POST", "/workers", json={"name": "node-push", "url": agent.url})  # an admin's URL: verified
+    # An agent registering itself with a client key: its URL is kept, unverified.
+    mine = agents("node-self")
+    assert mine.register(runtime.origin) == 401
+    mine.runtime_api_key = CLIENT_KEY
+    assert mine.register(runtime.origin) == 201
+    c = admin
+    c.open("#/workers")
+    self_row = c.page.locator("main tbody tr", has_text="node-self").inner_text()
+    assert mine.url in self_row and "unverified" in self_row
+    assert "verified" in (push_row := c.page.locator("main tbody tr", has_text="node-push").inner_text())
+    assert "unverified" not in push_row
+    c.shot("workers-urls")
+
+    t = task(runtime, prompt="push me")
+    c.open(f"#/tasks/{t['id']}")
+    section = c.page.locator("section[aria-labelledby=delivery]")
+    assert "Never pushed" in section.inner_text()
+    assert "no push" in c.page.get_by_label("To").locator("option", has_text="node-self").inner_text()
+    c.page.get_by_label("To").select_option("node-push")
+    confirm(c, "Dispatch…")
+    c.page.locator("#answer").get_by_text("POST dispatch → 202").wait_for()
+    section.locator(".badge", has_text="answered").wait_for()
+    shown = section.inner_text()
+    assert "node-push" in shown and agent.url in shown and "HTTP 200" in shown and "its result arrived" in shown
+    assert agent.executions()[0]["prompt"] == "push me"
+    assert runtime.call("GET", f"/llm-tasks/{t['id']}")["status"] == "completed"
+    c.shot("task-delivery")
+
+
 def test_a_key_without_admin_sees_admin_actions_disabled_and_the_server_refuses_them(make_console: Callable[..., Console], runtime: Runtime) -> None:
     runtime.call("POST", "/workers", json={"name": "node-1"})
     c = make_console()
@@ -381,8 +416,21 @@ def test_one_open_page_makes_a_bounded_number_of_requests(make_console: Callable
 # --- membridge --------------------------------------------------------------------------
 
 
+def _membridge_project(server: Any, name: str, nodes: list[str], primary: str) -> str:
+    """A project whose nodes heartbeat to the control plane, as membridge agents do; returns its id."""
+    cid = server.add_project(name)
+    with requests.Session() as s:
+        s.trust_env = False
+        for node in nodes:
+            s.post(f"{server.url}/agent/heartbeat", json={"node_id": node, "canonical_id": cid, "project_id": name,
+                                                          "ip_addrs": ["10.0.0.11"]}, timeout=10).raise_for_status()
+        s.post(f"{server.url}/projects/{cid}/leadership/select", json={"primary_node_id": primary}, timeout=10).raise_for_status()
+    return cid
+
+
 def test_membridge_configured_tested_and_its_projects_browsed(admin: Console, runtime: Runtime, membridge_server: Any) -> None:
     c = admin
+    cid = _membridge_project(membridge_server, "proj-1", ["node-a", "node-b"], primary="node-a")
     c.open("#/membridge")
     assert "No control plane configured" in c.page.locator("main").inner_text()
     c.page.get_by_label("Control plane URL").fill(membridge_server.url)
@@ -395,11 +443,13 @@ def test_membridge_configured_tested_and_its_projects_browsed(admin: Console, ru
     c.page.get_by_role("button", name="Test connection").click()
     c.page.locator("#answer").get_by_text("POST /test-connection → 200").wait_for()
     c.page.get_by_role("button", name="Leadership and nodes").first.click()
-    c.page.get_by_text("Project proj-1").wait_for()
+    c.page.get_by_text(f"Project {cid}").wait_for()
     nodes = c.page.locator("main table").last
-    assert "node-a" in nodes.inner_text() and "leader" in nodes.inner_text()
+    assert "node-a" in nodes.inner_text() and "leader" in nodes.inner_text() and "secondary" in nodes.inner_text()
     c.page.locator("main tr", has_text="node-b").get_by_role("button", name="Make leader…").click()
     c.page.locator("dialog.confirm button[value=yes]").click()
     c.page.locator("#answer").get_by_text("leadership/select → 200").wait_for()
-    assert membridge_server.state.projects["proj-1"].leader == "node-b"
+    assert membridge_server.state.leadership[cid] == "node-b"
+    [select] = [r for r in membridge_server.requests if r.route.endswith("/leadership/select")][1:]
+    assert select.json == {"primary_node_id": "node-b"}
     c.shot("membridge")

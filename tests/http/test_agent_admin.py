@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from bloom_runtime.engine.membridge_service import scalar_fields
 from bloom_runtime.engine.settings import Secret, parse_api_keys
 
 from ..agent_standin import AgentStandIn
@@ -22,20 +23,22 @@ TUNING = {"membridge_agent_timeout_s": 2.0, "membridge_agent_retries": 2, "membr
 
 @pytest.fixture
 def agent() -> Iterator[AgentStandIn]:
-    with AgentStandIn(AGENT_KEY) as server:
+    with AgentStandIn("node-a", agent_key=AGENT_KEY) as server:
         yield server
 
 
 @pytest.fixture
 def fleet(make_client, db_url, agent):
     """A runtime with auth on (a client key by default) and the agent key set, and worker
-    ``node-a`` at the agent's URL."""
+    ``node-a`` at the agent's URL (set by an admin: verified)."""
 
     def make(**over: Any):
         values = {
             "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"),
             "admin_keys": parse_api_keys(f"root={ADMIN_KEY}", default_prefix="admin"),
             "membridge_agent_key": Secret(AGENT_KEY), "extra": dict(TUNING),
+            # The runtime's own probes and pushes off: the agent sees only the calls a test makes.
+            "agent_probe_interval_s": 0.0, "auto_dispatch": False,
         }
         c = make_client(database_url=db_url, headers=CLIENT, **{**values, **over})
         r = c.simulate_post(f"{API}/workers", json={"name": "node-a", "url": agent.url, "status": "unknown"}, headers=ADMIN)
@@ -57,8 +60,7 @@ def test_agent_health_answers_reachable_and_refreshes_the_worker(fleet, agent):
     body = r.json
     assert body["reachable"] is True and body["version"] == "0.4.0" and body["hostname"] == "node-a"
     assert body["disk"] == {"total_gb": 29.1, "free_gb": 17.4, "used_pct": 40.2}
-    assert body["capabilities"]["self_update"] is True
-    assert "steps" not in body  # the agent's scalar fields and objects of them, never raw bodies
+    assert body["capabilities"]["self_update"] is True and body["git_commit"] is None
     assert "X-MEMBRIDGE-AGENT" not in agent.requests[-1].headers  # /health is open: the key stays home
 
     worker = c.simulate_get(f"{API}/workers/node-a").json
@@ -172,3 +174,27 @@ def test_the_changing_posts_are_never_repeated_once_they_may_have_reached_the_ag
     assert c.engine.membridge.agents.state()["attempts"] - attempts == 3
     r = c.simulate_post(f"{API}/workers/node-a/agent-restart", headers=ADMIN)
     assert r.status_code == 503 and "circuit open" in r.json["error"] and int(r.headers["retry-after"]) >= 1
+
+
+def test_an_unverified_url_gets_no_agent_key_so_the_changing_posts_are_refused(fleet, agent):
+    c = fleet()
+    # An agent registering itself with a client key: its URL is kept, but nobody vouched for it.
+    r = c.simulate_post(f"{API}/workers", json={"name": "node-b", "url": agent.url}, headers=CLIENT)
+    assert r.status_code == 201 and r.json["url_verified"] is False
+    for path in ("agent-update", "agent-restart", "agent-uninstall"):
+        r = c.simulate_post(f"{API}/workers/node-b/{path}", json={}, headers=ADMIN)
+        assert r.status_code == 409 and "no verified URL" in r.json["error"], path
+    assert agent.count() == 0 and audit(c, "agent_") == []
+    # /health is the agent's open route: asked without the key, and it refreshes the worker.
+    r = c.simulate_get(f"{API}/workers/node-b/agent-health", headers=CLIENT)
+    assert r.status_code == 200 and r.json["reachable"] is True
+    assert agent.count() == 1 and "X-MEMBRIDGE-AGENT" not in agent.requests[-1].headers
+    # Once an admin sets the same URL, it is verified and the key goes with the POSTs.
+    assert c.simulate_post(f"{API}/workers", json={"name": "node-b", "url": agent.url}, headers=ADMIN).json["url_verified"]
+    r = c.simulate_post(f"{API}/workers/node-b/agent-restart", json={}, headers=ADMIN)
+    assert r.status_code == 200 and agent.requests[-1].headers["X-MEMBRIDGE-AGENT"] == AGENT_KEY
+
+
+def test_agent_health_shows_scalar_fields_and_objects_of_them_never_lists():
+    answer = {"version": "0.4.0", "steps": ["a"], "disk": {"free_gb": 1.5, "mounts": ["/"], "deeper": {"x": 1}}}
+    assert scalar_fields(answer, depth=1) == {"version": "0.4.0", "disk": {"free_gb": 1.5}}

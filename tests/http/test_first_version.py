@@ -161,7 +161,8 @@ def test_config_shows_the_last_test_everywhere_and_after_a_restart(with_membridg
     before = c.engine.clock.now_ms()
     r = c.simulate_post(f"{API}/test-connection", headers=CLIENT)
     assert r.status_code == 200
-    assert r.json["connected"] is True and r.json["health"] == {"status": "ok", "version": "test", "agents": 2}
+    assert r.json["connected"] is True and r.json["health"] == {
+        "status": "ok", "service": "membridge-control-plane", "version": "0.3.0", "projects": 0, "agents": 0}
     config = c.simulate_get(f"{API}/config", headers=CLIENT).json
     assert config["connected"] is True and isinstance(config["last_test"], int)
     assert before <= config["last_test"] <= c.engine.clock.now_ms() and config["last_test"] == r.json["tested_at"]

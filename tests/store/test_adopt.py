@@ -207,6 +207,8 @@ def _served_as_the_first_version_left_them(c: falcon.testing.TestClient) -> None
         "http://10.0.0.11:8001", "online", "0.4.0", "node-a / Debian GNU/Linux 12 (bookworm)", "script", "sha-1f2e", 42)
     assert a["capabilities"] == {"claude_cli": True, "max_concurrency": 2, "labels": ["systemd", "aarch64"]}
     assert a["active_leases"] == 1 and [lease["id"] for lease in a["leases"]] == [f"{L}2"]
+    # The first version trusted any URL; here nobody has vouched for it yet (worker_trust is new).
+    assert a["url_verified"] is False
     b = workers["node-b"]
     assert (b["url"], b["db_sha"], b["agent_version"], b["last_heartbeat"]) == ("", "", "unknown", b["registered_at"])
     assert workers["my laptop"]["capabilities"]["labels"] == []  # completed from the first version's partial JSON

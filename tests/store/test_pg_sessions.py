@@ -198,9 +198,10 @@ def test_a_write_whose_session_was_lost_runs_once_more_and_a_503_means_not_appli
     pg_url: str, kills: int, created: bool
 ) -> None:
     truncate_pg(pg_url)
-    store = KillsSessions(pg_url, kills)
+    store = KillsSessions(pg_url, 0)
     store.open(wait_s=10)
     engine = Engine.start(Settings(lease_sweep_interval_s=3600, membridge_sync_interval_s=3600), store=store)
+    store.kills = kills  # once started: the start writes the lease token secret
     try:
         if created:
             task, is_new = engine.tasks.create(new_task())

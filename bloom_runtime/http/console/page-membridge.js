@@ -1,5 +1,8 @@
 // Membridge: the configuration (key masked), test connection, sync state, and the
 // control plane's projects, leadership and nodes through the runtime's pass-through.
+// Shapes are membridge's: projects {name, canonical_id}, leadership {canonical_id,
+// preferred_primary, node_count, nodes}, nodes {node_id, role, last_seen (s), ip_addrs},
+// select {primary_node_id}.
 
 import { api, BASE } from "./api.js";
 import { badge, h, problem, replace, table } from "./dom.js";
@@ -9,7 +12,7 @@ const MB = "/api/membridge";
 const ADMIN_ONLY = "Needs an admin key (RUNTIME_ADMIN_KEY)";
 
 function projectId(p) {
-  return p && typeof p === "object" ? p.cid ?? p.canonical_id ?? p.id ?? p.project_id ?? p.name : p;
+  return p && typeof p === "object" ? p.canonical_id ?? p.name : p;
 }
 
 export default function membridge(ctx) {
@@ -59,7 +62,7 @@ export default function membridge(ctx) {
     if (!(await ctx.confirm(`Make ${node} the leader of ${cid}?`, "Membridge moves the project's leadership to this node.", "Select leader"))) return;
     const path = `${MB}/projects/${encodeURIComponent(cid)}/leadership/select`;
     try {
-      ctx.report(`POST ${path}`, await api(path, { method: "POST", body: { node } }));
+      ctx.report(`POST ${path}`, await api(path, { method: "POST", body: { primary_node_id: node } }));
     } catch (error) {
       ctx.report(`POST ${path}`, error);
     }
@@ -70,15 +73,19 @@ export default function membridge(ctx) {
     const base = `${MB}/projects/${encodeURIComponent(cid)}`;
     const [leadership, nodes] = await Promise.all([api(`${base}/leadership`, { signal }), api(`${base}/nodes`, { signal })]);
     const list = Array.isArray(nodes.data) ? nodes.data : [];
+    const facts = Object.entries(leadership.data || {}).filter(([, v]) => v === null || typeof v !== "object");
+    const primary = leadership.data?.preferred_primary ?? null;
+    const leads = (n) => n.role === "primary" || (primary !== null && n.node_id === primary);
     replace(project, h("h3", null, `Project ${cid}`),
-      h("dl", { class: "facts" }, Object.entries(leadership.data || {}).map(([k, v]) => [h("dt", null, k), h("dd", null, text(v))])),
+      h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", null, k), h("dd", null, text(v))])),
       table([
-        { label: "Node", cell: (n) => text(n.name ?? n.node ?? n) },
-        { label: "Leader", cell: (n) => (n.is_leader ? badge("leader") : "—") },
+        { label: "Node", cell: (n) => text(n.node_id) },
+        { label: "Role", cell: (n) => (leads(n) ? badge("leader") : text(n.role)) },
+        { label: "Last seen", cell: (n) => when(typeof n.last_seen === "number" ? n.last_seen * 1000 : null) },
+        { label: "Addresses", cell: (n) => (Array.isArray(n.ip_addrs) ? n.ip_addrs.join(", ") : "—") },
         { label: "", cell: (n) => {
-          const name = n.name ?? n.node;
-          const b = h("button", { type: "button", disabled: !ctx.who.admin || n.is_leader || !name, title: ctx.who.admin ? null : ADMIN_ONLY }, "Make leader…");
-          b.addEventListener("click", () => select(cid, name));
+          const b = h("button", { type: "button", disabled: !ctx.who.admin || leads(n) || !n.node_id, title: ctx.who.admin ? null : ADMIN_ONLY }, "Make leader…");
+          b.addEventListener("click", () => select(cid, n.node_id));
           return b;
         } },
       ], list, "Membridge lists no nodes for this project."));

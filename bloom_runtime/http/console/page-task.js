@@ -1,12 +1,23 @@
-// One task: every field, the prompt, its results and artifacts, every lease it had,
-// its audit trail; cancel, requeue, lease and dispatch, each confirmed first.
+// One task: every field, the prompt, its latest push delivery, its results and
+// artifacts, every lease it had, its audit trail; cancel, requeue, lease and dispatch,
+// each confirmed first.
 
 import { api, BASE, withQuery } from "./api.js";
 import { badge, copyable, h, problem, replace, table } from "./dom.js";
 import { duration, text, when } from "./format.js";
 
 const TIME_FIELDS = /(_at|not_before|last_heartbeat)$/;
-const LONG_FIELDS = new Set(["prompt"]);
+const LONG_FIELDS = new Set(["prompt", "delivery"]);
+// What became of a push delivery (the runtime's delivery states), as a reader wants it said.
+const DELIVERY = {
+  sent: "posted to the agent; waiting for its answer (it answers once the run is over)",
+  answered: "the agent answered and its result arrived",
+  agent_error: "the agent answered ok: false; its error result is retried while attempts are left",
+  callback_missing: "the agent answered, but its result never reached the runtime; the task is retried",
+  refused: "the agent refused it (4xx, or 503 without claude): nothing ran",
+  unreachable: "never reached the agent; the lease failed and the attempt was given back",
+  unknown: "no answer in time: the run may still be going; the lease is left to its TTL",
+};
 const CONTENT_PREVIEW = 4000; // characters shown before "show all"
 
 function value(name, v, now) {
@@ -17,6 +28,19 @@ function value(name, v, now) {
 
 function fields(record, now, skip = LONG_FIELDS) {
   return h("dl", { class: "facts" }, Object.entries(record).filter(([k]) => !skip.has(k)).map(([k, v]) => [h("dt", null, k), h("dd", null, value(k, v, now))]));
+}
+
+function delivery(d, now) {
+  if (!d) return h("p", { class: "muted" }, "Never pushed to a worker agent (pulled, leased by hand, or still queued).");
+  return h("div", null,
+    h("p", null, badge(d.state), " ", DELIVERY[d.state] || "", d.detail ? h("span", { class: "muted" }, ` · ${d.detail}`) : null),
+    h("dl", { class: "facts" },
+      h("dt", null, "Worker"), h("dd", null, d.worker_id),
+      h("dt", null, "URL"), h("dd", null, h("code", { class: "url" }, d.url)),
+      h("dt", null, "Lease"), h("dd", null, copyable(d.lease_id)),
+      h("dt", null, "Agent answered"), h("dd", null, d.agent_status === null ? "—" : `HTTP ${d.agent_status}`),
+      h("dt", null, "Sent"), h("dd", null, when(d.created_at, now)),
+      h("dt", null, d.finished_at === null ? "Waits until" : "Ended"), h("dd", null, when(d.finished_at ?? d.deadline_at, now))));
 }
 
 function longText(content) {
@@ -61,7 +85,7 @@ export default function taskDetail(ctx, taskId) {
     const queued = task.status === "queued";
     const picker = h("select", { id: "worker", name: "worker", disabled: !queued },
       h("option", { value: "" }, "the best worker (the runtime picks)"),
-      workers.map((w) => h("option", { value: w.id }, `${w.id} · ${w.status} · ${w.active_leases}/${w.capabilities?.max_concurrency ?? "?"} busy`)));
+      workers.map((w) => h("option", { value: w.id }, `${w.id} · ${w.status} · ${w.active_leases}/${w.capabilities?.max_concurrency ?? "?"} busy${w.url_verified ? "" : " · no push (URL unverified or none)"}`)));
     const chosen = () => (picker.value ? { worker_id: picker.value } : {});
     const target = () => picker.value || "the best worker";
     const lease = h("button", { type: "button", disabled: !queued }, "Lease…");
@@ -69,7 +93,7 @@ export default function taskDetail(ctx, taskId) {
     lease.addEventListener("click", () => act(lease, "Lease this task?", "lease",
       `A lease is granted to ${target()}; the worker must heartbeat or the lease expires and the task is retried.`, "Lease", chosen));
     dispatch.addEventListener("click", () => act(dispatch, "Dispatch this task?", "dispatch",
-      `The task is leased to ${target()} and sent to its /execute-task endpoint.`, "Dispatch", chosen));
+      `The task is leased to ${target()} and posted to its agent's /execute-task (only a worker with a verified URL); the delivery shows below as it goes.`, "Dispatch", chosen));
     replace(actions,
       h("div", { class: "buttons" }, cancel, requeue),
       h("div", { class: "buttons" }, h("label", { for: "worker" }, "To"), picker, lease, dispatch),
@@ -99,6 +123,7 @@ export default function taskDetail(ctx, taskId) {
     replace(body,
       h("section", { "aria-labelledby": "fields" }, h("h2", { id: "fields" }, "Fields"), fields(task, now)),
       h("section", { "aria-labelledby": "prompt" }, h("h2", { id: "prompt" }, "Prompt"), longText(task.prompt)),
+      h("section", { "aria-labelledby": "delivery" }, h("h2", { id: "delivery" }, "Push delivery"), delivery(task.delivery, now)),
       h("section", { "aria-labelledby": "results" }, h("h2", { id: "results" }, "Results"),
         results.length ? results.map((r) => h("article", { class: "result" },
           h("p", null, badge(r.status), " by ", r.worker_id || "—", " ", when(r.completed_at, now),

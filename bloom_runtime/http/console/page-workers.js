@@ -1,16 +1,25 @@
-// Workers: status and why, capacity, labels, URL, version and OS; remove (admin).
+// Workers: status and why, capacity, labels, URL (verified or not), version and OS; remove (admin).
 
 import { api, BASE } from "./api.js";
 import { badge, h, problem, replace, table } from "./dom.js";
 import { text, when } from "./format.js";
 
-const SHOWN = new Set(["id", "node_id", "url", "status", "capabilities", "last_heartbeat", "registered_at", "active_leases",
-  "agent_version", "os_info", "source"]);
+const SHOWN = new Set(["id", "node_id", "url", "url_verified", "status", "capabilities", "last_heartbeat", "registered_at",
+  "active_leases", "agent_version", "os_info", "source"]);
 const SOURCES = {
-  api: "registered through the API: keeps the status it was given",
+  api: "registered through the API: keeps its status unless probes of its verified URL say otherwise",
   pull: "pulls tasks: offline after a silence of WORKER_OFFLINE_AFTER",
-  membridge: "synced from membridge: offline once missing from its agents",
+  membridge: "synced from membridge: online when heard from, offline after a silence of WORKER_OFFLINE_AFTER",
 };
+const UNVERIFIED = "Set by a client key: nothing is pushed to it and the agent key is not sent until an admin key sets it, "
+  + "the membridge sync reports it, or MEMBRIDGE_ALLOWED_HOSTS lists its host.";
+
+function url(w) {
+  if (!w.url) return h("span", { class: "muted" }, "none (pulls)");
+  return h("span", { class: "stack" }, h("code", { class: "url" }, w.url),
+    w.url_verified ? h("small", null, badge("verified"))
+      : h("small", { title: UNVERIFIED }, badge("unverified"), " no pushes, no agent key"));
+}
 const ADMIN_ONLY = "Needs an admin key (RUNTIME_ADMIN_KEY)";
 
 function why(w, now) {
@@ -69,7 +78,7 @@ export default function workers(ctx) {
       { label: "Status", cell: (w) => why(w, now) },
       { label: "Capacity", cell: capacity },
       { label: "Labels", cell: (w) => (w.capabilities?.labels?.length ? h("span", { class: "chips" }, w.capabilities.labels.map((l) => h("span", { class: "chip" }, l))) : "—") },
-      { label: "URL", cell: (w) => (w.url ? h("code", { class: "url" }, w.url) : h("span", { class: "muted" }, "none (pulls)")) },
+      { label: "URL", cell: url },
       { label: "Version / OS", cell: (w) => h("span", { class: "stack" }, w.agent_version || "—", h("small", null, w.os_info || "")) },
       { label: "Registered", cell: (w) => when(w.registered_at, now) },
       { label: "More", cell: (w) => more(w, now) },

@@ -32,4 +32,5 @@ class Health:
         if report.get("storage_error"):
             report["storage_error"] = "storage unavailable"  # details stay in the server log
         report["membridge"] = membridge_state(self.engine)
+        report["dispatch"] = self.engine.dispatch.state()
         send(resp, report, 200 if report["status"] == "ok" else 503)

@@ -53,7 +53,9 @@ class TaskItem:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        send(resp, self.engine.tasks.get(path_id(task_id, "task")))
+        task = self.engine.tasks.get(path_id(task_id, "task"))
+        delivery = self.engine.dispatch.latest(task.id)
+        send(resp, schemas.TaskView(**msgspec.structs.asdict(task), delivery=delivery))
 
 
 class TaskLease:
@@ -66,7 +68,8 @@ class TaskLease:
         task_id = path_id(task_id, "task")
         ask: schemas.LeaseRequest = body(req, schemas.LeaseRequest)
         grant = self.engine.leases.acquire(task_id, ask.worker_id, ask.ttl_seconds, actor=actor(req))
-        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=grant.worker), 201)
+        worker = self.engine.workers.vouched(grant.worker)
+        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=worker, lease_token=self.engine.leases.token(grant.lease.id)), 201)
 
 
 class TaskHeartbeat:
@@ -79,7 +82,7 @@ class TaskHeartbeat:
         task_id = path_id(task_id, "task")
         fence: Fence = body(req, Fence)
         task, lease = self.engine.leases.heartbeat(task_id, fence, actor=fence.worker_id or actor(req))
-        send(resp, schemas.HeartbeatAnswer(task=task, lease=lease, expires_at=lease.expires_at))
+        send(resp, schemas.HeartbeatAnswer.of(task, lease))
 
 
 class TaskComplete:

@@ -8,7 +8,7 @@ import msgspec
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.models import WorkerUpsert
 from bloom_runtime.http import schemas
-from bloom_runtime.http.util import actor, body, path_id, query_str, send
+from bloom_runtime.http.util import actor, body, is_admin, path_id, query_str, send
 
 
 class WorkerCollection:
@@ -21,7 +21,7 @@ class WorkerCollection:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         reg: schemas.WorkerRegistration = body(req, schemas.WorkerRegistration)
         fields = {f: getattr(reg, f) for f in schemas.WorkerRegistration.__struct_fields__ if f != "name"}
-        worker, created = self.engine.workers.register(WorkerUpsert(id=reg.name, **fields), actor=actor(req))
+        worker, created = self.engine.workers.register(WorkerUpsert(id=reg.name, **fields), actor=actor(req), admin=is_admin(req))
         send(resp, worker, 201 if created else 200)
 
 
@@ -64,4 +64,4 @@ class WorkerClaim:
         if grant is None:
             resp.status = 204
             return
-        send(resp, schemas.TaskLease(task=grant.task, lease=grant.lease))
+        send(resp, schemas.TaskLease(task=grant.task, lease=grant.lease, lease_token=self.engine.leases.token(grant.lease.id)))

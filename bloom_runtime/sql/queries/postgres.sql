@@ -696,13 +696,18 @@ WHERE id = %(id)s
 RETURNING id
 
 -- name: mark_stale_workers_offline
--- Lock the stale workers in id order (same order as lock_workers). A row without a
--- heartbeat (written before registration counted as one) is judged from its
--- registration, as it is shown.
+-- Workers something keeps fresh (pull claims, the membridge sync, and with
+-- :vouched the runtime's own probes of vouched-for URLs) that went silent. One never
+-- heard from keeps 'unknown' (not offline); silence counts from the last heartbeat, or
+-- from registration for a row without one (written before registration counted as one).
+-- Lock the stale workers in id order (same order as lock_workers).
 UPDATE workers w SET status = 'offline'
 FROM (
     SELECT id FROM workers
-    WHERE status <> 'offline' AND source IN ('pull', 'membridge')
+    WHERE status NOT IN ('offline', 'unknown')
+      AND (source IN ('pull', 'membridge')
+           OR (%(vouched)s AND EXISTS (SELECT 1 FROM worker_trust t
+                                       WHERE t.worker_id = workers.id AND t.url = workers.url)))
       AND COALESCE(last_heartbeat, registered_at) < %(seen_before)s
     ORDER BY id
     FOR UPDATE
@@ -815,6 +820,84 @@ UNION ALL
 SELECT 'leases', status, count(*) FROM leases GROUP BY status
 UNION ALL
 SELECT 'workers', status, count(*) FROM workers GROUP BY status
+
+-- ---------------------------------------------------------------- push dispatch
+
+-- name: due_tasks
+-- Queued tasks that may be leased now, oldest first (llm_tasks_queue_idx): what
+-- automatic dispatch offers to push workers.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %(now)s) AND attempts < max_attempts
+ORDER BY created_at, id
+LIMIT %(limit)s
+
+-- name: insert_delivery
+INSERT INTO dispatch_deliveries (id, task_id, lease_id, worker_id, url, state, agent_status, detail,
+                                 actor, created_at, deadline_at, finished_at)
+VALUES (%(id)s, %(task_id)s, %(lease_id)s, %(worker_id)s, %(url)s, %(state)s, %(agent_status)s,
+        %(detail)s, %(actor)s, %(created_at)s, %(deadline_at)s, %(finished_at)s)
+
+-- name: finish_delivery
+-- sent → its outcome, once: a second answer for the same delivery changes nothing.
+UPDATE dispatch_deliveries
+SET state = %(state)s, agent_status = %(agent_status)s, detail = %(detail)s, finished_at = %(now)s
+WHERE id = %(id)s AND state = 'sent'
+RETURNING id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+          deadline_at, finished_at
+
+-- name: expire_deliveries
+-- Deliveries past their deadline with no outcome recorded (the process that sent
+-- them stopped): their outcome is unknown.
+UPDATE dispatch_deliveries d
+SET state = 'unknown', detail = %(detail)s, finished_at = %(now)s
+FROM (
+    SELECT id FROM dispatch_deliveries
+    WHERE state = 'sent' AND deadline_at < %(now)s
+    ORDER BY deadline_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE d.id = due.id
+RETURNING d.id, d.task_id, d.lease_id, d.worker_id, d.url, d.state, d.agent_status, d.detail,
+          d.actor, d.created_at, d.deadline_at, d.finished_at
+
+-- name: latest_delivery
+SELECT id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+       deadline_at, finished_at
+FROM dispatch_deliveries WHERE task_id = %(task_id)s
+ORDER BY created_at DESC, id DESC LIMIT 1
+
+-- name: vouch_worker_url
+INSERT INTO worker_trust (worker_id, url, vouched_by, updated_at)
+VALUES (%(worker_id)s, %(url)s, %(by)s, %(now)s)
+ON CONFLICT (worker_id) DO UPDATE SET url = EXCLUDED.url, vouched_by = EXCLUDED.vouched_by,
+                                      updated_at = EXCLUDED.updated_at
+
+-- name: forget_worker_url
+DELETE FROM worker_trust WHERE worker_id = %(worker_id)s RETURNING url
+
+-- name: worker_trust
+SELECT worker_id, url FROM worker_trust
+
+-- name: worker_liveness
+-- A sign of life (alive) or of death from the runtime's own probe or delivery:
+-- online with the freshest heartbeat, or offline. Returns the status before and after.
+WITH old AS (SELECT id, status FROM workers WHERE id = %(id)s FOR UPDATE)
+UPDATE workers w
+SET status = CASE WHEN %(alive)s THEN 'online' ELSE 'offline' END,
+    last_heartbeat = CASE WHEN %(alive)s THEN GREATEST(COALESCE(w.last_heartbeat, 0), %(at)s::bigint)
+                          ELSE w.last_heartbeat END
+FROM old
+WHERE w.id = old.id
+RETURNING old.status, w.status
+
+-- name: add_settings_if_absent
+-- Keys already set keep their value (a secret every engine process must agree on).
+INSERT INTO runtime_settings (key, value, updated_at)
+SELECT k, v, %(now)s FROM unnest(%(keys)s::text[], %(values)s::text[]) AS s(k, v) ORDER BY k
+ON CONFLICT (key) DO NOTHING
 
 -- ---------------------------------------------------------------- read side: search, lease history, activity
 

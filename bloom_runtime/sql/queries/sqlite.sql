@@ -366,11 +366,15 @@ WHERE id = :id
 RETURNING id;
 
 -- name: mark_stale_workers_offline
--- A row without a heartbeat (written before registration counted as one) is judged
--- from its registration, as it is shown.
+-- Workers something keeps fresh (pull claims, the membridge sync, and with
+-- :vouched the runtime's own probes of vouched-for URLs) that went silent. One never
+-- heard from keeps 'unknown' (not offline); silence counts from the last heartbeat, or
+-- from registration for a row without one (written before registration counted as one).
 UPDATE workers SET status = 'offline'
-WHERE status <> 'offline'
-  AND source IN ('pull', 'membridge')
+WHERE status NOT IN ('offline', 'unknown')
+  AND (source IN ('pull', 'membridge')
+       OR (:vouched AND EXISTS (SELECT 1 FROM worker_trust t
+                                WHERE t.worker_id = workers.id AND t.url = workers.url)))
   AND coalesce(last_heartbeat, registered_at) < :seen_before
 RETURNING id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count,
           db_sha, registered_at,
@@ -467,6 +471,83 @@ UNION ALL
 SELECT 'leases', status, count(*) FROM leases GROUP BY status
 UNION ALL
 SELECT 'workers', status, count(*) FROM workers GROUP BY status;
+
+-- ---------------------------------------------------------------------------
+-- push dispatch
+
+-- name: due_tasks
+-- Queued tasks that may be leased now, oldest first (llm_tasks_queue_idx): what
+-- automatic dispatch offers to push workers.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE status = 'queued' AND (not_before IS NULL OR not_before <= :now) AND attempts < max_attempts
+ORDER BY created_at, id
+LIMIT :limit;
+
+-- name: insert_delivery
+INSERT INTO dispatch_deliveries (id, task_id, lease_id, worker_id, url, state, agent_status, detail,
+                                 actor, created_at, deadline_at, finished_at)
+VALUES (:id, :task_id, :lease_id, :worker_id, :url, :state, :agent_status, :detail, :actor,
+        :created_at, :deadline_at, :finished_at);
+
+-- name: finish_delivery
+-- sent → its outcome, once: a second answer for the same delivery changes nothing.
+UPDATE dispatch_deliveries
+SET state = :state, agent_status = :agent_status, detail = :detail, finished_at = :now
+WHERE id = :id AND state = 'sent'
+RETURNING id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+          deadline_at, finished_at;
+
+-- name: expire_deliveries
+-- Deliveries past their deadline with no outcome recorded (the process that sent
+-- them stopped): their outcome is unknown.
+UPDATE dispatch_deliveries
+SET state = 'unknown', detail = :detail, finished_at = :now
+WHERE id IN (
+    SELECT id FROM dispatch_deliveries
+    WHERE state = 'sent' AND deadline_at < :now
+    ORDER BY deadline_at LIMIT :limit
+)
+RETURNING id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+          deadline_at, finished_at;
+
+-- name: latest_delivery
+SELECT id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+       deadline_at, finished_at
+FROM dispatch_deliveries WHERE task_id = :task_id
+ORDER BY created_at DESC, id DESC LIMIT 1;
+
+-- name: vouch_worker_url
+INSERT INTO worker_trust (worker_id, url, vouched_by, updated_at)
+VALUES (:worker_id, :url, :by, :now)
+ON CONFLICT (worker_id) DO UPDATE SET url = excluded.url, vouched_by = excluded.vouched_by,
+                                      updated_at = excluded.updated_at;
+
+-- name: forget_worker_url
+DELETE FROM worker_trust WHERE worker_id = :worker_id RETURNING url;
+
+-- name: worker_trust
+SELECT worker_id, url FROM worker_trust;
+
+-- name: worker_status
+SELECT status FROM workers WHERE id = :id;
+
+-- name: worker_liveness
+-- A sign of life (alive) or of death from the runtime's own probe or delivery:
+-- online with the freshest heartbeat, or offline.
+UPDATE workers
+SET status = CASE WHEN :alive THEN 'online' ELSE 'offline' END,
+    last_heartbeat = CASE WHEN :alive THEN max(coalesce(last_heartbeat, 0), :at) ELSE last_heartbeat END
+WHERE id = :id
+RETURNING status;
+
+-- name: add_settings_if_absent
+-- Keys already set keep their value (a secret every engine process must agree on).
+INSERT INTO runtime_settings (key, value, updated_at)
+SELECT s.key, s.value, :now FROM json_each(:values) s WHERE true
+ON CONFLICT (key) DO NOTHING;
 
 -- ---------------------------------------------------------------------------
 -- read side: search, lease history, activity
