@@ -145,6 +145,10 @@ def test_a_worker_with_free_slots_claims_them_together(fake: FakeRuntime) -> Non
     # The first claim took three tasks at once, the next the fourth when a slot freed.
     assert len([c for c in claims if c.status == 200]) == 2
     assert all(fake.tasks[t["id"]]["attempts"] == 1 for t in tasks)
+    # Each lease of a claim of several is reported with its own token.
+    for call in fake.calls_to("/complete"):
+        assert call.body["lease_token"] == "token-of-" + call.body["lease_id"]
+    assert {c.body["lease_id"] for c in fake.calls_to("/complete")} == {fake.tasks[t["id"]]["lease_id"] for t in tasks}
 
 
 def test_a_single_slot_worker_claims_one_task_at_a_time(fake: FakeRuntime) -> None:

@@ -73,12 +73,19 @@ def test_a_claim_of_several_leases_them_together(make_client, db_url):
     grants = r.json
     assert [g["task"]["id"] for g in grants] == [m["task"]["id"] for m in made[:3]]  # its free capacity, oldest first
     assert all(g["lease"]["worker_id"] == "puller" and g["lease"]["ttl_seconds"] == 60 for g in grants)
+    # Every lease comes with its own token, which proves that lease and no other.
+    assert all(g["lease_token"] == c.engine.leases.token(g["lease"]["id"]) for g in grants)
+    second, third = grants[1], grants[2]
+    beat = c.simulate_post(f"{API}/llm-tasks/{second['task']['id']}/heartbeat", json={"lease_token": second["lease_token"]})
+    assert beat.status_code == 200, beat.text
+    crossed = c.simulate_post(f"{API}/llm-tasks/{third['task']['id']}/heartbeat", json={"lease_token": second["lease_token"]})
+    assert crossed.status_code == 409
     assert c.simulate_post(f"{API}/workers/puller/claim", json={"max_tasks": 2}).status_code == 204  # full
     # Without max_tasks the answer keeps its one-task shape.
     done = grants[0]
     c.simulate_post(f"{API}/llm-tasks/{done['task']['id']}/complete", json={"status": "success", "output": "x"})
     one = c.simulate_post(f"{API}/workers/puller/claim", json={})
-    assert one.status_code == 200 and set(one.json) >= {"task", "lease"}
+    assert one.status_code == 200 and set(one.json) >= {"task", "lease", "lease_token"}
 
 
 @pytest.mark.parametrize("max_tasks", [0, MAX_CLAIM_TASKS + 1, "3", True])
