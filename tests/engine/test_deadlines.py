@@ -19,8 +19,10 @@ import pytest
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.errors import EngineTimeout, OutcomeUnknown
+from bloom_runtime.engine.models import WorkerUpsert
 from bloom_runtime.sql.store import Store
 
+from ..agent_standin import Run
 from ..http.conftest import wait_for
 from .conftest import new_task, worker
 
@@ -31,15 +33,16 @@ class Hold:
     """Keeps the engine's writes waiting while open; ``writer_waiting()`` says when the
     engine's own write transaction is stuck behind it."""
 
-    def __init__(self, store: Store, pg_url: str | None = None) -> None:
+    def __init__(self, store: Store, pg_url: str | None = None, table: str = "llm_tasks") -> None:
         self.store = store
         self.pg_url = pg_url
+        self.table = table  # PostgreSQL: the table whose writers wait (SQLite holds them all)
         self._conn: Any = None
 
     def __enter__(self) -> Hold:
         if self.pg_url is not None:
             self._conn = psycopg.connect(self.pg_url)
-            self._conn.execute("LOCK TABLE llm_tasks IN EXCLUSIVE MODE")  # reads go on, writes wait
+            self._conn.execute(f"LOCK TABLE {self.table} IN EXCLUSIVE MODE")  # reads go on, writes wait
         else:
             self._conn = sqlite3.connect(self.store.path, isolation_level=None)  # type: ignore[attr-defined]
             self._conn.execute("BEGIN IMMEDIATE")
@@ -130,3 +133,27 @@ def test_a_claim_that_never_started_leases_nothing(slow_engine: tuple[Engine, Ho
     assert engine.leases.claim("w1") is not None
     assert len(engine.leases.list().items) == 2
     assert sorted(t.attempts for t in engine.tasks.list().items) == [1, 1]
+
+
+def test_a_delivery_still_being_recorded_at_its_deadline_keeps_its_lease(
+    slow_engine: tuple[Engine, Hold], agents: Callable[..., Any]
+) -> None:
+    engine, hold = slow_engine
+    hold.table = "dispatch_deliveries"  # the lease writes go on; the delivery record waits
+    agent = agents("node-1", run=Run(seconds=30))  # still running when the test ends (and kills it)
+    engine.workers.register(WorkerUpsert(id="node-1", url=agent.url, status="online"))
+    task, _ = engine.tasks.create(new_task())
+    grant = engine.leases.acquire(task.id, worker_id="node-1")
+    with hold:
+        deliver = in_thread(lambda: engine.dispatch.deliver(grant, actor="api"))
+        wait_for(hold.writer_waiting)
+        assert isinstance(deliver(), OutcomeUnknown)
+        # It may yet be sent: the lease is not given to anyone else meanwhile.
+        assert engine.leases.get(grant.lease.id).status == "active"
+    # Once the database answers, the delivery is recorded and sent, under the lease it was granted.
+    assert agent.wait_for_runs(1)
+    assert engine.dispatch.latest(task.id) is not None
+    assert engine.leases.get(grant.lease.id).status == "active"
+    current = engine.tasks.get(task.id)
+    assert (current.lease_id, current.attempts) == (grant.lease.id, 1)
+    agent.kill()
