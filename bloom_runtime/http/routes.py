@@ -148,7 +148,7 @@ ROUTES: tuple[Route, ...] = (
     Route(f"{BASE}/workers/{{worker_id}}/claim", lambda c: workers.WorkerClaim(c.engine), {
         "POST": Op("Pull mode: lease the next task this worker can take, waiting up to wait_seconds; "
                    "with max_tasks, up to that many (and its free capacity) in one transaction",
-                   {200: (schemas.ClaimAnswer, "leased: the task and its lease; with max_tasks, a list of them"),
+                   {200: (schemas.ClaimAnswer, "leased: the task, its lease and the lease's token; with max_tasks, a list of them"),
                     204: (None, "nothing arrived in time")},
                    body=schemas.ClaimRequest, body_optional=True, kind="long_poll"),
     }),
