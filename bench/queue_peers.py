@@ -71,8 +71,12 @@ def workloads(quick: bool) -> list[tuple[Workload, int]]:
 
 
 def python312() -> str | None:
-    found = shutil.which("python3.12") or next(iter(sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python")))), None)
-    return found
+    # A pyenv shim for python3.12 is on PATH even when 3.12 is not selected, and then exits 127: try each candidate.
+    candidates = [*sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python"))), shutil.which("python3.12")]
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "--version"], capture_output=True).returncode == 0:
+            return candidate
+    return None
 
 
 def ensure_venv(venvs: Path, system: str, install: bool) -> str | None:
