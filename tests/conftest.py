@@ -16,8 +16,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from bloom_runtime.engine.settings import Settings
 from bloom_runtime.sql.store import Store
 
+from .fault_proxy import FaultProxy
+from .live_server import LiveServer
 from .pgcluster import ClusterUnavailable, ThrowawayCluster
 
 
@@ -134,3 +137,38 @@ def sqlite_store(tmp_path) -> Iterator[Store]:
 def store(request) -> Store:
     """The same test against both stores."""
     return request.getfixturevalue(STORE_FIXTURE[request.param])
+
+
+# --- faults and real servers ------------------------------------------------------------
+
+
+@pytest.fixture
+def fault_proxy(pg_url: str) -> Iterator[FaultProxy]:
+    """A ``FaultProxy`` in front of the test PostgreSQL server (forwarding)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied_pg_url(pg_url: str, fault_proxy: FaultProxy) -> str:
+    """The (truncated) test database, reached through ``fault_proxy``."""
+    truncate_pg(pg_url)
+    return fault_proxy.url_for(pg_url)
+
+
+@pytest.fixture
+def live_server() -> Iterator[Callable[..., LiveServer]]:
+    """Start ``LiveServer``s from ``Settings`` fields; all are closed at the end."""
+    started: list[LiveServer] = []
+
+    def start(**fields: Any) -> LiveServer:
+        server = LiveServer(Settings(**fields))
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.close()

@@ -14,7 +14,7 @@ from waitress.server import create_server
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Settings, is_loopback
-from bloom_runtime.http.app import create_app
+from bloom_runtime.http.app import RuntimeApp, create_app
 
 log = logging.getLogger("bloom_runtime.http.server")
 
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         engine.stop()
 
 
-def _serve(engine: Engine, settings: Settings) -> int:
+def make_server(engine: Engine, settings: Settings) -> tuple[Any, RuntimeApp]:
+    """The app and the waitress server bound to ``settings.host``/``port`` (not yet running)."""
     holder: dict[str, Any] = {}
 
     def backlog() -> int:
@@ -102,6 +103,11 @@ def _serve(engine: Engine, settings: Settings) -> int:
         asyncore_use_poll=True,  # select() is capped at 1024 descriptors and costs more per call
     )
     holder["server"] = server
+    return server, app
+
+
+def _serve(engine: Engine, settings: Settings) -> int:
+    server, app = make_server(engine, settings)
     received: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
