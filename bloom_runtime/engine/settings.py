@@ -61,9 +61,16 @@ class ApiKey:
     secret: Secret
 
 
-def parse_api_keys(spec: str | None, *, default_prefix: str = "key") -> tuple[ApiKey, ...]:
-    """Parse ``"ops=k1,ci=k2,k3"``: named pairs, or bare keys named ``key1``, ``key2``…"""
-    if not spec:
+def _printable_ascii(value: str) -> bool:
+    # What a client can send in a header and we compare byte for byte: no spaces, no controls.
+    return value.isascii() and value.isprintable() and " " not in value
+
+
+def parse_api_keys(spec: str | None, *, default_prefix: str = "key", variable: str = "RUNTIME_API_KEY") -> tuple[ApiKey, ...]:
+    """Parse ``"ops=k1,ci=k2,k3"``: named pairs, or bare keys named ``key1``, ``key2``…
+
+    A list that names no key at all (``","``) is refused rather than read as "no auth"."""
+    if not spec or not spec.strip():
         return ()
     keys: list[ApiKey] = []
     for i, part in enumerate(p.strip() for p in spec.split(",")):
@@ -74,14 +81,28 @@ def parse_api_keys(spec: str | None, *, default_prefix: str = "key") -> tuple[Ap
             name, secret = f"{default_prefix}{i + 1}", part
         name, secret = name.strip(), secret.strip()
         if not name or not secret:
-            raise ConfigError("API keys must be 'name=key' pairs or bare keys, separated by commas")
+            raise ConfigError(f"{variable}: API keys must be 'name=key' pairs or bare keys, separated by commas")
         if len(secret) < 8:
-            raise ConfigError(f"API key {name!r} is shorter than 8 characters")
+            raise ConfigError(f"{variable}: API key {name!r} is shorter than 8 characters")
+        if not _printable_ascii(secret):
+            raise ConfigError(f"{variable}: API key {name!r} must be printable ASCII without spaces (no header could match it)")
         keys.append(ApiKey(name, Secret(secret)))
+    if not keys:
+        raise ConfigError(f"{variable} names no key (it holds only commas and spaces); unset it to run without auth")
+    check_distinct(keys, variable)
+    return tuple(keys)
+
+
+def check_distinct(keys: list[ApiKey], where: str) -> None:
+    """Refuse two keys with one name (one would shadow the other) or one value under two names."""
     names = [k.name for k in keys]
     if len(set(names)) != len(names):
-        raise ConfigError("API key names must be unique")
-    return tuple(keys)
+        raise ConfigError(f"{where}: API key names must be unique")
+    seen: dict[str, str] = {}
+    for k in keys:
+        other = seen.setdefault(k.secret.reveal(), k.name)
+        if other != k.name:
+            raise ConfigError(f"{where}: keys {other!r} and {k.name!r} have the same value; give each key its own")
 
 
 def is_loopback(host: str) -> bool:
@@ -167,8 +188,8 @@ class Settings:
         values["host"] = text("HOST")
         values["port"] = number("PORT", int, 0, 65535)
         values["threads"] = number("THREADS", int, 4, 1024)
-        values["api_keys"] = parse_api_keys(text("RUNTIME_API_KEY")) or None
-        values["admin_keys"] = parse_api_keys(text("RUNTIME_ADMIN_KEY"), default_prefix="admin") or None
+        values["api_keys"] = parse_api_keys(env.get("RUNTIME_API_KEY")) or None
+        values["admin_keys"] = parse_api_keys(env.get("RUNTIME_ADMIN_KEY"), default_prefix="admin", variable="RUNTIME_ADMIN_KEY") or None
         values["membridge_server_url"] = text("MEMBRIDGE_SERVER_URL")
         for name in ("MEMBRIDGE_ADMIN_KEY", "MEMBRIDGE_AGENT_KEY"):
             raw = text(name)
@@ -199,6 +220,15 @@ class Settings:
                 raise ConfigError("RUNTIME_PUBLIC_URL must be an http(s) URL with a host")
         if self.pool_min > self.pool_max:
             raise ConfigError("pool_min must not exceed pool_max")
+        admin_names = {k.name for k in self.admin_keys}
+        for k in self.api_keys:
+            if k.name in admin_names:
+                # The authenticator keys principals by name: one of the two would be dropped.
+                raise ConfigError(
+                    f"API key name {k.name!r} is both a client key and an admin key; "
+                    "admin keys are valid client keys already, so list it once (in RUNTIME_ADMIN_KEY) or rename one"
+                )
+        check_distinct([*self.api_keys, *self.admin_keys], "RUNTIME_API_KEY and RUNTIME_ADMIN_KEY")
 
     @property
     def auth_enabled(self) -> bool:
