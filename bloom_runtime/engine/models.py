@@ -63,6 +63,25 @@ ObsCount = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Tag = Annotated[str, Meta(max_length=128)]  # db_sha, agent_version, install_method
 OsInfo = Annotated[str, Meta(max_length=512)]
 MAX_TTL_SECONDS = 86_400
+# Free-form JSON (metrics) nested deeper than this is refused: it must still encode,
+# decode and display everywhere it goes, and no client needs more.
+MAX_JSON_DEPTH = 32
+
+
+def check_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise ``ValueError`` (a ``ValidationError`` when decoding) if ``value`` nests deeper than ``limit``."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise ValueError(f"{what} is nested too deeply (more than {limit} levels)")
+        stack.extend((child, depth + 1) for child in children)
 
 
 _id_lock = threading.Lock()
@@ -249,6 +268,10 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     artifact_type: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
     artifact_tags: Annotated[list[Annotated[str, Meta(max_length=128)]], Meta(max_length=256)] = []
     retryable: bool = True
+
+    def __post_init__(self) -> None:
+        if self.metrics:
+            check_depth(self.metrics, "metrics")
 
 
 class Fence(msgspec.Struct, frozen=True, kw_only=True):

@@ -166,7 +166,7 @@ class Gatekeeper:
             return b""
         ctype = req.content_type
         if ctype and not _is_json(ctype):
-            raise falcon.HTTPUnsupportedMediaType(description="request bodies must be application/json")
+            raise _unsupported()
         # At most limit + 1 bytes, so a body without Content-Length cannot make us read it
         # all. (Waitress de-chunks and sets Content-Length; other servers may not.)
         if length is None and req.env.get("wsgi.input_terminated"):
@@ -175,12 +175,19 @@ class Gatekeeper:
             data = req.bounded_stream.read(self.max_body + 1)
         if len(data) > self.max_body:
             self._too_large(resp)
+        if data and not ctype:
+            # Only a body with no bytes may come without a type (the membridge agent's heartbeat).
+            raise _unsupported()
         return data
 
     def _too_large(self, resp: falcon.Response) -> None:
         # Waitress has already bounded and buffered the body (its own limit is a multiple
         # of ours), so leaving the rest unread is safe.
         raise falcon.HTTPContentTooLarge(description=f"request body exceeds {self.max_body} bytes")
+
+
+def _unsupported() -> falcon.HTTPUnsupportedMediaType:
+    return falcon.HTTPUnsupportedMediaType(description="request bodies must be sent as Content-Type: application/json")
 
 
 def _is_json(content_type: str) -> bool:

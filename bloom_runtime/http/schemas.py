@@ -174,3 +174,6 @@ def decode(body: bytes, kind: type[Any]) -> Any:
         raise InvalidInput(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        # msgspec counts nesting against the interpreter's recursion limit.
+        raise InvalidInput("JSON nested too deeply") from None

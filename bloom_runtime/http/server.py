@@ -10,7 +10,10 @@ import threading
 import time
 from typing import Any
 
-from waitress.server import create_server
+import msgspec
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Settings, is_loopback
@@ -81,6 +84,28 @@ def run(args: argparse.Namespace) -> int:
         engine.stop()
 
 
+class JsonErrorTask(ErrorTask):
+    """Waitress's own refusals (400 malformed request, 413, 431, 501) in our JSON error shape."""
+
+    SIZE_MESSAGES = {413: "request body too large", 431: "request headers too large"}
+
+    def execute(self) -> None:
+        error = self.request.error
+        # Some of waitress's messages quote the offending request line; keep only its own words.
+        detail = str(error.body or "").split('"', 1)[0].strip().rstrip(":.").lower()
+        message = self.SIZE_MESSAGES.get(error.code) or detail or error.reason.lower()
+        body = msgspec.json.encode({"error": message})
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
 def make_server(engine: Engine, settings: Settings) -> tuple[Any, RuntimeApp]:
     """The app and the waitress server bound to ``settings.host``/``port`` (not yet running)."""
     holder: dict[str, Any] = {}
@@ -90,8 +115,10 @@ def make_server(engine: Engine, settings: Settings) -> tuple[Any, RuntimeApp]:
         return len(server.task_dispatcher.queue) if server is not None else 0
 
     app = create_app(engine, settings, backlog=backlog)
+    sockets: dict[int, Any] = {}
     server = create_server(
         app,
+        map=sockets,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
@@ -102,6 +129,9 @@ def make_server(engine: Engine, settings: Settings) -> tuple[Any, RuntimeApp]:
         ident="bloom-runtime",
         asyncore_use_poll=True,  # select() is capped at 1024 descriptors and costs more per call
     )
+    for listener in {server, *sockets.values()}:
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = JsonErrorChannel
     holder["server"] = server
     return server, app
 
