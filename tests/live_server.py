@@ -12,7 +12,7 @@ from typing import Any
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Settings
-from bloom_runtime.http.server import make_server
+from bloom_runtime.http.server import close_connections, make_server
 
 STOP_TIMEOUT_S = 10.0
 
@@ -35,14 +35,15 @@ class LiveServer:
         self._loop.start()
 
     def close(self) -> None:
-        from waitress import wasyncore
-
-        server = self.server
-        if self._loop.is_alive():
-            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
-            self._loop.join(STOP_TIMEOUT_S)
-        server.task_dispatcher.shutdown(timeout=STOP_TIMEOUT_S)
-        self.engine.stop()
+        try:
+            if self._loop.is_alive():
+                close_connections(self.server)
+                self._loop.join(STOP_TIMEOUT_S)
+            self.server.task_dispatcher.shutdown(timeout=STOP_TIMEOUT_S)
+            if not self._loop.is_alive():
+                self.server.trigger.close()
+        finally:
+            self.engine.stop()
         assert not self._loop.is_alive(), "waitress loop did not stop"
 
     def __enter__(self) -> LiveServer:

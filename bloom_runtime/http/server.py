@@ -160,16 +160,41 @@ def _serve(engine: Engine, settings: Settings) -> int:
         _drain(server, app.context.shedder, engine)
     except BaseException:
         # Never leave the (non-daemon) loop thread serving with a stopped engine.
-        from waitress import wasyncore
-
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+        close_connections(server)
         raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         loop.join(timeout=DRAIN_TIMEOUT_S)
+        if not loop.is_alive():
+            server.trigger.close()
     log.info("stopped")
     return 0
+
+
+def close_connections(server: Any) -> None:
+    """From any thread: close the listener and every connection, so the loop ends.
+
+    The trigger (the pipe that carries this request to the loop) stays open: closed
+    inside the loop, it would race with our own write to it and with task threads
+    waking the loop, and a write could then land on a descriptor reused meanwhile.
+    Close it with ``server.trigger.close()`` once the loop thread has ended."""
+    from waitress import wasyncore
+
+    trigger = server.trigger
+
+    def close_all_but_trigger() -> None:
+        for dispatcher in list(server._map.values()):
+            if dispatcher is trigger:
+                continue
+            try:
+                # The server's own close() would close the trigger as well.
+                wasyncore.dispatcher.close(dispatcher) if dispatcher is server else dispatcher.close()
+            except OSError:
+                pass
+        server._map.clear()
+
+    trigger.pull_trigger(close_all_but_trigger)
 
 
 def _wait(condition: Any, timeout_s: float) -> bool:
@@ -199,5 +224,5 @@ def _drain(server: Any, shedder: Any, engine: Engine) -> None:
     engine.stop()  # wakes long polls (they answer 204), writes pending audit entries
     dispatcher = server.task_dispatcher
     _wait(lambda: shedder.busy == 0 and not dispatcher.queue and dispatcher.active_count == 0, DRAIN_TIMEOUT_S)
-    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+    close_connections(server)
     dispatcher.shutdown(timeout=DRAIN_TIMEOUT_S)
