@@ -15,6 +15,7 @@ from msgspec import Meta
 
 from bloom_runtime.engine.errors import InvalidInput
 from bloom_runtime.engine.models import (
+    NO_NUL,
     Artifact,
     Capabilities,
     Completion,
@@ -33,6 +34,7 @@ from bloom_runtime.engine.models import (
     Worker,
     WorkerStatus,
     WorkerUrl,
+    validation_message,
 )
 
 WaitSeconds = Annotated[float, Meta(ge=0, le=30)]
@@ -84,8 +86,8 @@ class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ConfigUpdate(msgspec.Struct, frozen=True, kw_only=True):
-    membridge_server_url: Annotated[str, Meta(max_length=2048)] | None = None
-    admin_key: Annotated[str, Meta(max_length=1024)] | None = None
+    membridge_server_url: Annotated[str, Meta(max_length=2048, pattern=NO_NUL)] | None = None
+    admin_key: Annotated[str, Meta(max_length=1024, pattern=NO_NUL)] | None = None
 
 
 # --- responses ----------------------------------------------------------------
@@ -171,7 +173,7 @@ def decode(body: bytes, kind: type[Any]) -> Any:
     try:
         return dec.decode(body)
     except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc)) from None
+        raise InvalidInput(validation_message(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from None
     except RecursionError:

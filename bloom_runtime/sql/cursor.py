@@ -34,6 +34,7 @@ def decode(cursor: str) -> tuple[int, str]:
         or not MIN_SORT_VALUE <= value[0] <= MAX_SORT_VALUE
         or not isinstance(value[1], str)
         or len(value[1]) > 256
+        or "\x00" in value[1]
     ):
         raise InvalidInput("invalid cursor")
     return value[0], value[1]
