@@ -67,6 +67,7 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    check_leasable,
     new_id,
     validate,
 )
@@ -494,7 +495,10 @@ class LeaseService(_Service):
                 return engine.call("leases", functools.partial(_acquire_message, task_id, best, ttl, actor), key=best)
             except NoCapacity:
                 if fresh:
-                    raise  # the routing snapshot was current: the fleet really is full
+                    raise  # the store checked the task under its lock: the fleet really is full
+        # No worker was asked, so nothing checked the task: a task that can never be
+        # leased must not read as "retry later".
+        check_leasable(engine.store.get_task(task_id), engine.clock.now_ms())
         raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
 
     def claim(

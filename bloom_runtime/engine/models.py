@@ -171,6 +171,18 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
         return self.policy.timeout_sec + LEASE_GRACE_S
 
 
+def check_leasable(task: Task, now: int) -> None:
+    """Raise ``Conflict`` unless ``task`` may be leased at ``now`` (queued, out of backoff, attempts left)."""
+    from bloom_runtime.engine.errors import Conflict
+
+    if task.status not in LEASABLE:
+        raise Conflict(f"task is {task.status}, not queued", task_id=task.id, status=task.status)
+    if task.not_before is not None and task.not_before > now:
+        raise Conflict("task is waiting for its retry backoff", task_id=task.id, not_before=task.not_before)
+    if task.attempts >= task.max_attempts:
+        raise Conflict("task has no attempts left", task_id=task.id)
+
+
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     task_id: str

@@ -84,6 +84,7 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    check_leasable,
 )
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
@@ -375,15 +376,6 @@ def _check_fence(task: Task, fence: Fence) -> None:
         raise StaleLease("lease is not the task's active lease", task_id=task.id, lease_id=fence.lease_id)
     if fence.worker_id is not None and fence.worker_id != task.worker_id:
         raise StaleLease("worker does not hold the task's lease", task_id=task.id, worker_id=fence.worker_id)
-
-
-def _check_leasable(task: Task, now: int) -> None:
-    if task.status != "queued":
-        raise Conflict(f"task is {task.status}, not queued", task_id=task.id, status=task.status)
-    if task.not_before is not None and task.not_before > now:
-        raise Conflict("task is waiting for its retry backoff", task_id=task.id, not_before=task.not_before)
-    if task.attempts >= task.max_attempts:
-        raise Conflict("task has no attempts left", task_id=task.id)
 
 
 def _finish_params(
@@ -764,7 +756,7 @@ class PostgresTransaction(Transaction):
         if ttl_seconds is not None:
             _check_ttl(ttl_seconds)
         task = self._lock_task(task_id)
-        _check_leasable(task, now)
+        check_leasable(task, now)
         if ttl_seconds is None:
             ttl_seconds = task.default_ttl_seconds
         ids = list(worker_ids)
@@ -913,7 +905,7 @@ class PostgresTransaction(Transaction):
                     out[i] = LeaseGrant(task=_task(row), lease=_lease(row, _TASK_N), worker=_worker(row, row[o + _WORKER_N], o))
                     audited.add(i)
                     continue
-                out[i] = _refusal(op.task_id, locked, lambda t: _check_leasable(t, now))
+                out[i] = _refusal(op.task_id, locked, lambda t: check_leasable(t, now))
                 if out[i] is None:
                     if op.worker_ids[0] not in held_workers:
                         out[i] = NotFound("worker not found", worker_id=op.worker_ids[0])
