@@ -146,6 +146,7 @@ class Settings:
     max_in_flight: int = 256
     rate_limit_per_s: float = 50.0
     rate_limit_burst: int = 200
+    rate_limit_fleet_factor: float = 4.0  # a key's worker calls in total: this many times rate and burst
     insecure_no_auth: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -206,6 +207,7 @@ class Settings:
         values["max_in_flight"] = number("MAX_IN_FLIGHT", int, 1, 100_000)
         values["rate_limit_per_s"] = number("RATE_LIMIT_PER_S", float, 0, 1e9)
         values["rate_limit_burst"] = number("RATE_LIMIT_BURST", int, 1, 10**9)
+        values["rate_limit_fleet_factor"] = number("RATE_LIMIT_FLEET_FACTOR", float, 1, 10_000)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.validate()

@@ -114,6 +114,10 @@ class Gatekeeper:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.auth = Authenticator(settings)
         self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        # A key's worker calls in total. Its own limiter, so a flood of per-worker buckets
+        # (a new path id per request) cannot evict the totals from the LRU.
+        factor = settings.rate_limit_fleet_factor
+        self.fleet_limiter = RateLimiter(settings.rate_limit_per_s * factor, round(settings.rate_limit_burst * factor))
         self.max_body = settings.max_body_bytes
         self.metrics = metrics
 
@@ -142,11 +146,15 @@ class Gatekeeper:
         if not self.limiter.enabled:
             return
         who = principal.name if principal is not None and self.auth.enabled else f"addr:{req.remote_addr}"
-        if kind != "client":
+        if kind == "client":
+            decision = self.limiter.take(who)
+        else:
             # Worker calls get a bucket per worker (or task), so one shared fleet key
-            # never throttles its workers' heartbeats and claims.
-            who += "|" + str(params.get("worker_id") or params.get("task_id") or "")
-        decision = self.limiter.take(who)
+            # never throttles its workers' heartbeats and claims; the key's total is
+            # bounded too, or a new path id per request would never be throttled.
+            decision = self.limiter.take(who + "|" + str(params.get("worker_id") or params.get("task_id") or ""))
+            if decision.allowed:
+                decision = self.fleet_limiter.take(who)
         if decision.allowed:
             return
         self.metrics.throttled.inc()

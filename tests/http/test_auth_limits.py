@@ -9,7 +9,7 @@ import pytest
 from bloom_runtime.engine.settings import parse_api_keys
 from bloom_runtime.http.routes import ROUTES
 
-from .conftest import ADMIN_KEY, CLIENT_KEY, new_task, snapshot, wait_for
+from .conftest import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, new_task, snapshot, wait_for
 
 API = "/api/runtime"
 HEADER = "X-Runtime-API-Key"
@@ -129,3 +129,29 @@ def test_long_polls_have_their_own_budget(make_client):
         t.join()
     assert sorted(results) == [200, 204]
     assert shedder.busy == 0
+
+
+def test_worker_routes_have_a_per_key_total_so_new_ids_do_not_bypass_the_limit(live_server, tmp_path):
+    """A new path id per request used to get a fresh bucket each time: 100 000 heartbeats at 883 req/s passed."""
+    import time
+
+    import requests
+
+    rate, burst, factor = 1.0, 10, 4
+    server = live_server(
+        database_url=f"sqlite:///{tmp_path}/rl.db", api_keys=parse_api_keys(f"fleet={CLIENT_KEY},other={OTHER_KEY}"),
+        rate_limit_per_s=rate, rate_limit_burst=burst, rate_limit_fleet_factor=factor,
+    )
+    s = requests.Session()
+    s.headers[HEADER] = CLIENT_KEY
+    started = time.monotonic()
+    codes = [s.post(f"{server.url}/llm-tasks/minted-{i}/heartbeat", timeout=10).status_code for i in range(150)]
+    elapsed = time.monotonic() - started
+    passed = codes.count(404)
+    assert set(codes) <= {404, 429}
+    assert passed <= burst * factor + rate * factor * elapsed + 1, (passed, elapsed)
+    assert codes.count(429) >= 150 - burst * factor - rate * factor * elapsed - 1
+    r = s.post(f"{server.url}/llm-tasks/minted-x/heartbeat", timeout=10)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and r.json()["error"]
+    # Another key's workers are not held back by this one.
+    assert s.post(f"{server.url}/llm-tasks/minted-y/heartbeat", headers={HEADER: OTHER_KEY}, timeout=10).status_code == 404
