@@ -24,6 +24,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SHED_RETRY_AFTER_S = 1
+WORKER_RESERVE_DIVISOR = 8  # an eighth of MAX_IN_FLIGHT (at least one slot) is kept for heartbeats and completions
 
 
 class RequestTracking:
@@ -48,23 +49,29 @@ class RequestTracking:
 
 
 class LoadShedder:
-    """Refuse at once (503) past ``max_in_flight``; long polls get their own, smaller budget.
+    """Refuse at once (503) past ``max_in_flight``, keeping a reserve for worker calls.
 
     Waitress queues requests without bound, so ``backlog`` (requests accepted but
-    not yet running, given by the server) counts toward the limit too. Long polls
-    hold a thread for up to 30 s: they may use at most ``long_poll_budget``
-    threads, so heartbeats always find one; a claim over that budget is answered
-    as a short poll (no wait) instead of being refused.
+    not yet running, given by the server) counts toward the limit too. Heartbeats
+    and completions (the route table's ``worker`` calls) keep their leases alive:
+    client calls may not use the last ``worker_reserve`` in-flight slots, nor more
+    than ``client_threads`` threads, so slow client calls cannot make them wait or
+    fail. Long polls hold a thread for up to 30 s: they may use at most
+    ``long_poll_budget`` threads; a claim over that budget is answered as a short
+    poll (no wait) instead of being refused.
     """
 
-    def __init__(self, max_in_flight: int, long_poll_budget: int, metrics: Metrics) -> None:
+    def __init__(self, max_in_flight: int, long_poll_budget: int, metrics: Metrics, *, client_threads: int | None = None) -> None:
         self.max_in_flight = max_in_flight
+        self.worker_reserve = min(max(1, max_in_flight // WORKER_RESERVE_DIVISOR), max_in_flight - 1)
         self.long_poll_budget = long_poll_budget
+        self.client_threads = client_threads if client_threads is not None else max_in_flight
         self.metrics = metrics
         self.backlog: Callable[[], int] = lambda: 0
         self.draining = False
         self._lock = threading.Lock()
-        self.in_flight = 0
+        self.in_flight = 0  # client and worker calls in the app (long polls not counted)
+        self.client_in_flight = 0
         self.long_polls = 0
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -72,23 +79,32 @@ class LoadShedder:
             # (Connection is a hop-by-hop header a WSGI app may not set; waitress closes
             # idle connections itself when it shuts down.)
             raise falcon.HTTPServiceUnavailable(description="server is shutting down", retry_after=SHED_RETRY_AFTER_S)
-        long_poll = req.method == "POST" and req.path.endswith("/claim")
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]) -> None:
+        op = op_for(req.uri_template, req.method)
+        kind = op.kind if op is not None else "client"
         backlog = self.backlog()
         with self._lock:
-            if long_poll and self.long_polls < self.long_poll_budget:
+            if kind == "long_poll" and self.long_polls < self.long_poll_budget:
                 self.long_polls += 1
                 req.context.slot = "long"
                 return
-            if self.in_flight + backlog >= self.max_in_flight:
-                shed = True
+            if kind == "worker":
+                shed = self.in_flight + backlog >= self.max_in_flight
             else:
-                shed = False
+                shed = (self.in_flight + backlog >= self.max_in_flight - self.worker_reserve
+                        or self.client_in_flight >= self.client_threads)
+            if not shed:
                 self.in_flight += 1
-                req.context.slot = "normal"
+                if kind == "worker":
+                    req.context.slot = "worker"
+                else:
+                    self.client_in_flight += 1
+                    req.context.slot = "client"
         if shed:
             self.metrics.shed.inc()
             raise falcon.HTTPServiceUnavailable(description="overloaded, retry later", retry_after=SHED_RETRY_AFTER_S)
-        if long_poll:
+        if kind == "long_poll":
             req.context.short_poll = True
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool) -> None:
@@ -101,6 +117,8 @@ class LoadShedder:
                 self.long_polls -= 1
             else:
                 self.in_flight -= 1
+                if slot == "client":
+                    self.client_in_flight -= 1
 
     @property
     def busy(self) -> int:
