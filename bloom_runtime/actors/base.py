@@ -20,7 +20,7 @@ from typing import Any
 import pykka
 
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, StoreUnavailable, public_summary
 from bloom_runtime.engine.models import AuditEntry, new_id
 from bloom_runtime.sql.store import Op, Store, Transaction, TransientConflict
 
@@ -98,7 +98,7 @@ class JobHealth:
         with self._lock:
             self.runs += 1
             self.failures += 1
-            self.last_error = type(error).__name__ + (f": {error}" if isinstance(error, BloomError) else "")
+            self.last_error = public_summary(error)  # shown by the open /health; details are logged where it failed
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

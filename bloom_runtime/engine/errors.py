@@ -73,3 +73,22 @@ class MembridgeUnavailable(MembridgeError):
 
 class UnsafeURL(InvalidInput):
     """An outgoing URL failed validation (scheme, credentials, allow-list)."""
+
+
+# What an open endpoint (/health) may say about an error: its kind, never its message,
+# which can name database hosts, ports and names or outgoing URLs (those go to the log).
+_PUBLIC_SUMMARIES: tuple[tuple[type[BaseException], str], ...] = (
+    (StoreUnavailable, "storage unavailable"),
+    (EngineTimeout, "did not answer in time"),
+    (MembridgeUnavailable, "membridge circuit open"),
+    (MembridgeError, "membridge request failed"),
+)
+
+
+def public_summary(exc: BaseException) -> str:
+    """``"Kind: what it means"`` for ``exc``, safe to show to anyone."""
+    kind = type(exc).__name__
+    for cls, summary in _PUBLIC_SUMMARIES:
+        if isinstance(exc, cls):
+            return f"{kind}: {summary}"
+    return kind
