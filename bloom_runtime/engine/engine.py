@@ -89,6 +89,7 @@ MAX_CLAIM_WAIT_S = 30.0
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0
 SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
+MAX_HEARTBEAT_SKEW_MS = 60_000  # how far a registration's last_heartbeat may run ahead of our clock
 
 
 def check_limit(limit: int | None) -> int:
@@ -557,6 +558,12 @@ class WorkerService(_Service):
     def register(self, upsert: WorkerUpsert, actor: str = "api") -> tuple[Worker, bool]:
         """Create or update a worker by id; returns it and whether it was created."""
         upsert = validate(upsert)
+        beat = upsert.last_heartbeat
+        if beat is not None and beat > self._engine.clock.now_ms() + MAX_HEARTBEAT_SKEW_MS:
+            # A heartbeat from the future would keep the worker online long after it went quiet.
+            raise InvalidInput(
+                f"last_heartbeat is more than {MAX_HEARTBEAT_SKEW_MS // 1000} s ahead of the server's clock", last_heartbeat=beat
+            )
         return self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r))
 
     def upsert_many(self, upserts: Sequence[WorkerUpsert], actor: str = "membridge-sync") -> list[tuple[Worker, bool]]:

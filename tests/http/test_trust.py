@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -29,3 +30,15 @@ def test_open_health_names_no_database_host_port_or_name(live_server, proxied_pg
     # The operator still finds the details in the server log.
     assert any(str(parts.port) in rec.getMessage() for rec in caplog.records if "sweep" in rec.getMessage())
 
+
+def test_last_heartbeat_cannot_be_set_into_the_future(make_client, db_url):
+    client = make_client(database_url=db_url)
+    now_ms = int(time.time() * 1000)
+    for value in (2**53, now_ms + 3_600_000):
+        r = client.simulate_post("/api/runtime/workers", json={"name": "w-1", "last_heartbeat": value})
+        assert r.status_code == 400 and "last_heartbeat" in r.json["error"], r.text
+    assert client.simulate_get("/api/runtime/workers").json == []
+    # A little skew is fine, and the past always is.
+    for value in (now_ms + 5_000, now_ms - 86_400_000):
+        r = client.simulate_post("/api/runtime/workers", json={"name": "w-1", "last_heartbeat": value})
+        assert r.status_code in (200, 201), r.text
