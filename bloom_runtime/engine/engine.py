@@ -51,6 +51,7 @@ from bloom_runtime.engine.errors import (
     EngineTimeout,
     InvalidInput,
     NoCapacity,
+    public_message,
 )
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
@@ -179,6 +180,7 @@ class Engine:
                 pool_min=settings.pool_min,
                 pool_max=settings.pool_max,
                 connect_timeout_s=settings.db_connect_timeout_s,
+                statement_timeout_s=settings.db_statement_timeout_s,
             )
             store.open(wait_s=settings.db_open_wait_s)
         try:
@@ -377,9 +379,9 @@ class Engine:
         """Liveness of the store, the actors and the periodic jobs."""
         store_ok, store_error = True, None
         try:
-            self.store.ping()
+            self.store.ping()  # bounded: a database that does not answer is reported as such
         except BloomError as exc:
-            store_ok, store_error = False, exc.message
+            store_ok, store_error = False, public_message(exc) or "storage unavailable"
         now = self.clock.now_ms()
         sweep = self.jobs["lease_sweep"].snapshot()
         limit_ms = SWEEP_UNHEALTHY_AFTER_INTERVALS * self.settings.lease_sweep_interval_s * 1000

@@ -47,6 +47,10 @@ class StoreUnavailable(BloomError):
     """The database cannot be reached or failed mid-transaction (HTTP 503)."""
 
 
+class StoreTimeout(StoreUnavailable):
+    """The database did not answer in time (HTTP 503); whether a write was applied is unknown."""
+
+
 class SchemaTooNew(BloomError):
     """The database was migrated by a newer bloom-runtime than this one."""
 
@@ -78,6 +82,7 @@ class UnsafeURL(InvalidInput):
 # What an open endpoint (/health) may say about an error: its kind, never its message,
 # which can name database hosts, ports and names or outgoing URLs (those go to the log).
 _PUBLIC_SUMMARIES: tuple[tuple[type[BaseException], str], ...] = (
+    (StoreTimeout, "storage did not answer in time"),
     (StoreUnavailable, "storage unavailable"),
     (EngineTimeout, "did not answer in time"),
     (MembridgeUnavailable, "membridge circuit open"),
@@ -85,10 +90,15 @@ _PUBLIC_SUMMARIES: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
-def public_summary(exc: BaseException) -> str:
-    """``"Kind: what it means"`` for ``exc``, safe to show to anyone."""
-    kind = type(exc).__name__
+def public_message(exc: BaseException) -> str | None:
+    """What ``exc`` means, in words safe to show to anyone (None: no more than its kind)."""
     for cls, summary in _PUBLIC_SUMMARIES:
         if isinstance(exc, cls):
-            return f"{kind}: {summary}"
-    return kind
+            return summary
+    return None
+
+
+def public_summary(exc: BaseException) -> str:
+    """``"Kind: what it means"`` for ``exc``, safe to show to anyone."""
+    message = public_message(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -134,6 +134,7 @@ class Settings:
     pool_max: int = 16
     db_connect_timeout_s: float = 5.0
     db_open_wait_s: float = 10.0
+    db_statement_timeout_s: float = 5.0  # PostgreSQL: longest statement, and round trip (+1 s); 0: unbounded
     ask_timeout_s: float = 30.0
     audit_group_commit: bool = True
     audit_batch_max: int = 2000
@@ -202,6 +203,7 @@ class Settings:
         values["worker_offline_after_s"] = number("WORKER_OFFLINE_AFTER", float, 1, 86400 * 30)
         values["pool_max"] = number("DB_POOL_SIZE", int, 1, 500)
         values["db_open_wait_s"] = number("DB_OPEN_WAIT", float, 0.1, 3600)
+        values["db_statement_timeout_s"] = number("DB_STATEMENT_TIMEOUT", float, 0, 86400)
         values["lease_fencing"] = text("LEASE_FENCING")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", int, 1024, 1024 * MIB)
         values["max_in_flight"] = number("MAX_IN_FLIGHT", int, 1, 100_000)

@@ -36,6 +36,7 @@ import contextlib
 import functools
 import logging
 import re
+import select
 import threading
 import time
 import weakref
@@ -45,8 +46,10 @@ from typing import Any, NamedTuple
 import msgspec
 import psycopg
 import psycopg.errors
+from psycopg import pq
+from psycopg.abc import RV, PQGen
 from psycopg.adapt import Loader
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bloom_runtime.engine.errors import (
@@ -57,6 +60,7 @@ from bloom_runtime.engine.errors import (
     NoCapacity,
     NotFound,
     StaleLease,
+    StoreTimeout,
     StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
@@ -108,12 +112,22 @@ log = logging.getLogger(__name__)
 Q: dict[str, str] = load("postgres")
 
 NOTIFY_CHANNEL = "bloom_tasks"
-POOL_GETCONN_TIMEOUT_S = 10.0  # how long a caller waits for a free pooled connection
+POOL_GETCONN_TIMEOUT_S = 10.0  # how long a write waits for a free pooled connection
+READ_POOL_WAIT_S = 2.0  # how long a read waits for one: a busy or hung database answers 503 soon
+PING_TIMEOUT_S = 0.5  # /health's ping, pool wait included: /health answers within a second
+CHECK_TIMEOUT_S = 1.0  # the pool's check of an idle connection before lending it
+IO_GRACE_S = 1.0  # a round trip may take the statement timeout plus this before we give up on it
+# TCP keepalives and tcp_user_timeout end a connection whose path to the server is gone
+# (packets dropped, nothing acknowledged) even while no statement runs.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+MIN_TCP_USER_TIMEOUT_MS = 10_000
+APPLICATION_NAME = "bloom-runtime"  # what pg_stat_activity shows for our sessions
 # A connection handed back less than this long ago is lent out again unchecked: it
 # answered moments ago, and a check is one more round trip on every batch and read.
 POOL_CHECK_IDLE_S = 1.0
 OPEN_RETRY_INITIAL_S = 0.05  # first pause between connection attempts in open()
 OPEN_RETRY_MAX_S = 1.0
+POOL_FILL_MIN_S = 0.2  # filling the pool after a successful probe gets at least this
 # First page of a keyset listing: every real row sorts below this bound.
 _FIRST_PAGE = (2**63 - 1, "")
 DEFAULT_ARTIFACT_TYPE = "llm_output"
@@ -338,8 +352,12 @@ def _translate(exc: BaseException, where: str) -> BloomError:
     """Map a driver error onto our taxonomy (the caller chains the original)."""
     if isinstance(exc, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
         return TransientConflict(f"PostgreSQL rolled the transaction back ({_reason(exc)}); retry it")
+    if isinstance(exc, Unanswered):
+        return StoreTimeout(f"PostgreSQL at {where} {exc}")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return StoreTimeout(f"PostgreSQL at {where} cancelled a statement: {_reason(exc)}")
     if isinstance(exc, PoolTimeout):
-        return StoreUnavailable(f"no PostgreSQL connection available at {where} in time")
+        return StoreTimeout(f"no PostgreSQL connection available at {where} in time")
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(f"PostgreSQL at {where} is unavailable: {_reason(exc)}")
     sqlstate = getattr(exc, "sqlstate", None)
@@ -1079,6 +1097,69 @@ class PostgresTransaction(Transaction):
             raise _translate(exc, self._where) from exc
 
 
+# --- bounded connections -------------------------------------------------------------
+
+
+class Unanswered(psycopg.OperationalError):
+    """The server did not answer a round trip in time; the connection was closed."""
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """A connection on which no wait for the server lasts longer than allowed.
+
+    A server-side ``statement_timeout`` cannot help when the server, or something on
+    the way to it, stops answering: the client would wait on its socket for ever.
+    ``io_timeout_s`` bounds each round trip; ``deadline`` (``time.monotonic()``)
+    bounds the whole of the current use. Past either, the connection is closed (its
+    protocol state is unknown, so the pool replaces it) and ``Unanswered`` raised."""
+
+    io_timeout_s: float | None = None
+    deadline: float | None = None
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        bound = self.io_timeout_s
+        if self.deadline is not None:
+            left = max(self.deadline - time.monotonic(), 0.0)
+            bound = left if bound is None else min(bound, left)
+        if bound is None:
+            return super().wait(gen, interval, timeout)
+        started = time.monotonic()
+        try:
+            return super().wait(gen, interval, bound if timeout is None else min(bound, timeout))
+        except psycopg.OperationalError:
+            waited = time.monotonic() - started
+            if waited < bound or (timeout is not None and timeout <= bound):
+                raise  # the server answered with an error, or the caller's own timeout passed
+            self.pgconn.finish()
+            raise Unanswered(f"did not answer within {bound:.1f} s") from None
+
+    @contextlib.contextmanager
+    def bounded(self, *, deadline: float | None = None, io_timeout_s: float | None = None) -> Iterator[None]:
+        """Tighten the bounds for a block (``None``: keep the current one)."""
+        saved = self.deadline, self.io_timeout_s
+        if deadline is not None:
+            self.deadline = deadline if self.deadline is None else min(deadline, self.deadline)
+        if io_timeout_s is not None:
+            self.io_timeout_s = io_timeout_s if self.io_timeout_s is None else min(io_timeout_s, self.io_timeout_s)
+        try:
+            yield
+        finally:
+            self.deadline, self.io_timeout_s = saved
+
+
+def _session_params(params: dict[str, Any], io_timeout_s: float | None) -> dict[str, Any]:
+    """libpq parameters every session of ours gets, unless the URL sets them itself."""
+    defaults: dict[str, Any] = {
+        "application_name": APPLICATION_NAME,
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE_S,
+        "keepalives_interval": KEEPALIVE_INTERVAL_S,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "tcp_user_timeout": max(MIN_TCP_USER_TIMEOUT_MS, round((io_timeout_s or 0) * 1000)),
+    }
+    return {k: v for k, v in defaults.items() if k not in params}
+
+
 # --- the store ---------------------------------------------------------------------
 
 
@@ -1108,7 +1189,13 @@ class PostgresStore(Store):
     kind = "postgresql"
 
     def __init__(
-        self, url: str, *, pool_min: int = 2, pool_max: int = 10, connect_timeout_s: float = 5.0
+        self,
+        url: str,
+        *,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        connect_timeout_s: float = 5.0,
+        statement_timeout_s: float | None = 5.0,
     ) -> None:
         if not 1 <= pool_min <= pool_max:
             raise ConfigError("pool sizes must satisfy 1 <= pool_min <= pool_max")
@@ -1116,9 +1203,15 @@ class PostgresStore(Store):
         self._url = url
         self._pool_min = pool_min
         self._pool_max = pool_max
+        self._connect_timeout_s = connect_timeout_s
         # libpq counts connect_timeout in whole seconds and treats anything below 2 as 2.
         self._connect_timeout = max(2, round(connect_timeout_s))
-        self._pool: ConnectionPool[Any] | None = None
+        # None or 0: statements are not bounded, by the server or by us.
+        self._statement_timeout_s = statement_timeout_s or None
+        self._io_timeout_s = self._statement_timeout_s + IO_GRACE_S if self._statement_timeout_s else None
+        self._session = _session_params(self._params, self._io_timeout_s)
+        self._checkout = threading.local()  # the deadline of the caller now getting a connection
+        self._pool: ConnectionPool[BoundedConnection] | None = None
         self._lock = threading.Lock()
         self._returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
         self._prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = weakref.WeakKeyDictionary()
@@ -1128,57 +1221,88 @@ class PostgresStore(Store):
 
     # --- lifecycle -----------------------------------------------------------
 
-    @staticmethod
-    def _configure(conn: psycopg.Connection[Any]) -> None:
+    def _configure(self, conn: BoundedConnection) -> None:
         conn.adapters.register_loader("jsonb", _RawJsonbLoader)
+        conn.io_timeout_s = self._io_timeout_s
+        if self._statement_timeout_s:
+            with conn.bounded(io_timeout_s=CHECK_TIMEOUT_S + self._connect_timeout):
+                conn.execute(Q["set_statement_timeout"], {"ms": str(round(self._statement_timeout_s * 1000))})
 
-    def _check(self, conn: psycopg.Connection[Any]) -> None:
+    def _check(self, conn: BoundedConnection) -> None:
         returned = self._returned_at.get(conn)
         if returned is not None and time.monotonic() - returned < POOL_CHECK_IDLE_S:
             return
-        ConnectionPool.check_connection(conn)
+        # Bounded by the caller's deadline too: /health must not wait out a full check.
+        with conn.bounded(deadline=getattr(self._checkout, "deadline", None), io_timeout_s=CHECK_TIMEOUT_S):
+            ConnectionPool.check_connection(conn)
+
+    def _probe_once(self, conninfo: bytes, timeout_s: float) -> psycopg.OperationalError | None:
+        """One connection attempt that gives up after ``timeout_s``; what went wrong, or None.
+
+        Polled by hand: libpq's own connect_timeout counts whole seconds, at least 2."""
+        deadline = time.monotonic() + timeout_s
+        pgconn = pq.PGconn.connect_start(conninfo)
+        try:
+            while True:
+                status = pgconn.connect_poll()
+                if status == pq.PollingStatus.OK:
+                    return None
+                if status == pq.PollingStatus.FAILED:
+                    return psycopg.OperationalError(pgconn.get_error_message())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Unanswered("the server did not answer in time")
+                readable = [pgconn.socket] if status == pq.PollingStatus.READING else []
+                writable = [] if readable else [pgconn.socket]
+                select.select(readable, writable, [], remaining)
+        finally:
+            pgconn.finish()
 
     def _probe(self, deadline: float) -> None:
-        """Connect once directly until ``deadline``, so a failure can name its reason."""
+        """Connect directly until ``deadline`` and no later, so a failure can name its reason."""
+        conninfo = make_conninfo(self._url, **self._session).encode()
         pause = OPEN_RETRY_INITIAL_S
         while True:
             remaining = deadline - time.monotonic()
-            try:
-                psycopg.connect(self._url, connect_timeout=self._connect_timeout).close()
+            failure = self._probe_once(conninfo, min(self._connect_timeout_s, max(remaining, 0.0)))
+            if failure is None:
                 return
-            except psycopg.Error as exc:
-                reason = _reason(exc)
-                permanent = any(
-                    s in reason
-                    for s in ("authentication failed", "does not exist", "no pg_hba.conf entry", "invalid")
-                )
-                if permanent or remaining <= pause:
-                    raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: {reason}") from exc
-            time.sleep(pause)  # backoff between attempts while the server may be starting
+            reason = _reason(failure)
+            permanent = any(
+                s in reason for s in ("authentication failed", "does not exist", "no pg_hba.conf entry", "invalid")
+            )
+            remaining = deadline - time.monotonic()
+            if permanent or remaining <= 0:
+                raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: {reason}") from failure
+            time.sleep(min(pause, remaining))  # backoff between attempts while the server may be starting
             pause = min(pause * 2, OPEN_RETRY_MAX_S)
 
     def open(self, wait_s: float = 10.0) -> None:
+        """Connect and fill the pool; give up with ``StoreUnavailable`` after ``wait_s``."""
         with self._lock:
             if self._pool is not None:
                 return
             deadline = time.monotonic() + wait_s
             self._probe(deadline)
-            pool: ConnectionPool[Any] = ConnectionPool(
+            pool: ConnectionPool[BoundedConnection] = ConnectionPool(
                 self._url,
+                connection_class=BoundedConnection,
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 open=False,
                 check=self._check,
                 configure=self._configure,
                 # Autocommit: a read is one round trip; writes open `conn.transaction()`.
-                kwargs={"connect_timeout": self._connect_timeout, "autocommit": True},
+                kwargs={"connect_timeout": self._connect_timeout, "autocommit": True, **self._session},
                 timeout=POOL_GETCONN_TIMEOUT_S,
                 name="bloom-runtime",
             )
             try:
-                pool.open(wait=True, timeout=max(deadline - time.monotonic(), 1.0))
+                # The server answered the probe: filling the pool takes moments, unless it
+                # stopped answering since, and then the wait must still end on time.
+                pool.open(wait=True, timeout=max(deadline - time.monotonic(), POOL_FILL_MIN_S))
             except PoolTimeout as exc:
-                pool.close()
+                pool.close(timeout=0)
                 raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: pool did not fill in time") from exc
             self._pool = pool
 
@@ -1189,37 +1313,53 @@ class PostgresStore(Store):
             pool.close()
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(self, pool_wait_s: float | None = None, deadline: float | None = None) -> Iterator[BoundedConnection]:
+        """A pooled connection, waited for up to ``pool_wait_s``; ``deadline`` bounds its whole use."""
         pool = self._pool
         if pool is None:
             raise StoreUnavailable("the PostgreSQL store is not open")
-        with pool.connection() as conn:
-            try:
+        if deadline is not None and pool_wait_s is not None:
+            pool_wait_s = max(min(pool_wait_s, deadline - time.monotonic()), 0.0)
+        self._checkout.deadline = deadline  # for _check, which runs inside getconn
+        try:
+            conn = pool.getconn(timeout=pool_wait_s)
+        finally:
+            self._checkout.deadline = None
+        try:
+            with conn, conn.bounded(deadline=deadline):  # as pool.connection(): ends a transaction left open
                 yield conn
-            finally:
-                # Not the pool's reset hook: with one, the pool returns every connection
-                # through its worker thread.
-                self._returned_at[conn] = time.monotonic()
+        finally:
+            # Not the pool's reset hook: with one, the pool returns every connection
+            # through its worker thread.
+            self._returned_at[conn] = time.monotonic()
+            pool.putconn(conn)
 
     @_translating
     def migrate(self) -> list[str]:
         applied: list[str] = []
         with self._conn() as conn:
-            while True:
-                # One migration per transaction, each under the advisory lock; a second
-                # migrator waits here and then finds the work done.
-                with conn.transaction():
-                    conn.execute(Q["migrations_lock"])
-                    conn.execute(Q["create_schema_migrations"])
-                    done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
-                    todo = migrations.pending("postgres", done)
-                    if not todo:
-                        return applied
-                    step = todo[0]
-                    conn.execute(step.sql.encode(), prepare=False)
-                    conn.execute(Q["record_migration"], {"version": step.version, "now": time.time_ns() // 1_000_000})
-                log.info("applied migration %s", step.version)
-                applied.append(step.version)
+            # A migration may take long (an index on a large table), and so may waiting for
+            # another process's: neither is bounded, by the server or by us.
+            bound, conn.io_timeout_s = conn.io_timeout_s, None
+            try:
+                while True:
+                    # One migration per transaction, each under the advisory lock; a second
+                    # migrator waits here and then finds the work done.
+                    with conn.transaction():
+                        conn.execute(Q["no_statement_timeout"])
+                        conn.execute(Q["migrations_lock"])
+                        conn.execute(Q["create_schema_migrations"])
+                        done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
+                        todo = migrations.pending("postgres", done)
+                        if not todo:
+                            return applied
+                        step = todo[0]
+                        conn.execute(step.sql.encode(), prepare=False)
+                        conn.execute(Q["record_migration"], {"version": step.version, "now": time.time_ns() // 1_000_000})
+                    log.info("applied migration %s", step.version)
+                    applied.append(step.version)
+            finally:
+                conn.io_timeout_s = bound
 
     @_translating
     def check_schema(self) -> None:
@@ -1237,7 +1377,8 @@ class PostgresStore(Store):
 
     @_translating
     def ping(self) -> None:
-        with self._conn() as conn:
+        """``SELECT 1``, answered within ``PING_TIMEOUT_S`` (``StoreTimeout`` otherwise)."""
+        with self._conn(pool_wait_s=PING_TIMEOUT_S, deadline=time.monotonic() + PING_TIMEOUT_S) as conn:
             conn.execute(Q["ping"]).fetchone()
 
     @contextlib.contextmanager
@@ -1262,16 +1403,16 @@ class PostgresStore(Store):
         """Call ``callback()`` on every ``bloom_tasks`` notification until ``stop_event`` is set.
 
         Blocks: run it on a thread of its own. See ``TaskListener``."""
-        TaskListener(self._url, callback, connect_timeout_s=self._connect_timeout).run(stop_event)
+        TaskListener(self._url, callback, connect_timeout_s=self._connect_timeout, session=self._session).run(stop_event)
 
     # --- reads ---------------------------------------------------------------
 
     def _read_one(self, name: str, params: dict[str, Any]) -> Any:
-        with self._conn() as conn:
+        with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
             return conn.execute(Q[name], params).fetchone()
 
     def _read_all(self, name: str, params: dict[str, Any]) -> list[Any]:
-        with self._conn() as conn:
+        with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
             return conn.execute(Q[name], params).fetchall()
 
     @_translating
@@ -1428,8 +1569,10 @@ class TaskListener:
         *,
         connect_timeout_s: int = 5,
         backoff: ListenBackoff | None = None,
+        session: dict[str, Any] | None = None,
     ) -> None:
-        _, self._where = _parse_url(url)
+        params, self._where = _parse_url(url)
+        self._session = session if session is not None else _session_params(params, None)
         self._url = url
         self._callback = callback
         self._connect_timeout = max(2, int(connect_timeout_s))
@@ -1446,7 +1589,7 @@ class TaskListener:
         """Listen until ``stop_event`` is set; reconnect with backoff on errors."""
         while not stop_event.is_set():
             try:
-                with psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout, **self._session) as conn:
                     conn.execute(Q["listen_tasks"])
                     self._backoff.reset()
                     self._fire()
