@@ -83,7 +83,8 @@ class JobHealth:
     name: str
     interval_s: float
     last_success_ms: int | None = None
-    last_error: str | None = None
+    last_error: str | None = None  # while the latest run failed
+    last_failure_ms: int | None = None
     runs: int = 0
     failures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -94,11 +95,12 @@ class JobHealth:
             self.last_success_ms = now_ms
             self.last_error = None
 
-    def failed(self, error: BaseException) -> None:
+    def failed(self, error: BaseException, now_ms: int | None = None) -> None:
         with self._lock:
             self.runs += 1
             self.failures += 1
             self.last_error = public_summary(error)  # shown by the open /health; details are logged where it failed
+            self.last_failure_ms = now_ms
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -106,6 +108,7 @@ class JobHealth:
                 "interval_s": self.interval_s,
                 "last_success": self.last_success_ms,
                 "last_error": self.last_error,
+                "last_failure": self.last_failure_ms,
                 "runs": self.runs,
                 "failures": self.failures,
             }

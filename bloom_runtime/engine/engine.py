@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pykka
 
 from bloom_runtime import __version__
-from bloom_runtime.actors.audit_writer import AuditWriter
+from bloom_runtime.actors.audit_writer import AuditBacklog, AuditWriter
 from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
 from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
@@ -51,8 +51,9 @@ from bloom_runtime.engine.errors import (
     EngineTimeout,
     InvalidInput,
     NoCapacity,
-    public_message,
+    StoreUnavailable,
 )
+from bloom_runtime.engine.health import health_report
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
     MAX_TTL_SECONDS,
@@ -89,7 +90,6 @@ MAX_CLAIM_WAIT_S = 30.0
 # A claimer re-checks at least this often, so tasks whose retry backoff ends
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0
-SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
 MAX_HEARTBEAT_SKEW_MS = 60_000  # how far a registration's last_heartbeat may run ahead of our clock
 
 
@@ -139,6 +139,8 @@ class Engine:
         self.wakeup = ClaimWakeup()
         self._stats = StatsCache(store.stats)
         self.routing_keys = RoutingKeys()
+        self.writes = JobHealth("writes", 0.0)  # every write the facade asks an actor for
+        self.audit_backlog = AuditBacklog()
         self.jobs = {
             "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
             "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
@@ -209,7 +211,8 @@ class Engine:
         self._slots["audit"] = _ActorSlot(
             "audit-writer",
             lambda: AuditWriter.start(
-                store, clock, self.jobs["audit_flush"], group_commit=s.audit_group_commit, batch_max=s.audit_batch_max
+                store, clock, self.jobs["audit_flush"], group_commit=s.audit_group_commit, batch_max=s.audit_batch_max,
+                backlog=self.audit_backlog,
             ),
         )
         sink = self._audit_sink
@@ -337,6 +340,7 @@ class Engine:
     # --- plumbing --------------------------------------------------------------
 
     def _audit_sink(self, record: Record) -> None:
+        self.audit_backlog.added(len(record.entries), self.clock.now_ms())
         self._slots["audit"].ref.tell(record)
 
     def call(
@@ -345,10 +349,12 @@ class Engine:
         make: Callable[[pykka.ThreadingFuture], Any],
         timeout_s: float | None = None,
         key: str | None = None,
+        write: bool = True,
     ) -> Any:
         """Send a command built around a fresh reply future; wait for the answer.
 
-        ``key`` (a task id) picks the shard of a sharded actor; without it, shard 0."""
+        ``key`` (a task id) picks the shard of a sharded actor; without it, shard 0.
+        The outcome of a ``write`` tells ``/health`` whether writes succeed."""
         if self._stopping.is_set():
             raise EngineStopped("the engine is stopping")
         if key is not None and slot in self._shards:
@@ -357,9 +363,23 @@ class Engine:
         reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
         self._slots[slot].tell(make(reply))
         try:
-            return reply.get(timeout=timeout_s or self.settings.ask_timeout_s)
+            value = reply.get(timeout=timeout_s or self.settings.ask_timeout_s)
         except pykka.Timeout:
-            raise EngineTimeout(f"{self._slots[slot].name} did not answer in time") from None
+            exc = EngineTimeout(f"{self._slots[slot].name} did not answer in time")
+            if write:
+                self.writes.failed(exc, self.clock.now_ms())
+            raise exc from None
+        except StoreUnavailable as exc:
+            if write:
+                self.writes.failed(exc, self.clock.now_ms())
+            raise
+        except BloomError:
+            if write:
+                self.writes.succeeded(self.clock.now_ms())  # the store answered, and refused
+            raise
+        if write:
+            self.writes.succeeded(self.clock.now_ms())
+        return value
 
     def record(self, entries: list[Any], wait: bool = True) -> None:
         """Write audit entries not tied to another write (e.g. configuration changes)."""
@@ -376,30 +396,11 @@ class Engine:
     # --- health ----------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """Liveness of the store, the actors and the periodic jobs."""
-        store_ok, store_error = True, None
-        try:
-            self.store.ping()  # bounded: a database that does not answer is reported as such
-        except BloomError as exc:
-            store_ok, store_error = False, public_message(exc) or "storage unavailable"
-        now = self.clock.now_ms()
-        sweep = self.jobs["lease_sweep"].snapshot()
-        limit_ms = SWEEP_UNHEALTHY_AFTER_INTERVALS * self.settings.lease_sweep_interval_s * 1000
-        # Judged on the engine clock; a sweep that never succeeded counts from start.
-        sweep_ok = (sweep["last_success"] or self.started_ms) >= now - limit_ms - 1000
-        actors = {slot.name: {"alive": slot.ref.is_alive(), "restarts": slot.restarts} for slot in self._slots.values()}
-        healthy = store_ok and sweep_ok and all(a["alive"] for a in actors.values()) and self.running
-        return {
-            "status": "ok" if healthy else "unhealthy",
-            "service": "bloom-runtime",
-            "version": self.version,
-            "uptime": round(time.monotonic() - self.started_at, 3),
-            "storage": self.store.kind,
-            "storage_ok": store_ok,
-            "storage_error": store_error,
-            "jobs": {name: job.snapshot() for name, job in self.jobs.items()},
-            "actors": actors,
-        }
+        """Liveness of the store, the writes, the audit backlog, the actors and the periodic jobs."""
+        return health_report(self)
+
+    def actor_states(self) -> dict[str, dict[str, Any]]:
+        return {slot.name: {"alive": slot.ref.is_alive(), "restarts": slot.restarts} for slot in self._slots.values()}
 
     def stats(self) -> dict[str, Any]:
         """Counts by status (tasks, leases, workers); see ``StatsCache`` for freshness."""
@@ -490,7 +491,9 @@ class LeaseService(_Service):
             engine.routing_keys.remember(task_id, *routing)
         context_id, labels = routing
         for fresh in (False, True):
-            candidates = engine.call("registry", functools.partial(_pick_message, context_id, list(labels), fresh=fresh))
+            candidates = engine.call(
+                "registry", functools.partial(_pick_message, context_id, list(labels), fresh=fresh), write=False
+            )
             if not candidates:
                 break
             best = candidates[0]
@@ -590,7 +593,7 @@ class WorkerService(_Service):
 
     def pick(self, context_id: str, labels: Sequence[str] = ()) -> builtins.list[str]:
         """Worker ids that could take a task of this context and labels, best first."""
-        return self._engine.call("registry", lambda r: PickWorkers(context_id, list(labels), r))
+        return self._engine.call("registry", lambda r: PickWorkers(context_id, list(labels), r), write=False)
 
 
 class AuditService(_Service):

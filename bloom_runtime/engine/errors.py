@@ -47,6 +47,10 @@ class StoreUnavailable(BloomError):
     """The database cannot be reached or failed mid-transaction (HTTP 503)."""
 
 
+class StoreFull(StoreUnavailable):
+    """The database has no room left to write (a full disk, a size limit) (HTTP 503)."""
+
+
 class StoreTimeout(StoreUnavailable):
     """The database did not answer in time (HTTP 503); whether a write was applied is unknown."""
 
@@ -83,6 +87,7 @@ class UnsafeURL(InvalidInput):
 # which can name database hosts, ports and names or outgoing URLs (those go to the log).
 _PUBLIC_SUMMARIES: tuple[tuple[type[BaseException], str], ...] = (
     (StoreTimeout, "storage did not answer in time"),
+    (StoreFull, "storage is full"),
     (StoreUnavailable, "storage unavailable"),
     (EngineTimeout, "did not answer in time"),
     (MembridgeUnavailable, "membridge circuit open"),

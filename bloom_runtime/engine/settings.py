@@ -136,6 +136,7 @@ class Settings:
     db_open_wait_s: float = 10.0
     db_statement_timeout_s: float = 5.0  # PostgreSQL: longest statement, and round trip (+1 s); 0: unbounded
     ask_timeout_s: float = 30.0
+    audit_backlog_max_s: float = 10.0  # /health is unhealthy while an audit entry waits longer than this
     audit_group_commit: bool = True
     audit_batch_max: int = 2000
     write_batch_max: int = 256

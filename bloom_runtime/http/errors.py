@@ -18,8 +18,8 @@ from bloom_runtime.engine.errors import (
     MembridgeUnavailable,
     NoCapacity,
     NotFound,
-    StoreTimeout,
     StoreUnavailable,
+    public_message,
 )
 
 log = logging.getLogger("bloom_runtime.http")
@@ -79,7 +79,7 @@ def handle_bloom_error(req: falcon.Request, resp: falcon.Response, exc: BloomErr
     if isinstance(exc, StoreUnavailable):
         # The driver's message may carry hosts or SQL; keep it in the server log.
         log.warning("store unavailable on %s %s: %s", req.method, req.path, exc.message)
-        write_error(resp, status, "storage did not answer in time" if isinstance(exc, StoreTimeout) else "storage unavailable")
+        write_error(resp, status, public_message(exc) or "storage unavailable")
         return
     write_error(resp, status, exc.message, exc.details)
 

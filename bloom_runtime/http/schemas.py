@@ -149,6 +149,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     storage: str
     storage_ok: bool
     storage_error: str | None = None
+    writes: dict[str, Any] = {}  # ok, last_success, last_error, last_failure, last_error_age_s, failures
+    audit: dict[str, Any] = {}  # pending, oldest_age_s
     membridge: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
     actors: dict[str, Any] = {}

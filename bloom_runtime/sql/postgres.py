@@ -60,6 +60,7 @@ from bloom_runtime.engine.errors import (
     NoCapacity,
     NotFound,
     StaleLease,
+    StoreFull,
     StoreTimeout,
     StoreUnavailable,
 )
@@ -358,6 +359,8 @@ def _translate(exc: BaseException, where: str) -> BloomError:
         return StoreTimeout(f"PostgreSQL at {where} cancelled a statement: {_reason(exc)}")
     if isinstance(exc, PoolTimeout):
         return StoreTimeout(f"no PostgreSQL connection available at {where} in time")
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StoreFull(f"PostgreSQL at {where} cannot write: {_reason(exc)}")
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(f"PostgreSQL at {where} is unavailable: {_reason(exc)}")
     sqlstate = getattr(exc, "sqlstate", None)

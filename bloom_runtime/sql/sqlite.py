@@ -28,6 +28,7 @@ from bloom_runtime.engine.errors import (
     NoCapacity,
     NotFound,
     StaleLease,
+    StoreFull,
     StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
@@ -64,6 +65,7 @@ DEFAULT_ARTIFACT_TYPE = "llm_output"  # when a completion names none
 _NO_CURSOR_TS = 2**63 - 1  # keyset start when no cursor: after every row
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
+_SQLITE_FULL = 13  # the disk (or max_page_count) has no room left
 
 if sqlite3.sqlite_version_info < (3, 35, 0):  # pragma: no cover - depends on the platform
     raise ImportError(f"bloom-runtime needs SQLite >= 3.35 (RETURNING); this Python has {sqlite3.sqlite_version}")
@@ -200,10 +202,12 @@ def _audit(r: Sequence[Any]) -> AuditEntry:
 
 
 def _translate(exc: sqlite3.Error) -> StoreUnavailable:
-    """Our error for a driver error: busy/locked is retryable, anything else is an outage."""
+    """Our error for a driver error: busy/locked is retryable, a full disk says so, anything else is an outage."""
     code = getattr(exc, "sqlite_errorcode", None)
     if (code is not None and (code & 0xFF) in (_SQLITE_BUSY, _SQLITE_LOCKED)) or "database is locked" in str(exc):
         return TransientConflict(f"SQLite database is locked: {exc}")
+    if code is not None and (code & 0xFF) == _SQLITE_FULL:
+        return StoreFull(f"SQLite cannot write: {exc}")
     return StoreUnavailable(f"SQLite error: {exc}")
 
 
