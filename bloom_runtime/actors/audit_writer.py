@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import deque
 from typing import Any
 
+import msgspec
 import pykka
 
 from bloom_runtime.actors.base import Flush, JobHealth, Record, Tick
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError
+from bloom_runtime.engine.errors import BloomError, StoreRefused
+from bloom_runtime.engine.models import NUL_REPLACEMENT, AuditEntry
 from bloom_runtime.sql.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,9 @@ class AuditWriter(pykka.ThreadingActor):
 
     If the store is down, entries stay pending and the next tick tries again;
     the callers waiting on them time out rather than hear a success that is not
-    durable.
+    durable. An entry the database refuses (``StoreRefused``, or a value the driver
+    cannot encode) is found by splitting its batch, stored with its unsafe
+    characters replaced, and the rest go on: one bad entry never holds up the others.
     """
 
     def __init__(
@@ -123,22 +128,93 @@ class AuditWriter(pykka.ThreadingActor):
                     count += len(rec.entries)
             else:
                 batch = [self._pending.popleft()]
-            try:
-                with self.store.transaction() as tx:
-                    tx.insert_audit([e for rec in batch for e in rec.entries])
-            except BloomError as exc:
-                self._pending.extendleft(reversed(batch))
-                self.health.failed(exc, self.clock.now_ms())
-                log.warning("audit: write failed, %d entries pending: %s", self.pending_count(), exc)
+            if not self._write_batch(batch):
                 return
-            except Exception as exc:
-                self._pending.extendleft(reversed(batch))
-                self.health.failed(exc, self.clock.now_ms())
-                log.exception("audit: write failed")
-                return
-            self.health.succeeded(self.clock.now_ms())
-            for rec in batch:
-                self.written += len(rec.entries)
-                self.backlog.removed(len(rec.entries))
+
+    def _write_batch(self, batch: list[Record]) -> bool:
+        """Commit the batch's entries, splitting around any the database refuses.
+
+        A refused entry is stored with its unsafe characters replaced, and its
+        neighbours are answered as usual. If the database itself fails, what is left
+        goes back to the front of the queue for the next tick; returns False then."""
+        entries = [e for rec in batch for e in rec.entries]
+        done = [False] * len(entries)
+        failure: BaseException | None = None
+        ranges = [(0, len(entries))]
+        while ranges and failure is None:
+            lo, hi = ranges.pop()
+            error = self._insert(entries[lo:hi])
+            if error is not None and _refused(error):
+                if hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    ranges += [(mid, hi), (lo, mid)]  # the first half first: entries keep their order
+                    continue
+                error = self._store_safe(entries[lo], error)
+            if error is not None:
+                failure = error
+                continue
+            done[lo:hi] = [True] * (hi - lo)
+        self._settle(batch, done)
+        now = self.clock.now_ms()
+        if failure is None:
+            self.health.succeeded(now)
+            return True
+        self.health.failed(failure, now)
+        if isinstance(failure, BloomError):
+            log.warning("audit: write failed, %d entries pending: %s", self.pending_count(), failure)
+        return False
+
+    def _insert(self, entries: list[AuditEntry]) -> BaseException | None:
+        try:
+            with self.store.transaction() as tx:
+                tx.insert_audit(entries)
+        except (BloomError, UnicodeError) as exc:  # UnicodeError: a value the driver cannot encode
+            return exc
+        except Exception as exc:
+            log.exception("audit: write failed")
+            return exc
+        return None
+
+    def _store_safe(self, entry: AuditEntry, refusal: BaseException) -> BaseException | None:
+        """Store a refused entry with its unsafe characters replaced; None once done (or given up on)."""
+        safe = safe_entry(entry)
+        error = self._insert([safe]) if safe != entry else refusal
+        if error is None:
+            log.warning("audit: entry %s (%s) refused as it was (%s); stored with unsafe characters replaced",
+                        entry.id, entry.action, refusal)
+            return None
+        if _refused(error):
+            # Nothing more can be done for it; the change it records stands either way.
+            log.error("audit: entry %s (%s) cannot be stored in any form (%s); dropped", entry.id, entry.action, error)
+            return None
+        return error
+
+    def _settle(self, batch: list[Record], done: list[bool]) -> None:
+        """Answer the records whose entries are all stored; put the rest back, in order, at the front."""
+        left: list[Record] = []
+        at = 0
+        for rec in batch:
+            flags, at = done[at : at + len(rec.entries)], at + len(rec.entries)
+            stored = sum(flags)
+            self.written += stored
+            self.backlog.removed(stored)
+            if stored == len(rec.entries):
                 if rec.reply is not None:
                     rec.reply.set(rec.value)
+            else:
+                left.append(Record([e for e, ok in zip(rec.entries, flags, strict=True) if not ok], rec.reply, rec.value))
+        self._pending.extendleft(reversed(left))
+
+
+_UNSAFE = re.compile("[\x00\ud800-\udfff]")  # NUL (PostgreSQL refuses it) and lone surrogates (no encoding has them)
+
+
+def safe_entry(entry: AuditEntry) -> AuditEntry:
+    """``entry`` with every NUL and lone surrogate in its text replaced by U+FFFD."""
+    texts = {f: getattr(entry, f) for f in entry.__struct_fields__}
+    return msgspec.structs.replace(entry, **{f: _UNSAFE.sub(NUL_REPLACEMENT, v) for f, v in texts.items() if isinstance(v, str)})
+
+
+def _refused(error: BaseException) -> bool:
+    """The database (or the driver) refused a value: splitting can isolate it. Anything else is an outage."""
+    return isinstance(error, StoreRefused) or not isinstance(error, BloomError)

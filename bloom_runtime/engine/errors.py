@@ -47,6 +47,10 @@ class StoreUnavailable(BloomError):
     """The database cannot be reached or failed mid-transaction (HTTP 503)."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The database refused a value of the write (retrying it as it is cannot succeed) (HTTP 503)."""
+
+
 class StoreFull(StoreUnavailable):
     """The database has no room left to write (a full disk, a size limit) (HTTP 503)."""
 

@@ -61,6 +61,7 @@ from bloom_runtime.engine.errors import (
     NotFound,
     StaleLease,
     StoreFull,
+    StoreRefused,
     StoreTimeout,
     StoreUnavailable,
 )
@@ -361,6 +362,9 @@ def _translate(exc: BaseException, where: str) -> BloomError:
         return StoreTimeout(f"no PostgreSQL connection available at {where} in time")
     if isinstance(exc, psycopg.errors.DiskFull):
         return StoreFull(f"PostgreSQL at {where} cannot write: {_reason(exc)}")
+    if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        sqlstate = getattr(exc, "sqlstate", None)
+        return StoreRefused(f"PostgreSQL at {where} refused a value: {_reason(exc)}" + (f" (sqlstate {sqlstate})" if sqlstate else ""))
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(f"PostgreSQL at {where} is unavailable: {_reason(exc)}")
     sqlstate = getattr(exc, "sqlstate", None)

@@ -29,6 +29,7 @@ from bloom_runtime.engine.errors import (
     NotFound,
     StaleLease,
     StoreFull,
+    StoreRefused,
     StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
@@ -208,6 +209,8 @@ def _translate(exc: sqlite3.Error) -> StoreUnavailable:
         return TransientConflict(f"SQLite database is locked: {exc}")
     if code is not None and (code & 0xFF) == _SQLITE_FULL:
         return StoreFull(f"SQLite cannot write: {exc}")
+    if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError)):
+        return StoreRefused(f"SQLite refused a value: {exc}")
     return StoreUnavailable(f"SQLite error: {exc}")
 
 
