@@ -1414,13 +1414,28 @@ class PostgresStore(Store):
 
     # --- reads ---------------------------------------------------------------
 
+    def _read(self, name: str, params: dict[str, Any], fetch: Callable[[psycopg.Cursor[Any]], Any]) -> Any:
+        for attempt in range(2):
+            with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
+                try:
+                    return fetch(conn.execute(Q[name], params))
+                except Unanswered:
+                    raise  # repeated, it would only double the wait
+                except psycopg.OperationalError:
+                    # A connection whose session the server ended (a restart, pg_terminate_backend)
+                    # is found out only when used, and its idle neighbours are likely gone too:
+                    # have the pool test them, and repeat the read (always safe) once.
+                    if attempt or not conn.closed:
+                        raise
+            if self._pool is not None:
+                self._pool.check()
+        raise AssertionError("unreachable")
+
     def _read_one(self, name: str, params: dict[str, Any]) -> Any:
-        with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
-            return conn.execute(Q[name], params).fetchone()
+        return self._read(name, params, lambda cur: cur.fetchone())
 
     def _read_all(self, name: str, params: dict[str, Any]) -> list[Any]:
-        with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
-            return conn.execute(Q[name], params).fetchall()
+        return self._read(name, params, lambda cur: cur.fetchall())
 
     @_translating
     def get_task(self, task_id: str) -> Task:

@@ -147,4 +147,24 @@ def test_migrate_against_a_hung_database_exits_2_at_db_open_wait(proxied_pg_url,
     )
     took = time.monotonic() - started
     assert done.returncode == 2 and "did not answer in time" in done.stderr, done.stderr
-    assert took < 2.0 + 1.5, took  # the wait, plus an interpreter's start
+    assert took < 2.0 + 2.5, took  # the wait, plus an interpreter's start on a busy machine (connect_timeout alone was 5 s)
+
+
+def test_reads_after_the_sessions_were_terminated_do_not_fail(pg_url):
+    """A pooled connection whose session the server ended is only found out when used: a read repeats once."""
+    store = PostgresStore(pg_url, pool_min=4, pool_max=4)
+    store.open(wait_s=10)
+    try:
+        for _ in range(8):
+            store.list_tasks(None, 10, None)  # every connection was just used: the pool will lend them unchecked
+        dbname = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = 'bloom-runtime'",
+                          (dbname,))
+            wait_for(lambda: admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'bloom-runtime'",
+                                           (dbname,)).fetchone() == (0,))
+        for _ in range(8):
+            store.list_tasks(None, 10, None)
+            store.stats()
+    finally:
+        store.close()
