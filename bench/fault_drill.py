@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,22 +42,13 @@ sys.path.insert(0, str(REPO))
 
 from tests.fault_proxy import FaultProxy  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from http_lifecycle import stop_server  # noqa: E402
+from membridge_outage import free_port, pct  # noqa: E402
+
 API = "/api/runtime"
 KINDS = ("create", "list", "get", "claim", "health")
 UNANSWERED = 0  # the status recorded for a request that got no HTTP answer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def with_dbname(url: str, dbname: str) -> str:
@@ -225,11 +215,7 @@ def main() -> int:
         print(f"after pg_terminate_backend of {killed} sessions: {len(errors)} errors in {len(after)} requests"
               + (f" ({sorted((x.kind, x.status) for x in errors)})" if errors else ""))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         proxy.close()
         with psycopg.connect(args.server_url, autocommit=True, connect_timeout=10) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
