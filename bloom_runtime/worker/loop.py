@@ -158,8 +158,10 @@ class Worker:
                 self.request_stop()
             self._drain(claimer)
         finally:
-            # Whatever way we leave (a crash, an interrupt in the drain), no command outlives us.
+            # Whatever way we leave (a crash, an interrupt in the drain), no command outlives
+            # us, and no result is retried after we are gone.
             self._kill_running()
+            self._give_up.set()
             self._client.close()
         if self._fatal is not None:
             raise self._fatal
