@@ -161,7 +161,9 @@ def proxied_pg_url(pg_url: str, fault_proxy: FaultProxy) -> str:
 
 @pytest.fixture
 def live_server() -> Iterator[Callable[..., LiveServer]]:
-    """Start ``LiveServer``s from ``Settings`` fields; all are closed at the end."""
+    """Start ``LiveServer``s from ``Settings`` fields; all are closed at the end.
+
+    With ``fault_proxy``, ask for this one after it, so the servers stop before the proxy does."""
     started: list[LiveServer] = []
 
     def start(**fields: Any) -> LiveServer:

@@ -104,7 +104,7 @@ def test_a_jammed_audit_writer_turns_health_unhealthy_until_its_backlog_drains(t
 
 
 @pytest.mark.postgres
-def test_postgres_writes_failing_and_a_hung_audit_writer_show_in_health(live_server, proxied_pg_url, fault_proxy):
+def test_postgres_writes_failing_and_a_hung_audit_writer_show_in_health(proxied_pg_url, fault_proxy, live_server):
     import requests
 
     server = live_server(database_url=proxied_pg_url, db_statement_timeout_s=0.5, audit_backlog_max_s=0.5,

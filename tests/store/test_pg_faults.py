@@ -28,7 +28,7 @@ STATEMENT_TIMEOUT_S = 1.0  # scaled down: a read gives up after this plus the 1 
 
 
 @pytest.fixture
-def hung_server(live_server, proxied_pg_url, fault_proxy):
+def hung_server(proxied_pg_url, fault_proxy, live_server):
     server = live_server(database_url=proxied_pg_url, db_statement_timeout_s=STATEMENT_TIMEOUT_S, rate_limit_per_s=0)
     s = requests.Session()
     task = s.post(server.url + "/llm-tasks", json=new_task()).json()
