@@ -130,6 +130,11 @@ POOL_CHECK_IDLE_S = 1.0
 OPEN_RETRY_INITIAL_S = 0.05  # first pause between connection attempts in open()
 OPEN_RETRY_MAX_S = 1.0
 POOL_FILL_MIN_S = 0.2  # filling the pool after a successful probe gets at least this
+# The pool retries a lost connection with doubling pauses until this long has passed,
+# then leaves the slot to the next caller that needs one (which tries at once). Its
+# default (5 min) let the pauses grow past a minute: the pool refilled long after
+# the database was back.
+RECONNECT_TIMEOUT_S = 10.0
 # First page of a keyset listing: every real row sorts below this bound.
 _FIRST_PAGE = (2**63 - 1, "")
 DEFAULT_ARTIFACT_TYPE = "llm_output"
@@ -1302,6 +1307,7 @@ class PostgresStore(Store):
                 # Autocommit: a read is one round trip; writes open `conn.transaction()`.
                 kwargs={"connect_timeout": self._connect_timeout, "autocommit": True, **self._session},
                 timeout=POOL_GETCONN_TIMEOUT_S,
+                reconnect_timeout=RECONNECT_TIMEOUT_S,
                 name="bloom-runtime",
             )
             try:
