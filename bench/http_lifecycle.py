@@ -55,15 +55,17 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def start_server(database_url: str, threads: int, key: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``bloom-runtime serve`` (rate limit off, one API key) and wait until it is healthy."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "DATABASE_URL")}
-    env.update(RUNTIME_API_KEY=f"bench={key or KEY}", RATE_LIMIT_PER_S="0")
+def start_server(
+    database_url: str, threads: int, key: str | None = None, *, port: int | None = None, env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``bloom-runtime serve`` (rate limit off, one API key, ``env`` on top) and wait until it is healthy."""
+    port = port or free_port()
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "DATABASE_URL")}
+    full_env.update(RUNTIME_API_KEY=f"bench={key or KEY}", RATE_LIMIT_PER_S="0", **(env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "bloom_runtime.cli", "--log-level", "WARNING", "serve", "--port", str(port),
          "--database-url", database_url, "--threads", str(threads)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/api/runtime"
     deadline = time.monotonic() + 60

@@ -127,6 +127,8 @@ def main() -> int:
     args = parser.parse_args()
 
     membridge = MembridgeServer().start()
+    for i in (1, 2):  # agents the sync keeps finding; their URLs are never called here
+        membridge.add_agent(f"node-{i}", f"http://10.0.0.{10 + i}:8001")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     tmp = Path(tempfile.mkdtemp(prefix="bloom-outage-"))

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from bloom_runtime import __version__
-from bloom_runtime.engine.errors import BloomError, ConfigError, SchemaTooNew, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, ConfigError, NotAdoptable, SchemaTooNew, StoreUnavailable
 
 # subcommand → module providing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, StoreUnavailable, SchemaTooNew) as exc:
+    except (ConfigError, StoreUnavailable, SchemaTooNew, NotAdoptable) as exc:
         print(f"bloom-runtime: {exc.message}", file=sys.stderr)
         return 2
     except BloomError as exc:

@@ -45,6 +45,20 @@ def run_together(n: int, body: Callable[[int], Any]) -> list[Any]:
     return out
 
 
+def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition", interval_s: float = 0.005) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned); fail after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
 STORE_FIXTURE = {"sqlite": "sqlite_store", "postgres": "pg_store"}
 
 TABLES = (
@@ -56,6 +70,9 @@ TABLES = (
     "audit_logs",
     "runtime_settings",
     "users",
+    "dispatch_deliveries",
+    "worker_trust",
+    "runtime_history",
 )
 
 
@@ -107,6 +124,17 @@ def truncate_pg(url: str) -> None:
         conn.execute("TRUNCATE " + ", ".join(TABLES))
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path) -> str:
+    """A database URL for an engine, the same test on both stores: a SQLite file of this
+    test's, or the run's PostgreSQL database, emptied."""
+    if request.param == "sqlite":
+        return "sqlite:///" + str(tmp_path / "bloom.db")
+    url = request.getfixturevalue("pg_url")
+    truncate_pg(url)
+    return url
+
+
 @pytest.fixture
 def pg_store(pg_url: str) -> Iterator[Store]:
     from bloom_runtime.sql.postgres import PostgresStore
@@ -137,6 +165,23 @@ def sqlite_store(tmp_path) -> Iterator[Store]:
 def store(request) -> Store:
     """The same test against both stores."""
     return request.getfixturevalue(STORE_FIXTURE[request.param])
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., Any]]:
+    """``agents(node_id, **options)`` starts one more membridge agent stand-in; all close at teardown."""
+    from .agent_standin import AgentStandIn
+
+    running: list[AgentStandIn] = []
+
+    def start(node_id: str = "node-1", **kwargs: Any) -> AgentStandIn:
+        agent = AgentStandIn(node_id, **kwargs).start()
+        running.append(agent)
+        return agent
+
+    yield start
+    for agent in running:
+        agent.close()
 
 
 # --- faults and real servers ------------------------------------------------------------

@@ -202,13 +202,14 @@ class FakeRuntime:
         }
         self.leases[lease["id"]] = lease
         task.update(status="leased", attempts=task["attempts"] + 1, lease_id=lease["id"], worker_id=worker_id)
-        return {"task": dict(task), "lease": dict(lease)}
+        return {"task": dict(task), "lease": dict(lease), "lease_token": "token-of-" + lease["id"]}
 
     def _fenced(self, task: dict[str, Any], body: dict[str, Any]) -> bool:
         return (
             task["status"] in ("leased", "running")
             and body.get("lease_id") == task["lease_id"]
             and body.get("worker_id") == task["worker_id"]
+            and body.get("lease_token") == "token-of-" + task["lease_id"]
         )
 
     def _heartbeat(self, task: dict[str, Any], body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:

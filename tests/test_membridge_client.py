@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from bloom_runtime.engine.agent_client import AgentClient
+from bloom_runtime.engine.agent_client import AGENT_HEADER, AgentClient
+from bloom_runtime.engine.breaker import BreakerRegistry
 from bloom_runtime.engine.errors import (
     ConfigError,
     InvalidInput,
@@ -19,11 +20,13 @@ from bloom_runtime.engine.errors import (
     MembridgeUnavailable,
     UnsafeURL,
 )
-from bloom_runtime.engine.membridge import ADMIN_HEADER, AGENT_HEADER, Backoff, BreakerRegistry, MembridgeClient
+from bloom_runtime.engine.membridge import ADMIN_HEADER, MembridgeClient
+from bloom_runtime.engine.outgoing import Backoff
 from bloom_runtime.engine.urls import AllowList, join, safe_path_segment, validate_outgoing_url
 
+from .agent_standin import AgentStandIn
 from .membridge_fixtures import agent_server, dead_agent_server, membridge_server  # noqa: F401
-from .membridge_server import MembridgeServer
+from .membridge_server import Answer, MembridgeServer
 
 KEY = "sk-membridge-SECRET-7f3a9c"
 AGENT_KEY = "sk-agent-SECRET-41bd"
@@ -155,6 +158,46 @@ def test_validate_outgoing_url_refuses(url: str, fragment: str) -> None:
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::ffff:169.254.169.254]/",  # IPv4-mapped
+        "http://[::ffff:a9fe:a9fe]/latest",  # the same, in hex
+        "http://[::169.254.169.254]/",  # IPv4-compatible
+        "http://[2002:a9fe:a9fe::1]/",  # 6to4
+        "http://[64:ff9b::169.254.169.254]/",  # NAT64, well-known prefix
+        "http://[64:ff9b:1:a9fe:a9:fe00::]/",  # NAT64, local-use /48 layout
+        "http://[2001:0:4136:e378:8000:63bf:5601:5601]/",  # Teredo, client 169.254.169.254 obfuscated
+        "http://[fe80::1]/",
+        "http://[fe80::1%25eth0]/",  # zone id
+        "http://169.254.169.254./",  # trailing dot
+        "http://[fd00:ec2::254]/",  # AWS metadata over IPv6
+        "http://100.100.100.200/",  # Alibaba metadata
+        "http://[::ffff:0.0.0.0]/",
+        "http://0.1.2.3/",  # 0/8 reaches this host on Linux
+        "http://[::]/",
+        "http://255.255.255.255/",
+        "http://0251.0376.0251.0376/",  # octal
+        "http://0xa9.0xfe.0xa9.0xfe/",  # hex
+        "http://2852039166/",  # decimal
+        "http://169.254.43518/",  # short form
+        "http://[ff02::1]/",
+    ],
+)
+def test_every_address_form_is_judged_by_the_address_it_carries(url: str) -> None:
+    with pytest.raises(UnsafeURL):
+        validate_outgoing_url(url, None)
+
+
+def test_allow_list_opts_in_to_a_refused_network_but_mapped_forms_only_match_their_ipv4() -> None:
+    allowed = AllowList.parse("169.254.0.0/16,10.0.0.0/8")
+    assert validate_outgoing_url("http://169.254.169.254/", allowed) == "http://169.254.169.254"
+    assert validate_outgoing_url("http://[::ffff:10.0.0.5]:8001/", allowed) == "http://[::ffff:10.0.0.5]:8001"
+    with pytest.raises(UnsafeURL):  # a 6to4 address is reached through a relay, not at 10.0.0.5
+        validate_outgoing_url("http://[2002:a00:5::1]/", allowed)
+    assert validate_outgoing_url("http://[::ffff:127.0.0.1]:9/", None) == "http://[::ffff:127.0.0.1]:9"  # loopback is fine
+
+
 def test_allow_list_hosts_networks_and_suffixes() -> None:
     allowed = AllowList.parse(" membridge.internal, 10.0.0.0/8,*.example.org , 192.168.1.5, fd00::/8 ")
     assert allowed.allows("membridge.internal")
@@ -230,14 +273,25 @@ def test_backoff_delays() -> None:
 # --- requests, retries --------------------------------------------------------------------------
 
 
+def seed(membridge_server: MembridgeServer) -> None:  # noqa: F811
+    """Two agents: node-a contacted once by the control plane (float last_seen), node-b never."""
+    now = time.time()
+    membridge_server.add_agent("node-a", "http://10.0.0.11:8001", at_s=now - 3600.5)
+    membridge_server.add_agent("node-b", "http://10.0.0.12:8001", at_s=now - 7200.0)
+    membridge_server.state.agents["node-a"].update(status="online", last_seen=now - 1.25)
+
+
 def test_health_and_agents_send_the_admin_key(
     make_client: Callable[..., MembridgeClient], membridge_server: MembridgeServer  # noqa: F811
 ) -> None:
+    seed(membridge_server)
+    membridge_server.admin_key = KEY  # the real control plane checks it on every route but /health
     client = make_client()
     assert client.health()["status"] == "ok"
     agents = client.agents()
     assert [a["name"] for a in agents] == ["node-a", "node-b"]
-    assert isinstance(agents[0]["last_seen"], float)
+    assert isinstance(agents[0]["last_seen"], float) and agents[1]["last_seen"] is None
+    assert agents[1]["status"] == "unknown"
     assert all(r.headers[ADMIN_HEADER] == KEY for r in membridge_server.requests)
     state = client.state()
     assert state["connected"] is True
@@ -274,6 +328,7 @@ def test_5xx_is_retried_with_the_expected_delays(
 def test_transient_5xx_then_success(
     make_client: Callable[..., MembridgeClient], membridge_server: MembridgeServer, sleeps: Sleeps  # noqa: F811
 ) -> None:
+    seed(membridge_server)
     client = make_client()
     membridge_server.fail("500", "GET /agents", times=2)
     assert len(client.agents()) == 2
@@ -290,7 +345,7 @@ def test_4xx_is_returned_at_once_and_counts_as_success(
     membridge_server.fail("404")
     response = client.request("GET", "/health")
     assert response.status == 404 and not response.ok
-    assert response.data == {"error": "injected not found"}
+    assert response.data == {"detail": "injected not found"}
     assert membridge_server.count() == 1
     assert sleeps.delays == []
     assert client.state()["breaker"] == "closed"
@@ -377,7 +432,7 @@ def test_redirects_are_not_followed(
 def test_malformed_agents_answers(
     make_client: Callable[..., MembridgeClient], membridge_server: MembridgeServer, agents: Any  # noqa: F811
 ) -> None:
-    membridge_server.state.agents = agents
+    membridge_server.route = lambda *_: Answer(200, agents)  # type: ignore[method-assign]
     with pytest.raises(MembridgeError, match="malformed /agents response"):
         make_client().agents()
 
@@ -401,6 +456,7 @@ def test_malformed_json(
 def test_oversized_answer_is_refused(
     make_client: Callable[..., MembridgeClient], membridge_server: MembridgeServer  # noqa: F811
 ) -> None:
+    seed(membridge_server)
     client = make_client(max_body_bytes=64)
     with pytest.raises(MembridgeError, match="response too large"):
         client.agents()
@@ -411,15 +467,20 @@ def test_pass_through_routes(
     make_client: Callable[..., MembridgeClient], membridge_server: MembridgeServer  # noqa: F811
 ) -> None:
     client = make_client()
-    assert [p["cid"] for p in client.get_json("/projects")] == ["proj-1", "proj-2"]
-    cid = safe_path_segment("proj-1", what="project id")
-    assert client.get_json(join("", "projects", cid, "leadership"))["leader"] == "node-a"
-    assert len(client.get_json(join("", "projects", cid, "nodes"))) == 2
-    selected = client.request("POST", join("", "projects", cid, "leadership", "select"), json={"node": "node-b"})
-    assert selected.status == 200 and selected.data["leader"] == "node-b"
-    assert membridge_server.requests[-1].json == {"node": "node-b"}
+    cid = membridge_server.add_project("garden")
+    assert [p["canonical_id"] for p in client.get_json("/projects")] == [cid]
+    cid = safe_path_segment(cid, what="project id")
+    assert client.request("POST", "/agent/heartbeat", json={"node_id": "node-a", "canonical_id": cid}).ok
+    assert client.get_json(join("", "projects", cid, "leadership"))["node_count"] == 1
+    assert [n["node_id"] for n in client.get_json(join("", "projects", cid, "nodes"))] == ["node-a"]
+    body = {"primary_node_id": "node-a", "lease_seconds": 60}
+    selected = client.request("POST", join("", "projects", cid, "leadership", "select"), json=body)
+    assert selected.status == 200 and selected.data["primary_node_id"] == "node-a"
+    assert membridge_server.requests[-1].json == body
     assert membridge_server.requests[-1].headers[ADMIN_HEADER] == KEY
-    assert client.request("GET", join("", "projects", "nope", "nodes")).status == 404
+    refused = client.request("POST", join("", "projects", cid, "leadership", "select"), json={"node": "node-a"})
+    assert refused.status == 422 and refused.data["detail"][0]["loc"] == ["body", "primary_node_id"]
+    assert client.request("GET", "/nope").status == 404
 
 
 @pytest.mark.parametrize(
@@ -646,11 +707,15 @@ def test_admin_key_never_leaks(
 # --- worker agents ----------------------------------------------------------------------------------------
 
 
-def test_post_execute_task(make_agent_client: Callable[..., AgentClient], agent_server: MembridgeServer) -> None:  # noqa: F811
+TASK = {"task_id": "t1", "prompt": "hi", "context_id": "ctx"}
+
+
+def test_post_execute_task(make_agent_client: Callable[..., AgentClient], agent_server: AgentStandIn) -> None:  # noqa: F811
     client = make_agent_client()
-    payload = {"task_id": "t1", "prompt": "hi", "runtime_url": "http://127.0.0.1:5000/api/leases/l1"}
+    agent_server.agent_key = AGENT_KEY
+    payload = {**TASK, "runtime_url": None}
     response = client.post_execute_task(agent_server.url + "/", payload, AGENT_KEY)
-    assert response.status == 202 and response.data == {"accepted": True}
+    assert response.status == 200 and response.data["ok"] is True and response.data["output"] == "done: hi"
     [received] = agent_server.requests
     assert received.route == "POST /execute-task"
     assert received.headers[AGENT_HEADER] == AGENT_KEY
@@ -658,46 +723,56 @@ def test_post_execute_task(make_agent_client: Callable[..., AgentClient], agent_
     assert received.headers["Content-Type"] == "application/json"
     assert received.json == payload
 
-    agent_server.state.execute_status = 409
-    assert client.post_execute_task(agent_server.url, payload, AGENT_KEY).status == 409  # refusal is returned
+    refused = client.post_execute_task(agent_server.url, payload, "another-agent-key")
+    assert refused.status == 401 and "X-MEMBRIDGE-AGENT" in refused.data["detail"]  # refusal is returned
+    assert client.health(agent_server.url).data["service"] == "membridge-agent"
+
+
+def test_agent_key_header_only_when_set(make_agent_client: Callable[..., AgentClient], agent_server: AgentStandIn) -> None:  # noqa: F811
+    client = make_agent_client()
+    assert client.post_execute_task(agent_server.url, TASK, None).data["ok"] is True
+    assert client.post_execute_task(agent_server.url, TASK, "").data["ok"] is True
+    assert all(AGENT_HEADER.lower() not in {h.lower() for h in r.headers} for r in agent_server.requests)
 
 
 def test_execute_task_retries(
     make_agent_client: Callable[..., AgentClient],
-    agent_server: MembridgeServer,  # noqa: F811
-    dead_agent_server: MembridgeServer,  # noqa: F811
+    agent_server: AgentStandIn,  # noqa: F811
+    dead_agent_server: AgentStandIn,  # noqa: F811
     sleeps: Sleeps,
 ) -> None:
     client = make_agent_client(breaker_fail_max=100)
     agent_server.fail("500")
     with pytest.raises(MembridgeError, match="worker agent answered 500") as info:
-        client.post_execute_task(agent_server.url, {"task_id": "t1"}, AGENT_KEY)
-    assert info.value.details == {"url": agent_server.url, "status": 500}
+        client.post_execute_task(agent_server.url, TASK, AGENT_KEY)
+    assert info.value.details == {"url": agent_server.url, "status": 500, "reached": True}
     assert agent_server.count() == 1 and sleeps.delays == []  # it may have started the task
-    with pytest.raises(MembridgeError, match="worker agent unreachable: connection refused"):
-        client.post_execute_task(dead_agent_server.url, {"task_id": "t1"}, AGENT_KEY)
+    with pytest.raises(MembridgeError, match="worker agent unreachable: connection refused") as info:
+        client.post_execute_task(dead_agent_server.url, TASK, AGENT_KEY)
+    assert info.value.details["reached"] is False
     assert sleeps.delays == pytest.approx(EXPECTED_DELAYS)
 
 
 def test_per_worker_breakers_are_independent(
     make_agent_client: Callable[..., AgentClient],
-    agent_server: MembridgeServer,  # noqa: F811
-    dead_agent_server: MembridgeServer,  # noqa: F811
+    agent_server: AgentStandIn,  # noqa: F811
+    dead_agent_server: AgentStandIn,  # noqa: F811
 ) -> None:
     client = make_agent_client(retries=0, breaker_fail_max=1, breaker_reset_s=30.0)
     with pytest.raises(MembridgeError, match="unreachable"):
-        client.post_execute_task(dead_agent_server.url, {"task_id": "t1"}, AGENT_KEY)
-    error, elapsed = timed(lambda: client.post_execute_task(dead_agent_server.url, {"task_id": "t1"}, AGENT_KEY))
+        client.post_execute_task(dead_agent_server.url, TASK, AGENT_KEY)
+    error, elapsed = timed(lambda: client.post_execute_task(dead_agent_server.url, TASK, AGENT_KEY))
     assert isinstance(error, MembridgeUnavailable) and elapsed < FAST_FAIL_S
-    assert error.message.startswith("worker agent circuit open")
-    assert client.post_execute_task(agent_server.url, {"task_id": "t2"}, AGENT_KEY).status == 202
+    assert error.message.startswith("worker agent circuit open") and error.details["reached"] is False
+    assert 29 < (client.breaker_retry_after(dead_agent_server.url) or 0) <= 30
+    assert client.post_execute_task(agent_server.url, TASK, AGENT_KEY).status == 200
     assert client.breaker_state(dead_agent_server.url) == "open"
     assert client.breaker_state(agent_server.url) == "closed"
     assert client.state()["breakers"] == {dead_agent_server.url: "open", agent_server.url: "closed"}
 
 
 def test_execute_task_validates_the_worker_url(
-    make_agent_client: Callable[..., AgentClient], agent_server: MembridgeServer  # noqa: F811
+    make_agent_client: Callable[..., AgentClient], agent_server: AgentStandIn  # noqa: F811
 ) -> None:
     client = make_agent_client(allowed=AllowList.parse("10.0.0.0/8"))
     for url in (agent_server.url, "ftp://10.0.0.1/", "http://u:pw@10.0.0.1/", "http://10.0.0.1/?x=1"):
@@ -708,3 +783,97 @@ def test_execute_task_validates_the_worker_url(
     error, _ = timed(lambda: make_agent_client().post_execute_task(agent_server.url, {}, "bad key " + AGENT_KEY))
     assert isinstance(error, MembridgeError) and AGENT_KEY not in str(error)
     assert agent_server.requests == []
+
+
+# --- the transport: one wall-clock deadline, the address policy at connect time ------------------
+
+
+@pytest.mark.parametrize("which", ["membridge", "agent"])
+def test_a_dripping_peer_is_cut_at_the_deadline(
+    make_client: Callable[..., MembridgeClient],
+    make_agent_client: Callable[..., AgentClient],
+    membridge_server: MembridgeServer,  # noqa: F811
+    agent_server: AgentStandIn,  # noqa: F811
+    which: str,
+) -> None:
+    # Headers at once, then one byte every 50 ms: each read returns within the read
+    # timeout, so only a wall-clock deadline stops it (the body would take 50 s).
+    timeout_s = 0.4
+    server: Any = membridge_server if which == "membridge" else agent_server
+    server.drip_interval_s = 0.05
+    server.fail("drip", "GET /health")
+    if which == "membridge":
+        call: Callable[[], Any] = lambda: make_client(timeout_s=timeout_s, retries=0).health()  # noqa: E731
+    else:
+        call = lambda: make_agent_client(timeout_s=timeout_s).health(agent_server.url)  # noqa: E731
+    assert server.count("GET /health") == 0
+    error, elapsed = timed(call)
+    assert isinstance(error, MembridgeError) and "timed out" in error.message, error
+    assert error.details["reached"] is True
+    assert timeout_s <= elapsed < timeout_s + 0.3, elapsed
+    assert server.wait_for_requests(1, route="GET /health")
+
+
+def test_the_deadline_covers_the_whole_attempt_not_each_read(agent_server: AgentStandIn) -> None:  # noqa: F811
+    from bloom_runtime.engine.transport import Transport, deadline
+
+    agent_server.drip_interval_s = 0.02
+    agent_server.fail("drip")
+    with Transport() as transport, deadline(0.3):
+        started = time.monotonic()
+        with pytest.raises(Exception, match="timed out"), transport.session.get(agent_server.url + "/health", stream=True, timeout=5) as r:
+            for _ in r.iter_content(1):
+                pass
+        assert time.monotonic() - started < 0.6
+
+
+def fake_resolver(*addresses: str) -> Callable[[str, int], list[tuple[Any, ...]]]:
+    import socket
+
+    def resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        for a in addresses:
+            family = socket.AF_INET6 if ":" in a else socket.AF_INET
+            out.append((family, socket.SOCK_STREAM, 6, "", (a, port) if family == socket.AF_INET else (a, port, 0, 0)))
+        return out
+
+    return resolve
+
+
+def test_a_hostname_resolving_to_a_refused_address_is_not_connected_to(agent_server: AgentStandIn) -> None:  # noqa: F811
+    from bloom_runtime.engine.transport import Transport
+
+    for refused in (["169.254.169.254"], ["::ffff:169.254.169.254"], ["fd00:ec2::254", "0.0.0.0"]):
+        with AgentClient(retries=3, transport=Transport(resolver=fake_resolver(*refused)), breaker_fail_max=1) as client:
+            try:
+                client.post_execute_task(f"http://agent.internal:{agent_server.port}", TASK, AGENT_KEY)
+            except MembridgeError as exc:
+                error = exc
+            assert isinstance(error, MembridgeError) and "refused" in error.message, error
+            assert error.details["reached"] is False and AGENT_KEY not in str(error)
+            # The policy, not a down peer: no retries, and the breaker stays closed.
+            assert client.state()["attempts"] == 1 and client.breaker_state(f"http://agent.internal:{agent_server.port}") == "closed"
+    assert agent_server.requests == []
+    # Among several addresses, only the allowed ones are tried.
+    with AgentClient(transport=Transport(resolver=fake_resolver("169.254.169.254", "127.0.0.1"))) as client:
+        assert client.health(f"http://agent.internal:{agent_server.port}").ok
+    assert agent_server.count("GET /health") == 1
+
+
+def test_abort_all_ends_calls_in_flight(agent_server: AgentStandIn) -> None:  # noqa: F811
+    agent_server.fail("hang", "POST /execute-task")
+    client = AgentClient(timeout_s=30.0, retries=0)
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("error", timed(lambda: client.post_execute_task(agent_server.url, TASK, None))))
+    runner.start()
+    try:
+        assert agent_server.wait_for_hanging(1)
+        client.abort_all()
+        runner.join(timeout=5)
+        assert not runner.is_alive()
+    finally:
+        agent_server.release()
+        runner.join()
+        client.close()
+    error, elapsed = outcome["error"]
+    assert isinstance(error, MembridgeError) and elapsed < 5

@@ -18,9 +18,9 @@ from bloom_runtime.engine.models import NewTask
 from bloom_runtime.engine.settings import Secret, Settings
 from bloom_runtime.http import create_app
 
-from .conftest import truncate_pg
+from .conftest import wait_for
 from .membridge_fixtures import membridge_server  # noqa: F401
-from .membridge_server import MembridgeServer
+from .membridge_server import Answer, MembridgeServer, canonical_id
 
 ADMIN_KEY = "sk-membridge-ADMIN-SECRET-9d2e"
 FAST_FAIL_S = 0.05
@@ -35,15 +35,6 @@ TUNING = {
 SYNC_LOGGER = "bloom_runtime.actors.membridge_syncer"
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.005)
 
 
 def agent(name: str, now_s: float, *, status: str = "online", seen_ago_s: float = 1.0, url: str | None = None) -> dict[str, Any]:
@@ -51,13 +42,6 @@ def agent(name: str, now_s: float, *, status: str = "online", seen_ago_s: float 
             "registered_at": now_s - 3600.5, "last_seen": now_s - seen_ago_s}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return "sqlite:///" + str(tmp_path / "bloom.db")
-    url = request.getfixturevalue("pg_url")
-    truncate_pg(url)
-    return url
 
 
 @pytest.fixture
@@ -77,6 +61,7 @@ def make_engine(tmp_path, clock: ManualClock, membridge_server: MembridgeServer)
             "membridge_sync_interval_s": 3600.0,  # the tests run the syncs
             "lease_sweep_interval_s": 3600.0,
             "worker_offline_after_s": 60.0,
+            "agent_probe_interval_s": 0,  # the agents' 10.0.0.x URLs lead nowhere
             "ask_timeout_s": 10.0,
             "extra": dict(TUNING),
         }
@@ -94,45 +79,51 @@ def workers(engine: Engine) -> dict[str, Any]:
     return {w.id: w for w in engine.workers.list()}
 
 
-def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url, clock, membridge_server):  # noqa: F811
+def test_sync_adds_merges_and_leaves_leases(make_engine, database_url, clock, membridge_server):  # noqa: F811
     engine = make_engine(database_url)
     now_s = clock.now_ms() / 1000
-    membridge_server.state.agents = [agent("node-a", now_s, seen_ago_s=1.25),
-                                      agent("node-b", now_s, status="offline", seen_ago_s=300.0)]
+    membridge_server.set_agents([agent("node-a", now_s, seen_ago_s=1.25),
+                                 agent("node-b", now_s, status="offline", seen_ago_s=300.0)])
     created = engine.membridge.sync_now()
     assert sorted((w.id, new) for w, new in created) == [("node-a", True), ("node-b", True)]
     ws = workers(engine)
     a = ws["node-a"]
-    assert (a.status, a.source, a.url) == ("online", "membridge", "http://10.0.0.6:8001")
+    assert (a.status, a.source, a.url, a.url_verified) == ("online", "membridge", "http://10.0.0.6:8001", True)
     assert a.last_heartbeat == round((now_s - 1.25) * 1000)  # float seconds → ms
     assert ws["node-b"].status == "offline"
-    assert [r.headers.get("X-MEMBRIDGE-ADMIN") for r in membridge_server.requests] == [ADMIN_KEY]
+    # /agents, then where heartbeats show: every project's nodes, each node's own id.
+    assert [r.route for r in membridge_server.requests] == [
+        "GET /agents", "GET /projects", f"GET /projects/{canonical_id('node-a')}/nodes", f"GET /projects/{canonical_id('node-b')}/nodes"]
+    assert {r.headers.get("X-MEMBRIDGE-ADMIN") for r in membridge_server.requests} == {ADMIN_KEY}
 
     task, _ = engine.tasks.create(NewTask(context_id="ctx", agent_slug="w", prompt="p"))
     grant = engine.leases.acquire(task.id, "node-a")
 
-    # Update node-a (new URL, fresher sighting), node-b comes online, node-c appears.
+    # node-a moves and is seen again, node-b comes back, node-c appears.
     clock.advance(10_000)
     now_s = clock.now_ms() / 1000
-    membridge_server.state.agents = [agent("node-a", now_s, url="http://10.0.0.99:8001"),
-                                     agent("node-b", now_s, status="healthy"), agent("node-c", now_s)]
+    membridge_server.set_agents([agent("node-a", now_s, url="http://10.0.0.99:8001"),
+                                 agent("node-b", now_s, status="healthy"), agent("node-c", now_s)])
     changed = engine.membridge.sync_now()
     assert sorted((w.id, new) for w, new in changed) == [("node-a", False), ("node-b", False), ("node-c", True)]
     ws = workers(engine)
-    assert ws["node-a"].url == "http://10.0.0.99:8001" and ws["node-a"].last_heartbeat == round((now_s - 1) * 1000)
+    assert ws["node-a"].url == "http://10.0.0.99:8001" and ws["node-a"].url_verified
+    assert ws["node-a"].last_heartbeat == round((now_s - 1) * 1000)
     assert ws["node-b"].status == "online" and ws["node-c"].status == "online"
+    entries = [(e.action, e.entity_id, e.detail) for e in engine.audit.list(limit=100).items]
+    assert ("worker_online", "node-b", "offline -> online: membridge last_seen 1 s ago") in entries
 
-    # node-a disappears: still online within worker_offline_after (60 s), offline after it.
-    for step_ms, expected in ((30_000, "online"), (31_000, "offline")):
-        clock.advance(step_ms)
-        now_s = clock.now_ms() / 1000
-        membridge_server.state.agents = [agent("node-b", now_s), agent("node-c", now_s)]
-        engine.membridge.sync_now()
-        assert workers(engine)["node-a"].status == expected
-    assert workers(engine)["node-b"].status == "online"
-    # The syncer or the registry's liveness check (its timer runs too) offlines it, audited either way.
-    actions = [(e.action, e.entity_id) for e in engine.audit.list(limit=100).items]
-    assert ("worker_offline", "node-a") in actions
+    # node-a disappears from /agents: a sync never offlines (the control plane forgets
+    # everything when it restarts); its silence does, after WORKER_OFFLINE_AFTER.
+    membridge_server.set_agents([agent("node-b", now_s), agent("node-c", now_s)])
+    assert engine.membridge.sync_now() == []  # and nothing else changed: no write at all
+    clock.advance(55_000)
+    engine.workers.check_liveness_now()
+    assert workers(engine)["node-a"].status == "online"
+    clock.advance(10_000)
+    engine.workers.check_liveness_now()
+    assert workers(engine)["node-a"].status == "offline"
+    assert ("worker_offline", "node-a") in [(e.action, e.entity_id) for e in engine.audit.list(limit=100).items]
     # Leases are never touched by a sync.
     assert engine.leases.get(grant.lease.id).status == "active"
     assert engine.tasks.get(task.id).status == "leased"
@@ -141,18 +132,20 @@ def test_sync_adds_updates_offlines_and_leaves_leases(make_engine, database_url,
 @pytest.mark.parametrize("mode", ["malformed", "500", "hang", "refuse", "bad-entry", "not-a-list"])
 def test_failed_sync_changes_nothing_and_logs_one_line(make_engine, membridge_server, clock, caplog, mode):  # noqa: F811
     engine = make_engine()
+    now_s = clock.now_ms() / 1000
+    membridge_server.set_agents([agent("node-a", now_s)])
     engine.membridge.sync_now()
     before = (workers(engine), len(engine.audit.list(limit=1000).items))
     job_before = engine.jobs["membridge_sync"].snapshot()
     # The answer would change everything if it were applied.
     now_s = clock.now_ms() / 1000
-    membridge_server.state.agents = [agent("node-a", now_s, status="error"), agent("node-z", now_s)]
+    membridge_server.set_agents([agent("node-a", now_s, status="error"), agent("node-z", now_s)])
     if mode == "refuse":
         membridge_server.refuse()
     elif mode == "bad-entry":
-        membridge_server.state.agents.append({"name": "bad name with spaces/..", "status": "online"})
+        membridge_server.state.agents["bad"] = {"name": "bad name with spaces/..", "status": "online"}
     elif mode == "not-a-list":
-        membridge_server.state.agents = {"agents": []}  # type: ignore[assignment]
+        membridge_server.route = lambda *_: Answer(200, {"agents": []})  # type: ignore[method-assign]
     else:
         membridge_server.fail(mode, "GET /agents")
     caplog.set_level(logging.DEBUG)
@@ -169,7 +162,8 @@ def test_failed_sync_changes_nothing_and_logs_one_line(make_engine, membridge_se
     assert all(ADMIN_KEY not in r.getMessage() for r in caplog.records)
 
 
-def test_tick_while_sync_running_is_skipped(make_engine, membridge_server):  # noqa: F811
+def test_tick_while_sync_running_is_skipped(make_engine, membridge_server, clock):  # noqa: F811
+    membridge_server.set_agents([agent("node-a", clock.now_ms() / 1000)])
     engine = make_engine(extra={**TUNING, "membridge_timeout_s": 3.0, "membridge_retries": 0})
     membridge_server.fail("hang", "GET /agents", times=1)
     first: dict[str, Any] = {}
@@ -212,16 +206,19 @@ def test_breaker_opens_fails_fast_half_opens_and_closes(make_engine, membridge_s
 
     membridge_server.refuse()
     r = client.simulate_post("/api/runtime/test-connection")
-    assert r.status_code == 502 and "unreachable" in r.json["error"]
+    assert r.status_code == 200 and r.json["connected"] is False and "unreachable" in r.json["error"]
     h = health()
     assert (h["breaker"], h["connected"], h["consecutiveFailures"]) == ("open", False, 2) and h["lastError"]
 
-    for call in (lambda: client.simulate_post("/api/runtime/test-connection"),
-                 lambda: client.simulate_get("/api/membridge/projects")):
-        started = time.monotonic()
-        r = call()
-        assert time.monotonic() - started < FAST_FAIL_S
-        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "circuit open" in r.json["error"]
+    started = time.monotonic()
+    r = client.simulate_post("/api/runtime/test-connection")
+    assert time.monotonic() - started < FAST_FAIL_S
+    assert r.status_code == 200 and r.json["connected"] is False and "circuit open" in r.json["error"]
+    assert r.json["retry_after_s"] > 0
+    started = time.monotonic()
+    r = client.simulate_get("/api/membridge/projects")
+    assert time.monotonic() - started < FAST_FAIL_S
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "circuit open" in r.json["error"]
     with pytest.raises(MembridgeError):
         engine.membridge.sync_now()  # a sync while open fails fast too, counted
     assert health()["sync"]["failures"] == 1
@@ -239,7 +236,20 @@ def test_breaker_opens_fails_fast_half_opens_and_closes(make_engine, membridge_s
     assert ADMIN_KEY not in metrics and ADMIN_KEY not in client.simulate_get("/api/runtime/health").text
 
 
-def test_sync_ticker_runs_by_itself(make_engine, membridge_server):  # noqa: F811
+def test_sync_ticker_runs_by_itself(make_engine, membridge_server, clock):  # noqa: F811
+    membridge_server.set_agents([agent("node-a", clock.now_ms() / 1000)])
     engine = make_engine(membridge_sync_interval_s=0.05)
     wait_for(lambda: "node-a" in workers(engine))
     wait_for(lambda: engine.membridge.state()["sync"]["successes"] >= 2)
+
+
+def test_an_agent_url_that_fails_the_check_is_shown_but_never_vouched_for(make_engine, membridge_server, clock):  # noqa: F811
+    engine = make_engine()
+    now_s = clock.now_ms() / 1000
+    membridge_server.set_agents([agent("node-meta", now_s, url="http://[::ffff:169.254.169.254]:80"),
+                                 agent("node-ok", now_s, url="http://10.0.0.7:8001/")])
+    engine.membridge.sync_now()
+    ws = workers(engine)
+    assert ws["node-meta"].url == "http://[::ffff:169.254.169.254]:80" and not ws["node-meta"].url_verified
+    assert ws["node-ok"].url == "http://10.0.0.7:8001" and ws["node-ok"].url_verified  # normalised, then vouched for
+    assert engine.store.worker_trust() == {"node-ok": "http://10.0.0.7:8001"}

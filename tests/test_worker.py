@@ -128,8 +128,12 @@ def test_registers_with_capabilities_and_names_lease_on_every_call(fake: FakeRun
     assert reg["install_method"] == "bloom-runtime worker" and reg["agent_version"].startswith("bloom-runtime ")
     claim = fake.calls_to("/claim")[0].body
     assert claim == {"wait_seconds": POLL_WAIT_S, "ttl_seconds": 1}
-    for call in fake.calls_to("/heartbeat") + fake.calls_to("/complete"):
-        assert call.body["lease_id"] == fake.tasks[task["id"]]["lease_id"] and call.body["worker_id"] == "gpu-box"
+    calls = fake.calls_to("/heartbeat") + fake.calls_to("/complete")
+    assert calls
+    lease_id = fake.tasks[task["id"]]["lease_id"]
+    for call in calls:
+        assert call.body["lease_id"] == lease_id and call.body["worker_id"] == "gpu-box"
+        assert call.body["lease_token"] == "token-of-" + lease_id  # the token from the claim
 
 
 def test_success_output_is_stdout(fake: FakeRuntime) -> None:
@@ -303,6 +307,9 @@ def test_reregisters_when_the_runtime_forgot_it(fake: FakeRuntime) -> None:
     with running(run, upper, runtime_url=fake.url, name="w1", backoff=fast_backoff, poll_wait_s=POLL_WAIT_S):
         fake.wait_for(lambda: fake.workers)
         fake.forget_workers()
+        # A claim already waiting when the runtime forgot the worker may still be answered
+        # with a task; the worker must meet the 404 before the task arrives.
+        fake.wait_for(lambda: any(c.status == 404 for c in fake.calls if c.path.endswith("/claim")))
         task = fake.add_task("again")
         done = completion(fake, task["id"])
     assert done["output"] == "AGAIN"

@@ -387,7 +387,7 @@ def test_labelled_task_goes_only_to_the_worker_with_the_label(cluster: Cluster) 
         assert task["status"] == "completed" and task["worker_id"] == "w-gpu", task
         assert cluster.results(task_id) == [("w-gpu", "success", expected_output(f"gpu job {i}"), None)]
         assert cluster.leases(task_id) == [("w-gpu", "released")]
-    with cluster.session.get(cluster.url + "/runs", params={"limit": 100}) as r:
+    with cluster.session.get(cluster.url + "/results", params={"limit": 100}) as r:
         runs = {run["task_id"]: run for run in items(r.json())}
     assert {runs[t]["worker_id"] for t in gpu} == {"w-gpu"}
     assert all(runs[t]["status"] == "success" for t in gpu + plain)

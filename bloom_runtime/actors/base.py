@@ -115,16 +115,21 @@ class JobHealth:
 
 
 class Ticker:
-    """Tells an actor ``Tick()`` every ``interval_s`` on a non-daemon thread.
+    """Tells an actor ``message()`` (``Tick()`` unless told otherwise) every ``interval_s`` on a
+    non-daemon thread.
 
     It only sends messages, never touches the actor's state; ``stop`` returns
     once the thread has ended.
     """
 
-    def __init__(self, name: str, interval_s: float, target: Callable[[], pykka.ActorRef[Any] | None]) -> None:
+    def __init__(
+        self, name: str, interval_s: float, target: Callable[[], pykka.ActorRef[Any] | None],
+        message: Callable[[], Any] = Tick,
+    ) -> None:
         self.name = name
         self.interval_s = interval_s
         self._target = target
+        self._message = message
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ticker-{name}", daemon=False)
 
@@ -137,7 +142,7 @@ class Ticker:
             if ref is None:
                 continue
             try:
-                ref.tell(Tick())
+                ref.tell(self._message())
             except pykka.ActorDeadError:
                 pass  # the engine's watchdog restarts it; the next tick reaches the new one
 

@@ -82,11 +82,11 @@ class LeaseSupervisor(BatchingActor):
 
             def fail(tx: Transaction) -> tuple[tuple[Task, Lease], list]:
                 t = now()
-                task, lease = tx.fail_lease(m.lease_id, m.reason, self.retry_delay, t)
+                task, lease = tx.fail_lease(m.lease_id, m.reason, self.retry_delay, t, refund=m.refund)
+                attempts = f"attempts={task.attempts}/{task.max_attempts}" + (" (attempt given back)" if m.refund else "")
                 return (task, lease), [
                     audit(t, "lease_failed", "lease", lease.id, m.actor, f"task={task.id}: {m.reason}"[:1000]),
-                    audit(t, "task_retry" if task.status == "queued" else "task_failed", "task", task.id, m.actor,
-                          f"attempts={task.attempts}/{task.max_attempts}"),
+                    audit(t, "task_retry" if task.status == "queued" else "task_failed", "task", task.id, m.actor, attempts),
                 ]
 
             return Write(fail, m.reply, after=lambda v: v[0].status == "queued" and self.on_queued())

@@ -1,11 +1,20 @@
-"""MembridgeSyncer: polls membridge ``GET /agents`` and sends the workers it sees to the registry.
+"""MembridgeSyncer: polls membridge ``GET /agents`` and merges the agents it lists into the registry.
 
-The HTTP call (up to the client's timeout times its retries) never runs on the
-actor thread: a tick hands it to a one-thread executor and the outcome comes
+The HTTP calls (up to the client's timeout times its retries) never run on the
+actor thread: a tick hands them to a one-thread executor and the outcome comes
 back as a ``SyncDone`` message, so the inbox stays responsive. A tick that
 finds a sync still running is skipped, so syncs never pile up. The registry is
 told (never asked) to upsert; leases are never touched. A failed or malformed
 sync changes nothing, is counted and is logged as one line.
+
+The control plane knows little: ``/agents`` says ``unknown`` and ``last_seen:
+null`` until it calls an agent itself, and agents' heartbeats show only under
+``/projects/{cid}/nodes``. So a sync merges rather than overwrites: a new agent
+becomes a worker (its URL vouched for), and for one the registry knows, from
+any source, the sync brings its URL and only signs of life (the freshest
+``last_seen`` of both lists, which may bring it online). It never lowers a
+status, takes over a worker's source or capabilities, or writes when nothing
+changed; staleness and the runtime's own probes take workers offline.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
@@ -30,6 +39,7 @@ from bloom_runtime.engine.errors import (
     MembridgeError,
 )
 from bloom_runtime.engine.models import AuditEntry, Worker, WorkerUpsert, validate
+from bloom_runtime.engine.urls import validate_outgoing_url
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +60,11 @@ class SyncDone:
     """Told by the fetch thread: the answer (or the error) of one ``GET /agents``."""
 
     agents: list[dict[str, Any]] | None
-    known: dict[str, Worker] | None  # membridge-sourced workers in the store at fetch time
+    known: dict[str, Worker] | None  # every worker in the store at fetch time
     error: BaseException | None
     started: float  # time.monotonic() when the fetch began
     reply: pykka.ThreadingFuture | None
+    nodes: dict[str, float] = field(default_factory=dict)  # node id → last heartbeat (float seconds)
 
 
 def seconds_to_ms(value: Any) -> int | None:
@@ -95,8 +106,6 @@ class MembridgeSyncer(pykka.ThreadingActor):
         self.offline_after_ms = offline_after_ms
         self._executor: ThreadPoolExecutor | None = None
         self._running = False
-        self._first_sync_ms: int | None = None
-        self._sightings: dict[str, int] = {}  # agent name → when an answer last listed it (ms)
         self._failures_in_row = 0
 
     # --- lifecycle ---------------------------------------------------------------
@@ -144,8 +153,9 @@ class MembridgeSyncer(pykka.ThreadingActor):
         """Runs on the executor thread: the blocking HTTP call and a store read, then tell."""
         try:
             agents = service.fetch_agents()
+            nodes = service.fetch_node_sightings([a["name"] for a in agents])
             known = {w.id: w for w in service.known_workers()}
-            done = SyncDone(agents, known, None, started, reply)
+            done = SyncDone(agents, known, None, started, reply, nodes)
         except Exception as exc:
             done = SyncDone(None, None, exc, started, reply)
         try:
@@ -164,7 +174,7 @@ class MembridgeSyncer(pykka.ThreadingActor):
         if error is None:
             assert done.agents is not None and done.known is not None
             try:
-                upserts, entries = self.plan(done.agents, done.known, now)
+                upserts, entries, vouch = self.plan(done.agents, done.known, now, done.nodes)
             except InvalidInput as exc:
                 error = MembridgeError("malformed /agents response", reason=exc.message[:200])
         if error is not None:
@@ -182,61 +192,88 @@ class MembridgeSyncer(pykka.ThreadingActor):
         if service is not None:
             service.sync_stats.success(len(done.agents or ()), duration_ms)
         if not upserts:
-            if entries:
-                self._audit_sink(Record(entries, done.reply, []))
-            elif done.reply is not None:
+            if done.reply is not None:
                 done.reply.set([])
             return
         try:
             # The entries commit with the changes they record.
-            self._registry().tell(UpsertWorkers(upserts, ACTOR, done.reply, entries))
+            self._registry().tell(UpsertWorkers(upserts, ACTOR, done.reply, entries, vouch))
         except (BloomError, pykka.ActorDeadError) as exc:
             log.warning("membridge sync: registry unavailable: %s", describe(exc))
             _fail(done.reply, exc)
 
     # --- planning (pure; tests call it directly) ----------------------------------
 
-    def plan(self, agents: list[dict[str, Any]], known: Mapping[str, Worker], now: int) -> tuple[list[WorkerUpsert], list[AuditEntry]]:
-        """The upserts and audit entries one answer calls for; raises ``InvalidInput`` when
-        any agent cannot be a worker (then nothing is applied)."""
-        if self._first_sync_ms is None:
-            self._first_sync_ms = now
+    def plan(
+        self, agents: list[dict[str, Any]], known: Mapping[str, Worker], now: int, nodes: Mapping[str, float] | None = None,
+    ) -> tuple[list[WorkerUpsert], list[AuditEntry], dict[str, str]]:
+        """The upserts, audit entries and URLs to vouch for that one answer calls for;
+        raises ``InvalidInput`` when any agent cannot be a worker (then nothing is applied)."""
+        nodes = nodes or {}
         upserts: list[WorkerUpsert] = []
         entries: list[AuditEntry] = []
+        vouch: dict[str, str] = {}
         seen: set[str] = set()
         for agent in agents:
-            upsert = validate(self._upsert_for(agent, now))
-            if upsert.id in seen:
-                raise InvalidInput(f"agent {upsert.id!r} listed twice")
-            seen.add(upsert.id)
-            upserts.append(upsert)
-            old = known.get(upsert.id)
-            if old is not None and old.status != upsert.status:
-                entries.append(audit(now, "worker_status_changed", "worker", upsert.id, ACTOR,
-                                     f"{old.status} -> {upsert.status} (membridge)"))
-        for name in seen:
-            self._sightings[name] = now
-        for worker in known.values():
-            if worker.id in seen or worker.status == "offline":
-                continue
-            last = self._sightings.setdefault(worker.id, self._first_sync_ms)
-            if now - last > self.offline_after_ms:
-                upserts.append(WorkerUpsert(id=worker.id, status="offline", source="membridge"))
-                entries.append(audit(now, "worker_offline", "worker", worker.id, ACTOR,
-                                     f"missing from membridge /agents for {(now - last) // 1000} s"))
-        return upserts, entries
+            name = agent["name"]
+            if name in seen:
+                raise InvalidInput(f"agent {name!r} listed twice")
+            seen.add(name)
+            last_seen = max(filter(None, (seconds_to_ms(agent.get("last_seen")), seconds_to_ms(nodes.get(name)))), default=None)
+            url = self._url(agent.get("url"))
+            old = known.get(name)
+            upsert = validate(self._new(agent, url, last_seen, now) if old is None else self._merge(old, agent, url, last_seen, now, entries))
+            if url is not None and (old is None or old.url != url or not old.url_verified):
+                vouch[name] = url
+                if old is not None:
+                    entries.append(audit(now, "worker_updated", "worker", name, ACTOR, f"url={url} vouched for (membridge /agents)"))
+            if old is None or name in vouch or upsert != WorkerUpsert(id=name):
+                upserts.append(upsert)
+        return upserts, entries, vouch
 
-    def _upsert_for(self, agent: dict[str, Any], now: int) -> WorkerUpsert:
-        last_seen = seconds_to_ms(agent.get("last_seen"))
+    def _new(self, agent: dict[str, Any], url: str | None, last_seen: int | None, now: int) -> WorkerUpsert:
+        fresh = last_seen is not None and now - last_seen <= self.offline_after_ms
         status = map_status(agent.get("status"))
-        if status == "online" and last_seen is not None and now - last_seen > self.offline_after_ms:
-            status = "offline"  # membridge still says online, but the agent has gone quiet
+        if status == "online" and not fresh:
+            status = "offline" if last_seen is not None else "unknown"  # said online, but has gone quiet
+        elif status == "unknown" and fresh:
+            status = "online"  # never called by the control plane, but its heartbeats are recent
+        raw = agent.get("url")
+        shown = url or (raw if isinstance(raw, str) and raw.strip() else None)  # kept, but never vouched for
+        return WorkerUpsert(id=agent["name"], url=shown, status=status,  # type: ignore[arg-type]
+                            last_heartbeat=last_seen, source="membridge", **self._extra(agent))
+
+    def _merge(
+        self, old: Worker, agent: dict[str, Any], url: str | None, last_seen: int | None, now: int, entries: list[AuditEntry],
+    ) -> WorkerUpsert:
+        """Only what the control plane adds: its URL, a fresher sighting, optional fields it has."""
+        fields: dict[str, Any] = {k: v for k, v in self._extra(agent).items() if getattr(old, k) != v}
+        if url is not None and url != old.url:
+            fields["url"] = url
+        if last_seen is not None and last_seen > old.last_heartbeat:
+            fields["last_heartbeat"] = last_seen
+            if old.status != "online" and now - last_seen <= self.offline_after_ms:
+                fields["status"] = "online"
+                entries.append(audit(now, "worker_online", "worker", old.id, ACTOR,
+                                     f"{old.status} -> online: membridge last_seen {(now - last_seen) // 1000} s ago"))
+        return WorkerUpsert(id=old.id, **fields)
+
+    @staticmethod
+    def _url(value: Any) -> str | None:
+        """The agent's URL in the form the registry stores, or None if it has none that
+        passes the outgoing-URL check (such a URL is shown on a new worker, never vouched for)."""
+        if not isinstance(value, str) or not value.strip():
+            return None
+        try:
+            return validate_outgoing_url(value, None)
+        except InvalidInput:
+            return None  # refused by the transport anyway; never vouched for
+
+    @staticmethod
+    def _extra(agent: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {k: agent[k] for k in _OPTIONAL_TEXT if isinstance(agent.get(k), str)}
         if isinstance(agent.get("ip_addrs"), list) and all(isinstance(a, str) for a in agent["ip_addrs"]):
             extra["ip_addrs"] = agent["ip_addrs"]
         if isinstance(agent.get("obs_count"), int) and not isinstance(agent.get("obs_count"), bool):
             extra["obs_count"] = agent["obs_count"]
-        return WorkerUpsert(
-            id=agent["name"], url=agent.get("url") or None, status=status,  # type: ignore[arg-type]
-            last_heartbeat=last_seen, source="membridge", **extra,
-        )
+        return extra

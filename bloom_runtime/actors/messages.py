@@ -6,8 +6,8 @@ Each carries the ``actor`` to record in the audit log (who acted) and a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pykka
 
@@ -75,6 +75,7 @@ class FailLease:
     reason: str
     actor: str
     reply: pykka.ThreadingFuture
+    refund: bool = False  # the dispatch never reached the worker: give the attempt back
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RegisterWorker:
     upsert: WorkerUpsert
     actor: str
     reply: pykka.ThreadingFuture
+    vouch: bool = False  # an admin key set the URL: record it as verified
 
 
 @dataclass
@@ -90,6 +92,18 @@ class UpsertWorkers:
     actor: str
     reply: pykka.ThreadingFuture | None = None
     entries: Sequence[AuditEntry] = ()  # recorded in the same transaction as the upserts
+    vouch: Mapping[str, str] = field(default_factory=dict)  # worker id → URL the sync vouches for
+
+
+@dataclass
+class RefreshWorker:
+    """Store what a known worker's agent reported (never creates one); audited only when
+    a field the fleet views show changed. ``cause`` says what reported it."""
+
+    upsert: WorkerUpsert
+    cause: str
+    actor: str
+    reply: pykka.ThreadingFuture
 
 
 @dataclass
@@ -107,4 +121,26 @@ class PickWorkers:
     labels: Sequence[str]
     reply: pykka.ThreadingFuture
     fresh: bool = False  # reload the routing snapshot first
+    push: bool = False  # only workers tasks can be pushed to (a verified URL)
+    exclude: frozenset[str] = frozenset()  # e.g. workers whose circuit breaker is open
 
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """The runtime's own observation of a worker: alive (a probe or delivery got an answer) at ``at``,
+    or not (``cause`` says why)."""
+
+    worker_id: str
+    alive: bool
+    at: int
+    cause: str
+
+
+@dataclass
+class RecordLiveness:
+    """Tell the registry what probes and deliveries saw; only real status changes are audited."""
+
+    sightings: Sequence[Sighting]
+    actor: str
+    reply: pykka.ThreadingFuture | None = None

@@ -20,11 +20,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import msgspec
 import pykka
 
 from bloom_runtime import __version__
 from bloom_runtime.actors.audit_writer import AuditBacklog, AuditWriter
 from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
+from bloom_runtime.actors.dispatcher import Dispatcher, PlanNow
+from bloom_runtime.actors.history_sampler import HistorySampler
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
 from bloom_runtime.actors.membridge_syncer import MembridgeSyncer
 from bloom_runtime.actors.messages import (
@@ -36,24 +39,33 @@ from bloom_runtime.actors.messages import (
     FailLease,
     Heartbeat,
     PickWorkers,
+    RecordLiveness,
+    RefreshWorker,
     RegisterWorker,
     RemoveWorker,
     RequeueTask,
+    Sighting,
     UpsertWorkers,
 )
 from bloom_runtime.actors.task_queue import TaskQueue
 from bloom_runtime.actors.worker_registry import WorkerRegistry
+from bloom_runtime.engine.agent_admin import AgentAdmin
 from bloom_runtime.engine.backoff import RetryBackoff
 from bloom_runtime.engine.clock import Clock, SystemClock
+from bloom_runtime.engine.dispatch import DispatchService
 from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
     EngineTimeout,
     InvalidInput,
     NoCapacity,
+    NotFound,
     StoreUnavailable,
+    Unauthorized,
 )
 from bloom_runtime.engine.health import health_report
+from bloom_runtime.engine.history import HistoryService
+from bloom_runtime.engine.lease_tokens import LeaseTokens
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
     MAX_TTL_SECONDS,
@@ -75,8 +87,10 @@ from bloom_runtime.engine.models import (
 )
 from bloom_runtime.engine.routing_keys import RoutingKeys
 from bloom_runtime.engine.settings import Settings
-from bloom_runtime.engine.stats_cache import StatsCache
+from bloom_runtime.engine.stats_cache import StatsCache, summarize
+from bloom_runtime.engine.urls import AllowList
 from bloom_runtime.engine.wakeup import ClaimWakeup
+from bloom_runtime.engine.worker_trust import checked_registration, with_verification
 from bloom_runtime.sql import store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
 
@@ -91,6 +105,19 @@ MAX_CLAIM_WAIT_S = 30.0
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0
 MAX_HEARTBEAT_SKEW_MS = 60_000  # how far a registration's last_heartbeat may run ahead of our clock
+DELIVERY_EXPIRY_INTERVAL_S = 10.0  # how often deliveries left unanswered are looked for, with probes off
+MAX_TASK_FILTER = 100  # task ids one lease listing may name
+
+
+def _json_refusal(output: str | None) -> str | None:
+    """Why ``output`` is not a JSON document (None when it is)."""
+    if output is None:
+        return "no output"
+    try:
+        msgspec.json.decode(output)
+    except msgspec.DecodeError as exc:
+        return str(exc)[:200]
+    return None
 
 
 def check_limit(limit: int | None) -> int:
@@ -137,15 +164,18 @@ class Engine:
         self.version = __version__
         self.retry_backoff = RetryBackoff(settings.retry_backoff_base_ms, settings.retry_backoff_cap_ms)
         self.wakeup = ClaimWakeup()
-        self._stats = StatsCache(store.stats)
+        self._stats = StatsCache(lambda: summarize(store.stats()))
         self.routing_keys = RoutingKeys()
         self.writes = JobHealth("writes", 0.0)  # every write the facade asks an actor for
         self.audit_backlog = AuditBacklog()
+        self.lease_tokens = LeaseTokens.load(store, clock)
+        self.allowed = AllowList.from_env(settings.membridge_allowed_hosts)  # ConfigError at boot if malformed
         self.jobs = {
             "lease_sweep": JobHealth("lease_sweep", settings.lease_sweep_interval_s),
             "audit_flush": JobHealth("audit_flush", AUDIT_RETRY_INTERVAL_S),
             "worker_liveness": JobHealth("worker_liveness", self._liveness_interval()),
             "membridge_sync": JobHealth("membridge_sync", settings.membridge_sync_interval_s),
+            "history_sample": JobHealth("history_sample", settings.history_tick_s),
         }
         self.sweep_fault: Callable[[], None] | None = None  # tests inject sweep failures here
         self._slots: dict[str, _ActorSlot] = {}
@@ -160,8 +190,11 @@ class Engine:
         self.leases = LeaseService(self)
         self.workers = WorkerService(self)
         self.audit = AuditService(self)
-        # Membridge config (read from the store), clients, test-connection, pass-through, dispatch; no network I/O here.
+        self.history = HistoryService(self)
+        # Membridge config (read from the store), clients, test-connection, pass-through; no network I/O here.
         self.membridge: MembridgeService = MembridgeService(self)
+        self.dispatch = DispatchService(self)
+        self.agent_admin = AgentAdmin(self)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -201,6 +234,11 @@ class Engine:
             raise
         return engine
 
+    def _dispatcher_interval(self) -> float:
+        """The dispatcher's tick: its agent probes, at most half the silence that offlines a worker."""
+        probe = self.settings.agent_probe_interval_s or DELIVERY_EXPIRY_INTERVAL_S
+        return max(0.05, min(probe, self.settings.worker_offline_after_s / 2))
+
     def _liveness_interval(self) -> float:
         return max(0.05, min(5.0, self.settings.worker_offline_after_s / 4))
 
@@ -221,7 +259,7 @@ class Engine:
             lambda: WorkerRegistry.start(
                 store, clock, sink, health=self.jobs["worker_liveness"],
                 offline_after_ms=int(s.worker_offline_after_s * 1000), batch_max=s.write_batch_max,
-                inline_audit=s.audit_group_commit,
+                inline_audit=s.audit_group_commit, allowed=self.allowed, probed=bool(s.agent_probe_interval_s),
             ),
         )
         # Writes may be spread over shards so several transactions run at once: task
@@ -236,7 +274,7 @@ class Engine:
             self._slots[name] = _ActorSlot(
                 f"task-queue-{i}",
                 lambda: TaskQueue.start(
-                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self.wakeup.notify,
+                    store, clock, sink, retry_delay=self.retry_backoff, on_queued=self._task_queued,
                     batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
                 ),
             )
@@ -245,7 +283,7 @@ class Engine:
                 f"lease-supervisor-{i}",
                 lambda: LeaseSupervisor.start(
                     store, clock, sink, health=self.jobs["lease_sweep"], retry_delay=self.retry_backoff,
-                    on_queued=self.wakeup.notify, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+                    on_queued=self._task_queued, batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
                     fault=self._sweep_fault,
                 ),
             )
@@ -258,11 +296,32 @@ class Engine:
                 audit_sink=sink, client=lambda: self.membridge, offline_after_ms=int(s.worker_offline_after_s * 1000),
             ),
         )
+        self._slots["dispatcher"] = _ActorSlot(
+            "dispatcher",
+            lambda: Dispatcher.start(
+                store, clock, sink, send=self.dispatch.send, on_finished=self.dispatch.finished,
+                pool_size=s.dispatch_max_in_flight, plan=self.dispatch.plan_once if s.auto_dispatch else None,
+                targets=self.dispatch.probe_targets if s.agent_probe_interval_s else None, probe=self.dispatch.probe,
+                sightings=self._sightings, refresh_ms=int(s.worker_offline_after_s * 500),
+                batch_max=s.write_batch_max, inline_audit=s.audit_group_commit,
+            ),
+        )
+        self._slots["history"] = _ActorSlot(
+            "history-sampler",
+            lambda: HistorySampler.start(
+                store, clock, self.jobs["history_sample"], retention_ms=int(s.history_retention_days * 86_400_000)
+            ),
+        )
         self._tickers = [
+            Ticker("dispatcher", self._dispatcher_interval(), lambda: self._slots["dispatcher"].ref),
+            # Retries whose backoff ended queue no event: look for them every CLAIM_RECHECK_S.
+            *([Ticker("auto-dispatch", CLAIM_RECHECK_S, lambda: self._slots["dispatcher"].ref, message=PlanNow)]
+              if s.auto_dispatch else []),
             Ticker("lease-sweep", s.lease_sweep_interval_s, lambda: self._slots["leases"].ref),
             Ticker("audit-flush", AUDIT_RETRY_INTERVAL_S, lambda: self._slots["audit"].ref),
             Ticker("worker-liveness", self._liveness_interval(), lambda: self._slots["registry"].ref),
             Ticker("membridge-sync", s.membridge_sync_interval_s, lambda: self._slots["membridge"].ref),
+            Ticker("history-sample", s.history_tick_s, lambda: self._slots["history"].ref),
         ]
         for t in self._tickers:
             t.start()
@@ -275,11 +334,29 @@ class Engine:
         """Wake claimers when another engine process queues a task (LISTEN/NOTIFY)."""
         self._listener = threading.Thread(
             target=self.store.listen,  # type: ignore[attr-defined]
-            args=(self.wakeup.notify, self._stopping),
+            args=(self._task_queued, self._stopping),
             name="task-listener",
             daemon=False,
         )
         self._listener.start()
+
+    def _sightings(self, sightings: list[Sighting]) -> None:
+        """What the dispatcher's probes and deliveries saw, for the registry (a tell)."""
+        try:
+            self._slots["registry"].tell(RecordLiveness(sightings, "dispatcher"))
+        except EngineStopped:
+            pass
+
+    def _task_queued(self) -> None:
+        """A task became claimable: wake long-polling claimers, and automatic dispatch."""
+        self.wakeup.notify()
+        if self.settings.auto_dispatch:
+            slot = self._slots.get("dispatcher")
+            if slot is not None:
+                try:
+                    slot.ref.tell(PlanNow())
+                except pykka.ActorDeadError:
+                    pass  # the watchdog restarts it; its start plans anyway
 
     def _sweep_fault(self) -> None:
         if self.sweep_fault is not None:
@@ -312,7 +389,7 @@ class Engine:
         if self._watchdog is not None:
             self._watchdog.join()
         # Producers first, the audit writer last, so it writes what they sent while stopping.
-        order = ["membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
+        order = ["history", "dispatcher", "membridge", *self._shards["leases"], *self._shards["queue"], "registry", "audit"]
         for name in order:
             slot = self._slots.get(name)
             if slot is None:
@@ -323,6 +400,10 @@ class Engine:
                 log.error("actor %s did not stop within %.0f s", slot.name, timeout_s)
             except pykka.ActorDeadError:
                 pass
+            if name == "dispatcher":
+                # Deliveries in flight may wait an hour for their answer: end them now (their
+                # runs go on at the agents, whose results arrive on the callback URL).
+                self.membridge.agents.abort_all()
         if self.membridge is not None and hasattr(self.membridge, "close"):
             self.membridge.close()
         self.store.close()
@@ -403,12 +484,16 @@ class Engine:
         return {slot.name: {"alive": slot.ref.is_alive(), "restarts": slot.restarts} for slot in self._slots.values()}
 
     def stats(self) -> dict[str, Any]:
-        """Counts by status (tasks, leases, workers); see ``StatsCache`` for freshness."""
+        """Counts by status of tasks, leases and workers, with totals (``summarize``);
+        see ``StatsCache`` for freshness."""
         return self._stats.get()
 
 
-def _pick_message(context_id: str, labels: list[str], reply: pykka.ThreadingFuture, *, fresh: bool) -> PickWorkers:
-    return PickWorkers(context_id, labels, reply, fresh)
+def _pick_message(
+    context_id: str, labels: list[str], reply: pykka.ThreadingFuture, *, fresh: bool, push: bool = False,
+    exclude: frozenset[str] = frozenset(),
+) -> PickWorkers:
+    return PickWorkers(context_id, labels, reply, fresh, push, exclude)
 
 
 def _acquire_message(task_id: str, worker_id: str, ttl: int | None, actor: str, reply: pykka.ThreadingFuture) -> AcquireLease:
@@ -435,17 +520,47 @@ class TaskService(_Service):
     def get(self, task_id: str) -> Task:
         return self._engine.store.get_task(task_id)
 
-    def list(self, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+    def list(
+        self,
+        status: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        *,
+        context_id: str | None = None,
+        agent_slug: str | None = None,
+    ) -> Page:
+        """Newest first; optionally of one status, and of one context or one agent."""
         if status is not None and status not in TASK_STATUSES:
             raise InvalidInput(f"unknown status {status!r}", allowed=list(TASK_STATUSES))
+        if context_id is not None and agent_slug is not None:
+            raise InvalidInput("search by context_id or by agent_slug, not both")
+        field, value = ("context_id", context_id) if context_id is not None else ("agent_slug", agent_slug)
+        if value is not None:
+            statuses = [status] if status is not None else list(TASK_STATUSES)
+            return self._engine.store.search_tasks(field, value, statuses, check_limit(limit), cursor)
         return self._engine.store.list_tasks(status, check_limit(limit), cursor)
 
     def complete(self, task_id: str, completion: Completion, fence: Fence = Fence(), actor: str | None = None) -> CompletionOutcome:
-        """Record the result of the task's active lease (see DESIGN §5)."""
+        """Record the result of the task's active lease (see DESIGN §5).
+
+        For a task that wants ``desired_format: json``, a success whose output is not
+        valid JSON is recorded as a retryable error saying why, whichever worker sent it."""
         completion = validate(completion)
-        self._check_fence(fence)
+        fence = self._engine.leases.prove(task_id, validate(fence))
+        completion = self._checked_format(task_id, completion)
         return self._engine.call(
             "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r), key=task_id
+        )
+
+    def _checked_format(self, task_id: str, completion: Completion) -> Completion:
+        if completion.status != "success":
+            return completion
+        reason = _json_refusal(completion.output)
+        if reason is None or self._engine.store.get_task(task_id).desired_format != "json":
+            return completion  # valid JSON needs no look at the task; text is anything
+        return msgspec.structs.replace(
+            completion, status="error", retryable=True,
+            error_message=f"desired_format is json but the output is not valid JSON ({reason})",
         )
 
     def requeue(self, task_id: str, actor: str = "api") -> Task:
@@ -464,18 +579,16 @@ class TaskService(_Service):
     def artifacts(self, task_id: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
         return self._engine.store.list_artifacts(task_id, check_limit(limit), cursor)
 
-    def _check_fence(self, fence: Fence) -> None:
-        if self._engine.settings.lease_fencing == "strict" and not fence.lease_id:
-            raise InvalidInput("lease_id is required (lease fencing is strict)")
-
 
 class LeaseService(_Service):
     """Leases: acquire (push), claim (pull), heartbeat, fail; and the read side."""
 
     def acquire(
-        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api"
+        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api",
+        *, push: bool = False, exclude: frozenset[str] = frozenset(),
     ) -> LeaseGrant:
-        """Lease a queued task to ``worker_id`` or to the best worker ``pick`` finds.
+        """Lease a queued task to ``worker_id`` or to the best worker ``pick`` finds (with
+        ``push`` among workers with a verified URL, never one in ``exclude``).
 
         Raises ``NotFound``, ``Conflict`` (not queued), ``NoCapacity``."""
         engine = self._engine
@@ -491,9 +604,8 @@ class LeaseService(_Service):
             engine.routing_keys.remember(task_id, *routing)
         context_id, labels = routing
         for fresh in (False, True):
-            candidates = engine.call(
-                "registry", functools.partial(_pick_message, context_id, list(labels), fresh=fresh), write=False
-            )
+            pick = functools.partial(_pick_message, context_id, list(labels), fresh=fresh, push=push, exclude=exclude)
+            candidates = engine.call("registry", pick, write=False)
             if not candidates:
                 break
             best = candidates[0]
@@ -532,25 +644,61 @@ class LeaseService(_Service):
 
     def heartbeat(self, task_id: str, fence: Fence = Fence(), actor: str | None = None) -> tuple[Task, Lease]:
         """Renew the task's active lease (now + TTL) and move the task to running."""
-        fence = validate(fence)
-        self._engine.tasks._check_fence(fence)
+        fence = self.prove(task_id, validate(fence))
         return self._engine.call(
             "leases", lambda r: Heartbeat(task_id, fence, actor or fence.worker_id or "api", r), key=task_id
         )
 
-    def fail(self, lease_id: str, reason: str, actor: str = "dispatch") -> tuple[Task, Lease]:
-        """Mark an active lease failed (its worker could not be reached) and requeue its task."""
-        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r))
+    def fail(self, lease_id: str, reason: str, actor: str = "dispatch", refund: bool = False) -> tuple[Task, Lease]:
+        """Mark an active lease failed (its worker could not be reached) and requeue its task;
+        ``refund``: the dispatch provably never reached the worker, so the attempt is given back."""
+        return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r, refund))
+
+    # --- lease tokens ----------------------------------------------------------------
+
+    def token(self, lease_id: str) -> str:
+        """The lease's callback token (grant answers carry it; never log or store it)."""
+        return self._engine.lease_tokens.token(lease_id)
+
+    def prove(self, task_id: str, fence: Fence) -> Fence:
+        """The fence a heartbeat or completion hands the store, its ``lease_token`` checked
+        (see ``LeaseTokens.prove``); ``LEASE_FENCING=strict`` requires a token."""
+        engine = self._engine
+        return engine.lease_tokens.prove(fence, strict=engine.settings.lease_fencing == "strict",
+                                         held=lambda: engine.store.get_task(task_id).lease_id, task_id=task_id)
+
+    def callback(self, lease_id: str, token: str) -> Lease:
+        """The lease a dispatched agent's callback URL names, once its token is checked
+        (``Unauthorized`` before anything is read when it is wrong)."""
+        if not self._engine.lease_tokens.matches(lease_id, token):
+            raise Unauthorized("invalid lease token")
+        return self._engine.store.get_lease(lease_id)
 
     def get(self, lease_id: str) -> Lease:
         return self._engine.store.get_lease(lease_id)
 
-    def list(self, status: str | None = None, limit: int | None = None, cursor: str | None = None) -> Page:
+    def list(
+        self,
+        status: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+        *,
+        task_ids: Sequence[str] | None = None,
+    ) -> Page:
+        """Newest first; optionally of one status, and only the leases of ``task_ids``."""
         from bloom_runtime.engine.models import LEASE_STATUSES
 
         if status is not None and status not in LEASE_STATUSES:
             raise InvalidInput(f"unknown status {status!r}", allowed=list(LEASE_STATUSES))
+        if task_ids is not None:
+            if not 1 <= len(task_ids) <= MAX_TASK_FILTER:
+                raise InvalidInput(f"name 1 to {MAX_TASK_FILTER} task ids")
+            return self._engine.store.list_task_leases(list(task_ids), status, check_limit(limit), cursor)
         return self._engine.store.list_leases(status, check_limit(limit), cursor)
+
+    def expired(self, limit: int | None = None, cursor: str | None = None) -> Page:
+        """Expired leases, the latest expiry first."""
+        return self._engine.store.list_expired_leases(check_limit(limit), cursor)
 
     def sweep_now(self) -> int:
         """Run the expiry sweep now; returns how many leases expired, once their audit entries are written."""
@@ -560,8 +708,13 @@ class LeaseService(_Service):
 class WorkerService(_Service):
     """The worker registry."""
 
-    def register(self, upsert: WorkerUpsert, actor: str = "api") -> tuple[Worker, bool]:
-        """Create or update a worker by id; returns it and whether it was created."""
+    def register(self, upsert: WorkerUpsert, actor: str = "api", admin: bool = True) -> tuple[Worker, bool]:
+        """Create or update a worker by id; returns it and whether it was created.
+
+        A URL (checked as every outgoing URL is) set with ``admin`` is vouched for:
+        the worker may then be pushed tasks. Without ``admin`` (a client key: an
+        agent registering itself) a new worker's URL is kept unverified, and
+        changing an existing worker's URL raises ``Forbidden``."""
         upsert = validate(upsert)
         beat = upsert.last_heartbeat
         if beat is not None and beat > self._engine.clock.now_ms() + MAX_HEARTBEAT_SKEW_MS:
@@ -569,23 +722,47 @@ class WorkerService(_Service):
             raise InvalidInput(
                 f"last_heartbeat is more than {MAX_HEARTBEAT_SKEW_MS // 1000} s ahead of the server's clock", last_heartbeat=beat
             )
-        return self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r))
+        upsert = checked_registration(upsert, admin, self._engine.allowed, current_url=self._current_url)
+        worker, created = self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r, vouch=admin))
+        return self.vouched(worker), created
+
+    def _current_url(self, worker_id: str) -> str | None:
+        try:
+            return self._engine.store.get_worker(worker_id).url
+        except NotFound:
+            return None
+
+    def vouched(self, worker: Worker) -> Worker:
+        """``worker`` with ``url_verified`` filled in (see ``worker_trust``)."""
+        return with_verification(worker, self._engine.store.worker_trust(), self._engine.allowed)
 
     def upsert_many(self, upserts: Sequence[WorkerUpsert], actor: str = "membridge-sync") -> list[tuple[Worker, bool]]:
         return self._engine.call("registry", lambda r: UpsertWorkers(list(upserts), actor, r))
 
     def get(self, worker_id: str) -> Worker:
-        return self._engine.store.get_worker(worker_id)
+        return self.vouched(self._engine.store.get_worker(worker_id))
+
+    def leases(self, worker_id: str) -> builtins.list[Lease]:
+        """The worker's active leases, newest first."""
+        return self._engine.store.worker_leases(worker_id)
 
     def list(self, status: str | None = None) -> list[Worker]:
         from bloom_runtime.engine.models import WORKER_STATUSES
 
         if status is not None and status not in WORKER_STATUSES:
             raise InvalidInput(f"unknown status {status!r}", allowed=list(WORKER_STATUSES))
-        return self._engine.store.list_workers(status)
+        workers = self._engine.store.list_workers(status)
+        vouched = self._engine.store.worker_trust() if workers else {}
+        return [with_verification(w, vouched, self._engine.allowed) for w in workers]
 
     def remove(self, worker_id: str, actor: str = "api") -> Worker:
         return self._engine.call("registry", lambda r: RemoveWorker(worker_id, actor, r))
+
+    def refresh(self, upsert: WorkerUpsert, cause: str, actor: str = "api") -> Worker:
+        """Update a known worker with what its agent reported (``NotFound`` if it is gone);
+        audited only when its status, agent_version or os_info changed."""
+        upsert = validate(upsert)
+        return self._engine.call("registry", lambda r: RefreshWorker(upsert, cause, actor, r))
 
     def check_liveness_now(self) -> None:
         """Offline the workers not seen for ``worker_offline_after``; returns once done and audited."""
@@ -597,8 +774,11 @@ class WorkerService(_Service):
 
 
 class AuditService(_Service):
-    def list(self, limit: int | None = None, cursor: str | None = None, entity_id: str | None = None) -> Page:
-        return self._engine.store.list_audit(check_limit(limit), cursor, entity_id)
+    def list(
+        self, limit: int | None = None, cursor: str | None = None, entity_id: str | None = None, action: str | None = None
+    ) -> Page:
+        """Newest first; optionally about one entity, of one action, or both."""
+        return self._engine.store.list_audit(check_limit(limit), cursor, entity_id, action)
 
 
 __all__ = ["AuditService", "Engine", "LeaseService", "TaskService", "WorkerService"]

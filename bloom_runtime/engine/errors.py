@@ -27,6 +27,14 @@ class InvalidInput(BloomError):
     """The caller sent something malformed or out of range (HTTP 400)."""
 
 
+class Unauthorized(BloomError):
+    """The caller's credential (a lease token) is not valid for this (HTTP 401)."""
+
+
+class Forbidden(BloomError):
+    """The caller's key may not do this (HTTP 403)."""
+
+
 class NotFound(BloomError):
     """The named task, worker, lease or result does not exist (HTTP 404)."""
 
@@ -61,6 +69,11 @@ class StoreTimeout(StoreUnavailable):
 
 class SchemaTooNew(BloomError):
     """The database was migrated by a newer bloom-runtime than this one."""
+
+
+class NotAdoptable(BloomError):
+    """The database holds tables named as ours that are neither ours nor the first version's
+    as bloom-runtime can adopt them; nothing was changed."""
 
 
 class ConfigError(BloomError):

@@ -1,8 +1,9 @@
-"""Membridge wiring: runtime configuration, test-connection, pass-through, sync fetch and dispatch.
+"""Membridge wiring: runtime configuration, test-connection, pass-through and sync fetch.
 
 ``MembridgeService`` is what ``engine.membridge`` holds. It owns the two
 hardened clients (``MembridgeClient`` for the control plane, ``AgentClient``
-for worker agents) and the membridge configuration:
+for worker agents, which push dispatch and the liveness probes use) and the
+membridge configuration:
 
 - The URL and admin key are persisted in ``runtime_settings``; the environment
   values are the defaults. The clients read them through providers on every
@@ -17,29 +18,23 @@ for worker agents) and the membridge configuration:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from .agent_client import AgentClient
 from .errors import BloomError, InvalidInput, MembridgeError, MembridgeUnavailable, StoreUnavailable
-from .membridge import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT_S,
-    Backoff,
-    MembridgeClient,
-    MembridgeResponse,
-    key_header,
-)
-from .models import AuditEntry, Lease, LeaseGrant, Task, Worker, new_id
-from .settings import mask
-from .urls import AllowList, join, safe_path_segment, validate_outgoing_url
+from .membridge import MembridgeClient
+from .models import AuditEntry, Worker, new_id
+from .outgoing import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Backoff, MembridgeResponse, key_header
+from .settings import mask, mask_ends
+from .urls import join, safe_path_segment, validate_outgoing_url
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -48,10 +43,23 @@ log = logging.getLogger("bloom_runtime.membridge")
 
 URL_KEY = "membridge_server_url"
 ADMIN_KEY = "membridge_admin_key"
-LEASE_PREFIX = "/api/leases"  # runtime_url = callback base + /api/leases/{lease_id}
+# The outcome of the last test-connection, under the first version's keys so an adopted
+# database keeps its own: "true"/"false", and epoch ms ("" once the configuration changed).
+CONNECTED_KEY = "connected"
+LAST_TEST_KEY = "last_test"
 MAX_FIELD_CHARS = 256  # parsed /health fields are shown, bounded; raw bodies never are
 MAX_FIELDS = 32
 NOT_CONFIGURED_RETRY_AFTER_S = 60
+HIDDEN = "****"  # a set key, as callers that may not see its ends are shown it
+MAX_NODE_QUERIES = 64  # /projects/{cid}/nodes reads one sync may make
+MAX_NODE_ID_CHARS = 128
+MAX_LEASE_SECONDS = 366 * 86_400
+_NODE_ID_RE = re.compile(r"[^\x00-\x1f\x7f]+")  # printable: no NUL or other control characters
+
+
+def node_canonical_id(name: str) -> str:
+    """The id a node with no projects heartbeats under (membridge's sha256(name)[:16])."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -112,16 +120,9 @@ class SyncStats:
             }
 
 
-class DispatchResult(msgspec.Struct, frozen=True, kw_only=True):
-    task: Task
-    lease: Lease
-    worker: Worker
-    dispatched: bool
-    worker_status: int | None = None
-
-
-def _scalar_fields(data: Any) -> dict[str, Any]:
-    """Top-level scalar fields of a JSON object, bounded: what test-connection shows."""
+def scalar_fields(data: Any, depth: int = 0) -> dict[str, Any]:
+    """The scalar fields of a JSON object, bounded, and of the objects in it down to
+    ``depth`` levels: what a peer's /health may show a client (raw bodies never)."""
     if not isinstance(data, dict):
         return {}
     out: dict[str, Any] = {}
@@ -132,6 +133,8 @@ def _scalar_fields(data: Any) -> dict[str, Any]:
             out[key] = value[:MAX_FIELD_CHARS]
         elif value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value)):
             out[key] = value
+        elif isinstance(value, dict) and depth > 0:
+            out[key] = scalar_fields(value, depth - 1)
     return out
 
 
@@ -142,7 +145,7 @@ class MembridgeService:
         self._engine = engine
         settings = engine.settings
         self.tuning = tuning or MembridgeTuning.from_extra(settings.extra)
-        self.allowed = AllowList.from_env(settings.membridge_allowed_hosts)  # ConfigError at boot if malformed
+        self.allowed = engine.allowed
         self.sync_stats = SyncStats()
         self._lock = threading.Lock()
         self._stored: dict[str, str] | None = None
@@ -174,7 +177,7 @@ class MembridgeService:
 
     def _load(self) -> dict[str, str]:
         stored = self._engine.store.get_settings()
-        values = {k: stored[k] for k in (URL_KEY, ADMIN_KEY) if stored.get(k)}
+        values = {k: stored[k] for k in (URL_KEY, ADMIN_KEY, CONNECTED_KEY, LAST_TEST_KEY) if stored.get(k)}
         with self._lock:
             self._stored = values
         return values
@@ -194,7 +197,8 @@ class MembridgeService:
         secret = self._engine.settings.membridge_admin_key
         return secret.reveal() if secret is not None else None
 
-    def _agent_key(self) -> str | None:
+    def agent_key(self) -> str | None:
+        """``MEMBRIDGE_AGENT_KEY``, sent as ``X-MEMBRIDGE-AGENT`` to agents only when set."""
         secret = self._engine.settings.membridge_agent_key
         return secret.reveal() if secret is not None else None
 
@@ -206,32 +210,50 @@ class MembridgeService:
         except StoreUnavailable:
             return bool(self._engine.settings.membridge_server_url)
 
-    def get_config(self, refresh: bool = True) -> dict[str, Any]:
-        """``{membridge_server_url, admin_key (masked), configured}``; re-reads the store
-        so a change made by another engine process shows (and applies) here too."""
-        if refresh:
-            self._load()
-        url = self._url()
-        return {"membridge_server_url": url, "admin_key": mask(self._admin_key()), "configured": bool(url)}
+    def get_config(self, refresh: bool = True, *, show_key: bool = False) -> dict[str, Any]:
+        """``{membridge_server_url, admin_key, admin_key_masked, configured, connected, last_test}``.
+
+        The key's ends show only with ``show_key`` (admin callers): ``admin_key`` its last
+        4 characters, ``admin_key_masked`` the first version's ``adm-****cdef``; others
+        learn only whether a key is set. ``connected`` and ``last_test`` are the recorded
+        outcome of the last test-connection since the configuration changed. Re-reads the
+        store so a change made by another engine process shows (and applies) here too."""
+        values = self._load() if refresh else self._values()
+        url, key = self._url(), self._admin_key()
+        hidden = HIDDEN if key else None
+        last_test = values.get(LAST_TEST_KEY, "")
+        return {
+            "membridge_server_url": url,
+            "admin_key": mask(key) if show_key else hidden,
+            "admin_key_masked": (mask_ends(key) if show_key else hidden) or "",
+            "configured": bool(url),
+            "connected": values.get(CONNECTED_KEY) == "true",
+            "last_test": int(last_test) if last_test.isdigit() else None,
+        }
 
     def update_config(self, url: str | None = None, admin_key: str | None = None, actor: str = "api") -> dict[str, Any]:
-        """Validate, persist and apply a new URL and/or admin key; audited by name only."""
+        """Validate, persist and apply a new URL and/or admin key; audited by name only.
+
+        An empty ``admin_key`` leaves the key as it is: the first version's settings form
+        sends one whenever only the URL was edited."""
         values: dict[str, str] = {}
         if url is not None:
             values[URL_KEY] = validate_outgoing_url(url, self.allowed)
-        if admin_key is not None:
+        if admin_key:
             try:
                 key_header("X", admin_key, "admin_key")
             except MembridgeError as exc:
                 raise InvalidInput(exc.message) from None
             values[ADMIN_KEY] = admin_key
         if values:
+            changed = ",".join(sorted(values))  # names only: never the key itself
+            # The last test described the old configuration.
+            values.update({CONNECTED_KEY: "false", LAST_TEST_KEY: ""})
             self._engine.store.run(lambda tx: tx.set_settings(values))
             self._load()
-            self._last_test = None  # it described the old configuration
-            changed = ",".join(sorted(values))  # names only: never the key itself
+            self._last_test = None
             self._engine.record([self._audit("config_updated", "config", "runtime", actor, f"changed={changed}")])
-        return self.get_config(refresh=False)
+        return self.get_config(refresh=False, show_key=True)
 
     def _audit(self, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None) -> AuditEntry:
         return AuditEntry(id=new_id(), timestamp=self._engine.clock.now_ms(), action=action,
@@ -244,32 +266,45 @@ class MembridgeService:
     # --- calls -------------------------------------------------------------------------
 
     def test_connection(self) -> dict[str, Any]:
-        """GET membridge ``/health`` and record the outcome (``connected``, ``last_test``).
+        """GET membridge ``/health``; record the outcome (``connected``, ``last_test``) and
+        answer it, reachable or not, as the first version does.
 
-        Returns ``{connected, status, health: {parsed scalar fields}, latency_ms,
-        tested_at}``; raises the client's error (after recording it) when
-        membridge cannot be reached or its breaker is open."""
-        self._require_configured()
+        ``{connected: true, status, health: {parsed scalar fields}, latency_ms, tested_at}``,
+        or ``{connected: false, error, …}`` (with ``status`` when membridge answered, and
+        ``retry_after_s`` while its breaker is open). Not configured: ``{connected: false,
+        configured: false, error}``, nothing recorded. Raises only ``StoreUnavailable``."""
+        if not self.configured:
+            return {"connected": False, "configured": False, "error": "membridge not configured"}
         started = time.monotonic()
         tested_at = self._engine.clock.now_ms()
+        result: dict[str, Any] = {"connected": False, "tested_at": tested_at}
         try:
             response = self.client.request("GET", "/health")
             if not response.ok:
                 raise MembridgeError(f"membridge answered {response.status} for GET /health", status=response.status)
             if response.malformed or not isinstance(response.data, dict):
                 raise MembridgeError("malformed /health response from membridge", status=response.status)
-        except BloomError as exc:
-            self._last_test = {"connected": False, "tested_at": tested_at, "error": exc.message}
+        except StoreUnavailable:
             raise
-        result = {
-            "connected": True,
-            "status": response.status,
-            "health": _scalar_fields(response.data),
-            "latency_ms": round((time.monotonic() - started) * 1000, 1),
-            "tested_at": tested_at,
-        }
+        except BloomError as exc:  # unreachable, refused, a bad answer, the breaker open, a URL not allowed
+            result["error"] = exc.message
+            for detail in ("status", "retry_after_s"):
+                if detail in exc.details:
+                    result[detail] = exc.details[detail]
+        else:
+            result.update(connected=True, status=response.status, health=scalar_fields(response.data))
+        result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
         self._last_test = result
+        self._record_test(result["connected"], tested_at)
         return result
+
+    def _record_test(self, connected: bool, tested_at: int) -> None:
+        values = {CONNECTED_KEY: "true" if connected else "false", LAST_TEST_KEY: str(tested_at)}
+        try:
+            self._engine.store.run(lambda tx: tx.set_settings(values))
+            self._load()
+        except StoreUnavailable as exc:  # the caller still gets the outcome; /config shows the one before
+            log.warning("test-connection outcome not recorded: %s", exc.message)
 
     def proxy(self, method: str, segments: Sequence[str], body: Any = None) -> MembridgeResponse:
         """Call membridge at ``/seg/seg/...``; each segment must be a safe path segment.
@@ -282,24 +317,74 @@ class MembridgeService:
         return self.client.request(method, join("", *segments), json=body)
 
     def select_leader(self, cid: str, body: dict[str, Any], actor: str) -> MembridgeResponse:
-        """POST ``/projects/{cid}/leadership/select``; the attempt and its outcome are audited."""
+        """POST ``/projects/{cid}/leadership/select`` with ``{primary_node_id, lease_seconds?}``.
+
+        The body is checked before anything is sent or audited (``InvalidInput``);
+        the attempt and its outcome are audited."""
         safe_path_segment(cid, what="project id")
-        node = body.get("node")
-        shown = node[:128] if isinstance(node, str) else None
+        primary = body.get("primary_node_id")
+        if not isinstance(primary, str) or not 1 <= len(primary) <= MAX_NODE_ID_CHARS or not _NODE_ID_RE.fullmatch(primary):
+            raise InvalidInput(f"primary_node_id must be a string of 1-{MAX_NODE_ID_CHARS} printable characters")
+        sent: dict[str, Any] = {"primary_node_id": primary}
+        lease_seconds = body.get("lease_seconds")
+        if lease_seconds is not None:
+            if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, int) or not 1 <= lease_seconds <= MAX_LEASE_SECONDS:
+                raise InvalidInput(f"lease_seconds must be an integer between 1 and {MAX_LEASE_SECONDS}")
+            sent["lease_seconds"] = lease_seconds
+        shown = f"primary={primary}" + (f" lease_seconds={lease_seconds}" if lease_seconds is not None else "")
         try:
-            response = self.proxy("POST", ["projects", cid, "leadership", "select"], body)
+            response = self.proxy("POST", ["projects", cid, "leadership", "select"], sent)
         except BloomError as exc:
             self._engine.record([self._audit("leadership_select_failed", "project", cid, actor,
-                                             f"node={shown}: {exc.message}"[:1000])])
+                                             f"{shown}: {exc.message}"[:1000])])
             raise
         action = "leadership_selected" if response.ok else "leadership_select_refused"
-        self._engine.record([self._audit(action, "project", cid, actor, f"node={shown} status={response.status}")])
+        self._engine.record([self._audit(action, "project", cid, actor, f"{shown} status={response.status}")])
         return response
 
     def fetch_agents(self) -> list[dict[str, Any]]:
         """``GET /agents`` (blocking; the syncer calls it off its actor thread)."""
         self._require_configured()
         return self.client.agents()
+
+    def fetch_node_sightings(self, agent_names: Sequence[str]) -> dict[str, float]:
+        """When each node last heartbeated the control plane (float seconds), from
+        ``/projects/{cid}/nodes``: each project's, then the node-only id
+        (sha256(name)[:16]) of agents no project listed. The control plane fills
+        ``/agents`` only when it calls an agent itself, so these are often the
+        only signs of life it has. Best effort: a failed query only means no
+        sighting; at most ``MAX_NODE_QUERIES`` queries a sync."""
+        seen: dict[str, float] = {}
+        budget = MAX_NODE_QUERIES
+
+        def nodes(cid: str) -> None:
+            nonlocal budget
+            budget -= 1
+            try:
+                data = self.client.get_json(join("", "projects", safe_path_segment(cid), "nodes"))
+            except (MembridgeError, InvalidInput) as exc:
+                log.debug("membridge nodes of %s not read: %s", cid, getattr(exc, "message", exc))
+                return
+            for node in data if isinstance(data, list) else ():
+                if not isinstance(node, dict) or not isinstance(node.get("node_id"), str):
+                    continue
+                at = node.get("last_seen")
+                if isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at) and at > 0:
+                    seen[node["node_id"]] = max(seen.get(node["node_id"], 0.0), float(at))
+
+        try:
+            projects = self.client.get_json("/projects")
+        except MembridgeError as exc:
+            log.debug("membridge projects not read: %s", exc.message)
+            projects = []
+        for project in projects if isinstance(projects, list) else ():
+            cid = project.get("canonical_id") if isinstance(project, dict) else None
+            if isinstance(cid, str) and budget > 0:
+                nodes(cid)
+        for name in agent_names:
+            if name not in seen and budget > 0:
+                nodes(node_canonical_id(name))
+        return seen
 
     def sync_now(self, timeout_s: float | None = None) -> list[Any] | None:
         """Run one sync now and wait until its upserts are committed.
@@ -312,77 +397,8 @@ class MembridgeService:
         return self._engine.call("membridge", lambda r: Tick(r), timeout_s)
 
     def known_workers(self) -> list[Worker]:
-        """Workers the sync manages (source ``membridge``), read from the store."""
-        return [w for w in self._engine.store.list_workers() if w.source == "membridge"]
-
-    # --- dispatch ----------------------------------------------------------------------
-
-    @property
-    def dispatch_enabled(self) -> bool:
-        """Dispatch is part of the membridge integration: on once a URL or an agent key is set."""
-        return self.configured or self._agent_key() is not None
-
-    def runtime_url(self, lease_id: str) -> str:
-        """The callback base handed to an agent: lease-scoped, so late callbacks are fenced."""
-        return self._engine.settings.callback_base_url + join(LEASE_PREFIX, lease_id)
-
-    def dispatch(
-        self, task_id: str, worker_id: str | None = None, ttl_seconds: int | None = None, actor: str = "api"
-    ) -> DispatchResult:
-        """Lease the task, then POST it to the worker's ``/execute-task``.
-
-        Runs on the caller's thread. If the worker refuses or cannot be reached,
-        the lease is marked failed (the task goes back to the queue or to
-        failed), the outcome is audited and ``MembridgeError`` (502) is raised."""
-        if not self.dispatch_enabled:
-            raise MembridgeUnavailable("dispatch not available: membridge not configured",
-                                       retry_after_s=NOT_CONFIGURED_RETRY_AFTER_S)
-        engine = self._engine
-        grant: LeaseGrant = engine.leases.acquire(task_id, worker_id, ttl_seconds, actor=actor)
-        task, lease, worker = grant.task, grant.lease, grant.worker
-        payload = {
-            "task_id": task.id,
-            "lease_id": lease.id,
-            "context_id": task.context_id,
-            "agent_slug": task.agent_slug,
-            "prompt": task.prompt,
-            "context_hints": task.context_hints,
-            "policy": msgspec.to_builtins(task.policy),
-            "desired_format": task.desired_format,
-            "labels": task.labels,
-            "attempt": task.attempts,
-            "ttl_seconds": lease.ttl_seconds,
-            "expires_at": lease.expires_at,
-            "runtime_url": self.runtime_url(lease.id),
-        }
-        reason: str | None = None
-        status: int | None = None
-        if not worker.url:
-            reason = "worker has no url"
-        else:
-            try:
-                response = self.agents.post_execute_task(worker.url, payload, self._agent_key())
-            except BloomError as exc:  # MembridgeError (unreachable, 5xx, breaker open) or UnsafeURL
-                reason = exc.message
-            else:
-                status = response.status
-                if not response.ok:
-                    reason = f"worker answered {response.status}"
-        if reason is None:
-            engine.record([self._audit("task_dispatched", "task", task.id, actor,
-                                       f"lease={lease.id} worker={worker.id} status={status}")])
-            return DispatchResult(task=task, lease=lease, worker=worker, dispatched=True, worker_status=status)
-        task_status = None
-        try:
-            failed_task, _ = engine.leases.fail(lease.id, f"dispatch failed: {reason}"[:500], actor=actor)
-            task_status = failed_task.status
-        except BloomError as exc:
-            # The lease moved on (the agent completed it, or it expired) while we waited.
-            log.warning("dispatch of task %s: could not fail lease %s: %s", task.id, lease.id, exc.message)
-        log.warning("dispatch of task %s to worker %s failed: %s", task.id, worker.id, reason)
-        raise MembridgeError(f"dispatch to worker {worker.id} failed: {reason}", task_id=task.id,
-                             lease_id=lease.id, worker_id=worker.id, task_status=task_status,
-                             worker_status=status)
+        """Every worker, ``url_verified`` filled in: the sync merges with what others registered."""
+        return self._engine.workers.list()
 
     # --- state ---------------------------------------------------------------------------
 

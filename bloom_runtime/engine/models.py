@@ -23,10 +23,19 @@ DesiredFormat = Literal["json", "text"]
 # Who keeps a worker's status fresh: `api` push targets keep what they were
 # given; `pull` and `membridge` workers go offline when they stop showing up.
 WorkerSource = Literal["api", "pull", "membridge"]
+# What became of one push delivery (POST /execute-task of one lease):
+# sent (waiting for the agent's answer), answered (ok, and its result arrived),
+# agent_error (the agent answered ok:false), callback_missing (the agent answered
+# but its result never reached the runtime), refused (the agent answered 4xx/503:
+# it ran nothing), unreachable (the request provably never reached it), unknown
+# (no answer: the run may or may not have happened).
+DeliveryState = Literal["sent", "answered", "agent_error", "callback_missing", "refused", "unreachable", "unknown"]
 
 TASK_STATUSES: tuple[str, ...] = ("queued", "leased", "running", "completed", "failed", "dead", "cancelled")
 LEASE_STATUSES: tuple[str, ...] = ("active", "released", "expired", "failed")
 WORKER_STATUSES: tuple[str, ...] = ("online", "offline", "syncing", "error", "unknown")
+DELIVERY_STATES: tuple[str, ...] = ("sent", "answered", "agent_error", "callback_missing", "refused", "unreachable", "unknown")
+UNFINISHED_STATUSES: tuple[str, ...] = ("queued", "leased", "running")  # a queue's depth, by stage
 
 # Task transitions (DESIGN §5): the states each operation may start from.
 LEASABLE: frozenset[str] = frozenset({"queued"})
@@ -69,6 +78,7 @@ OsInfo = Annotated[str, Meta(max_length=512, pattern=NO_NUL)]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
 ArtifactType = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 MAX_TTL_SECONDS = 86_400
+LeaseToken = Annotated[str, Meta(max_length=128)]
 # Free-form JSON (metrics) nested deeper than this is refused: it must still encode,
 # decode and display everywhere it goes, and no client needs more.
 MAX_JSON_DEPTH = 32
@@ -198,23 +208,37 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 class Worker(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     node_id: str
-    url: str | None
+    url: str  # "" when none was given (see WORKER_DEFAULTS)
     status: WorkerStatus
     capabilities: Capabilities
-    last_heartbeat: int | None
+    last_heartbeat: int  # the registration time until the worker is heard from
     ip_addrs: list[str]
     obs_count: int
-    db_sha: str | None
+    db_sha: str
     registered_at: int
     active_leases: int
-    agent_version: str | None
-    os_info: str | None
-    install_method: str | None
+    agent_version: str
+    os_info: str
+    install_method: str
     source: WorkerSource = "api"
+    # Its URL was set by an admin key or the membridge sync (or is in the allow-list):
+    # only then does it get pushed tasks and the agent key. Computed, not stored.
+    url_verified: bool = False
 
     @property
     def free_capacity(self) -> int:
         return self.capabilities.max_concurrency - self.active_leases
+
+
+# What a worker's text fields hold when nobody gave them: the first version's values, so
+# its clients never see null there. New rows are stored with them (``new_worker``); rows
+# written before, holding NULL, are read with them.
+WORKER_DEFAULTS: dict[str, str] = {"url": "", "db_sha": "", "agent_version": "unknown", "os_info": "", "install_method": "manual"}
+
+
+def or_default(value: str | None, field: str) -> str:
+    """A stored worker text field, or its default when the row holds NULL."""
+    return WORKER_DEFAULTS[field] if value is None else value
 
 
 class Result(msgspec.Struct, frozen=True, kw_only=True):
@@ -240,6 +264,23 @@ class Artifact(msgspec.Struct, frozen=True, kw_only=True):
     entity_refs: list[str]
     tags: list[str]
     content: str | None
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """One lease pushed to a worker agent's ``/execute-task`` and what became of it."""
+
+    id: str
+    task_id: str
+    lease_id: str
+    worker_id: str
+    url: str
+    state: DeliveryState
+    agent_status: int | None  # HTTP status of the agent's answer
+    detail: str | None  # the agent's error or why the delivery ended as it did
+    actor: str
+    created_at: int
+    deadline_at: int  # when the dispatcher stops waiting for the answer
+    finished_at: int | None
 
 
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -293,6 +334,31 @@ class WorkerUpsert(msgspec.Struct, frozen=True, kw_only=True):
     source: WorkerSource | None = None
 
 
+def new_worker(upsert: WorkerUpsert, now: int) -> WorkerUpsert:
+    """Every field a worker created from ``upsert`` at ``now`` is stored with: the given
+    ones, defaults for the rest (``WORKER_DEFAULTS``; registered and last heard from now)."""
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    d = WORKER_DEFAULTS
+    return WorkerUpsert(
+        id=upsert.id,
+        node_id=given(upsert.node_id, upsert.id),
+        url=given(upsert.url, d["url"]),
+        status=given(upsert.status, "online"),
+        capabilities=given(upsert.capabilities, Capabilities()),
+        last_heartbeat=given(upsert.last_heartbeat, now),
+        ip_addrs=given(upsert.ip_addrs, []),
+        obs_count=given(upsert.obs_count, 0),
+        db_sha=given(upsert.db_sha, d["db_sha"]),
+        agent_version=given(upsert.agent_version, d["agent_version"]),
+        os_info=given(upsert.os_info, d["os_info"]),
+        install_method=given(upsert.install_method, d["install_method"]),
+        source=given(upsert.source, "api"),
+    )
+
+
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
     """A worker's report that a task finished."""
 
@@ -316,10 +382,14 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Fence(msgspec.Struct, frozen=True, kw_only=True):
-    """What a worker call names to prove it holds the active lease (either may be absent)."""
+    """What a worker call names to prove it holds the active lease (any may be absent).
+
+    ``lease_token`` is the lease's callback token (from the grant); the engine checks
+    it and hands the stores a fence naming the lease it proved."""
 
     lease_id: Id | None = None
     worker_id: Id | None = None
+    lease_token: LeaseToken | None = None
 
 
 class LeaseGrant(msgspec.Struct, frozen=True, kw_only=True):
@@ -340,6 +410,49 @@ class Expiry(msgspec.Struct, frozen=True, kw_only=True):
 
     lease: Lease
     task: Task
+
+
+class HistoryPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One stretch of time (a minute, or a bucket of minutes) of the runtime's history.
+
+    Depths are the unfinished tasks by status when it closed (None: not sampled, e.g.
+    while no engine ran); the counts are what happened within it."""
+
+    at: int  # start, epoch ms
+    queued: int | None
+    leased: int | None
+    running: int | None
+    created: int = 0
+    completed: int = 0
+    failed: int = 0  # results with status error, retried or not
+    expired: int = 0  # leases that expired
+
+
+class HistoryWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """The history of the last ``minutes`` in buckets of ``bucket_minutes``, oldest first.
+
+    The last bucket ends with the current minute, which is counted so far (live)."""
+
+    minutes: int
+    bucket_minutes: int
+    start: int  # epoch ms: the first bucket's start
+    end: int  # epoch ms: the end of the current minute
+    points: list[HistoryPoint]
+
+
+class OldestQueued(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    created_at: int
+    age_ms: int
+
+
+class QueueState(msgspec.Struct, frozen=True, kw_only=True):
+    """The unfinished tasks now, and the one that has waited longest to be leased."""
+
+    queued: int
+    leased: int
+    running: int
+    oldest_queued: OldestQueued | None
 
 
 class Page(msgspec.Struct, frozen=True, kw_only=True):

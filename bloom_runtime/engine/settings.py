@@ -53,6 +53,14 @@ def mask(value: str | None) -> str | None:
     return "****" + value[-4:] if len(value) >= 12 else "****"
 
 
+def mask_ends(value: str | None) -> str | None:
+    """The first version's masked key, ``adm-****cdef``: its first and last 4 characters,
+    and only of a key of 16 or more (of a shorter one they would give too much away)."""
+    if not value:
+        return None
+    return value[:4] + "****" + value[-4:] if len(value) >= 16 else "****"
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """A client key; ``name`` is what the audit log records as the actor."""
@@ -150,7 +158,21 @@ class Settings:
     rate_limit_burst: int = 200
     rate_limit_fleet_factor: float = 4.0  # a key's worker calls in total: this many times rate and burst
     insecure_no_auth: bool = False
+    # Push dispatch: the wait for an agent's answer is policy.timeout_sec + this grace
+    # (the agent answers only once the run is over and its result was sent).
+    dispatch_grace_s: float = 60.0
+    dispatch_max_in_flight: int = 256  # deliveries waiting for an answer at once (one thread each)
+    auto_dispatch: bool = True  # push queued tasks to workers with a verified URL without being asked
+    agent_probe_interval_s: float = 10.0  # GET {url}/health of push workers; 0: never
+    history_retention_days: float = 7.0  # per-minute history rows older than this are pruned
+    history_tick_s: float = 5.0  # how often the history sampler looks for a closed minute
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def callback_known(self) -> bool:
+        """Whether agents elsewhere can call back: RUNTIME_PUBLIC_URL is set, or HOST is loopback
+        (then they run on this machine)."""
+        return bool(self.public_url) or is_loopback(self.host)
 
     @property
     def callback_base_url(self) -> str:
@@ -174,6 +196,16 @@ class Settings:
         def text(name: str) -> str | None:
             v = env.get(name)
             return v.strip() if v and v.strip() else None
+
+        def flag(name: str) -> bool | None:
+            raw = text(name)
+            if raw is None:
+                return None
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name} must be on or off, got {raw!r}")
 
         def number(name: str, kind: type, low: float, high: float) -> Any:
             raw = text(name)
@@ -211,6 +243,11 @@ class Settings:
         values["rate_limit_per_s"] = number("RATE_LIMIT_PER_S", float, 0, 1e9)
         values["rate_limit_burst"] = number("RATE_LIMIT_BURST", int, 1, 10**9)
         values["rate_limit_fleet_factor"] = number("RATE_LIMIT_FLEET_FACTOR", float, 1, 10_000)
+        values["dispatch_grace_s"] = number("DISPATCH_GRACE", float, 1, 86400)
+        values["dispatch_max_in_flight"] = number("DISPATCH_MAX_IN_FLIGHT", int, 1, 10_000)
+        values["auto_dispatch"] = flag("AUTO_DISPATCH")
+        values["agent_probe_interval_s"] = number("AGENT_PROBE_INTERVAL", float, 0, 86400)
+        values["history_retention_days"] = number("HISTORY_RETENTION_DAYS", float, 1, 3650)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.validate()
@@ -225,6 +262,9 @@ class Settings:
                 raise ConfigError("RUNTIME_PUBLIC_URL must be an http(s) URL with a host")
         if self.pool_min > self.pool_max:
             raise ConfigError("pool_min must not exceed pool_max")
+        if self.agent_probe_interval_s and self.agent_probe_interval_s > self.worker_offline_after_s / 2:
+            # A probe success must come before the worker counts as silent, or it flaps.
+            raise ConfigError("AGENT_PROBE_INTERVAL must be at most half of WORKER_OFFLINE_AFTER (or 0: no probes)")
         admin_names = {k.name for k in self.admin_keys}
         for k in self.api_keys:
             if k.name in admin_names:

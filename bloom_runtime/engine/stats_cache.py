@@ -12,13 +12,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 CHEAP_MS = 5.0
 MAX_AGE_S = 2.0
+
+
+def summarize(counts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, Any]]:
+    """The /stats answer from counts by status: totals and ``by_status`` (the first
+    version's structure, with its ``leases.active`` and ``workers.online``), the same
+    counts also flat beside them."""
+
+    def entity(by_status: Mapping[str, int], **highlights: int) -> dict[str, Any]:
+        return {"total": sum(by_status.values()), **highlights, "by_status": dict(by_status), **by_status}
+
+    tasks, leases, workers = counts["tasks"], counts["leases"], counts["workers"]
+    return {
+        "tasks": entity(tasks),
+        "leases": entity(leases, active=leases.get("active", 0)),
+        "workers": entity(workers, online=workers.get("online", 0)),
+    }
 
 
 class StatsCache:

@@ -1,10 +1,15 @@
-"""Validation of outgoing URLs that carry our keys.
+"""Validation of outgoing URLs that carry our keys, and of the addresses they reach.
 
-Membridge and worker-agent URLs come from configuration and from membridge's
-``/agents`` answer; both are sent our admin or agent key. Everything here fails
-closed: a URL is accepted only in one plain, unambiguous form, so the host we
-check is the host ``requests``/``urllib3`` will connect to. Messages never echo a
-whole URL (it may carry credentials); they name the part that is wrong.
+Membridge and worker-agent URLs come from configuration, from membridge's
+``/agents`` answer and from worker registrations; they are sent our admin or
+agent key and task prompts. Everything here fails closed: a URL is accepted
+only in one plain, unambiguous form, so the host we check is the host
+``requests``/``urllib3`` will connect to. Every address form is normalised
+before it is judged (IPv4-mapped, IPv4-compatible, 6to4, Teredo and NAT64 IPv6
+addresses are judged by the IPv4 address they carry too), and the transport
+applies the same judgement to the address it actually connects to, so a
+hostname cannot resolve around it. Messages never echo a whole URL (it may
+carry credentials); they name the part that is wrong.
 """
 
 from __future__ import annotations
@@ -43,6 +48,64 @@ def _parse_ip(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host)
     except ValueError:
         return None
+
+
+# Cloud metadata services outside the link-local range.
+_METADATA = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # Linux connects 0.x.x.x to this host
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64)."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    packed = ip.packed
+    if packed[:12] == bytes(12) and int(ip) > 1:  # ::a.b.c.d (deprecated IPv4-compatible form)
+        found.append(ipaddress.IPv4Address(packed[12:]))
+    if ip in _NAT64_WELL_KNOWN:
+        found.append(ipaddress.IPv4Address(packed[12:]))
+    elif ip in _NAT64_LOCAL:  # RFC 6052 /48 layout: bits 64-71 are skipped
+        found.append(ipaddress.IPv4Address(packed[6:8] + packed[9:11]))
+    return found
+
+
+def _intrinsic_refusal(ip: IPAddress) -> str | None:
+    if ip.is_unspecified or ip.is_multicast:
+        return "is not a unicast address"
+    if ip.is_link_local:
+        return "is link-local"
+    if ip in _METADATA:
+        return "is a cloud metadata service"
+    if isinstance(ip, ipaddress.IPv4Address) and (ip in _THIS_NETWORK or ip.is_reserved or ip == ipaddress.IPv4Address("255.255.255.255")):
+        return "is not a routable unicast address"
+    return None
+
+
+def address_refusal(ip: IPAddress, allowed: AllowList | None) -> str | None:
+    """Why outgoing calls must not reach ``ip`` (None: they may).
+
+    An address, and every IPv4 address it carries, must be unicast and neither
+    link-local nor a metadata service, unless the allow-list names its network.
+    Loopback and private addresses are fine: agents run on the local network.
+    """
+    if allowed is not None and allowed.allows_ip(ip):
+        return None
+    candidates: list[IPAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        candidates.extend(embedded_ipv4(ip))
+    for candidate in candidates:
+        reason = _intrinsic_refusal(candidate)
+        if reason is not None:
+            shown = str(candidate) if candidate is ip else f"{ip} (carrying {candidate})"
+            return f"{shown} {reason}"
+    return None
 
 
 def _is_hostname(host: str) -> bool:
@@ -110,13 +173,18 @@ class AllowList:
         name = _normalise_host(host)
         ip = _parse_ip(name)
         if ip is not None:
-            candidates: list[IPAddress] = [ip]
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                candidates.append(ip.ipv4_mapped)
-            return any(c in net for c in candidates for net in self.networks if c.version == net.version)
+            return self.allows_ip(ip)
         if name in self.hosts:
             return True
         return any(name.endswith("." + suffix) for suffix in self.suffixes)
+
+    def allows_ip(self, ip: IPAddress) -> bool:
+        """Whether a listed network holds ``ip`` (an IPv4-mapped address counts as its IPv4 address,
+        the only embedded form that connects to that very host)."""
+        candidates: list[IPAddress] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.append(ip.ipv4_mapped)
+        return any(c in net for c in candidates for net in self.networks if c.version == net.version)
 
 
 def validate_outgoing_url(url: str, allowed: AllowList | None) -> str:
@@ -124,9 +192,10 @@ def validate_outgoing_url(url: str, allowed: AllowList | None) -> str:
 
     Accepted: http or https, a host, an optional valid port and a plain path
     prefix. Refused: credentials, query, fragment, whitespace or backslashes,
-    ambiguous numeric hosts, unspecified or multicast addresses, and hosts
-    outside ``allowed`` when an allow-list is given (link-local addresses, such
-    as cloud metadata services, only when the allow-list names them).
+    ambiguous numeric hosts (decimal, octal, hex IPv4 forms, zone ids), hosts
+    outside ``allowed`` when an allow-list is given, and addresses that
+    ``address_refusal`` refuses, in any of their forms (link-local addresses
+    and cloud metadata services only when the allow-list names their network).
     """
     if not isinstance(url, str):
         raise UnsafeURL("URL must be a string")
@@ -162,13 +231,12 @@ def validate_outgoing_url(url: str, allowed: AllowList | None) -> str:
     ip = None if "%" in host else _parse_ip(host)
     if ip is None and not _is_hostname(host):
         raise UnsafeURL(f"URL host {host[:64]!r} is not a valid hostname or IP address")
-    if ip is not None and (ip.is_unspecified or ip.is_multicast):
-        raise UnsafeURL(f"URL host {host!r} is not a unicast address")
-    if allowed is not None:
-        if not allowed.allows(host):
-            raise UnsafeURL(f"URL host {host!r} is not in MEMBRIDGE_ALLOWED_HOSTS")
-    elif ip is not None and ip.is_link_local:
-        raise UnsafeURL(f"URL host {host!r} is link-local; list it in MEMBRIDGE_ALLOWED_HOSTS to allow it")
+    if allowed is not None and not allowed.allows(host):
+        raise UnsafeURL(f"URL host {host!r} is not in MEMBRIDGE_ALLOWED_HOSTS")
+    if ip is not None:
+        reason = address_refusal(ip, allowed)
+        if reason is not None:
+            raise UnsafeURL(f"URL host {reason}; list its network in MEMBRIDGE_ALLOWED_HOSTS to allow it")
 
     path = parts.path
     if not _BASE_PATH.fullmatch(path) or any(seg in (".", "..") for seg in path.split("/")):

@@ -13,20 +13,26 @@ from bloom_runtime.engine.errors import (
     Conflict,
     EngineStopped,
     EngineTimeout,
+    Forbidden,
     InvalidInput,
     MembridgeError,
     MembridgeUnavailable,
     NoCapacity,
     NotFound,
     StoreUnavailable,
+    Unauthorized,
     public_message,
 )
+from bloom_runtime.http.util import loggable_path
 
 log = logging.getLogger("bloom_runtime.http")
+
 
 # Most specific first: StaleLease is a Conflict, MembridgeUnavailable a MembridgeError.
 STATUS_BY_ERROR: tuple[tuple[type[BloomError], int], ...] = (
     (InvalidInput, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
     (NoCapacity, 503),
@@ -71,14 +77,14 @@ def write_error(resp: falcon.Response, code: int, message: str, details: dict[st
 def handle_bloom_error(req: falcon.Request, resp: falcon.Response, exc: BloomError, params: dict[str, Any]) -> None:
     status = status_for(exc)
     if status == 500:
-        log.error("unmapped %s on %s %s: %s", type(exc).__name__, req.method, req.path, exc.message)
+        log.error("unmapped %s on %s %s: %s", type(exc).__name__, req.method, loggable_path(req.path), exc.message)
         write_error(resp, 500, "internal error")
         return
     if status in (502, 503):
         resp.set_header("Retry-After", str(RETRY_AFTER_S))
     if isinstance(exc, StoreUnavailable):
         # The driver's message may carry hosts or SQL; keep it in the server log.
-        log.warning("store unavailable on %s %s: %s", req.method, req.path, exc.message)
+        log.warning("store unavailable on %s %s: %s", req.method, loggable_path(req.path), exc.message)
         write_error(resp, status, public_message(exc) or "storage unavailable")
         return
     write_error(resp, status, exc.message, exc.details)

@@ -36,7 +36,7 @@ class EngineCollector(Collector):
         if stats is not None:
             for name, help_text in (("tasks", "Tasks by status"), ("leases", "Leases by status"), ("workers", "Workers by status")):
                 g = GaugeMetricFamily(f"bloom_{name}", help_text, labels=["status"])
-                for status, n in sorted(stats.get(name, {}).items()):
+                for status, n in sorted(stats.get(name, {}).get("by_status", {}).items()):
                     g.add_metric([status], n)
                 yield g
             active = GaugeMetricFamily("bloom_active_leases", "Leases currently active")
@@ -72,6 +72,17 @@ class EngineCollector(Collector):
         failing = GaugeMetricFamily("bloom_membridge_consecutive_failures", "Membridge attempts failed since the last answer")
         failing.add_metric([], state.get("consecutiveFailures", 0) or 0)
         yield failing
+        dispatch = self.engine.dispatch.state()
+        in_flight = GaugeMetricFamily("bloom_dispatch_in_flight", "Deliveries waiting for their worker agent's answer")
+        in_flight.add_metric([], dispatch["in_flight"])
+        yield in_flight
+        outcomes = CounterMetricFamily("bloom_dispatch_deliveries", "Deliveries to worker agents by outcome (this process)", labels=["state"])
+        for outcome, n in sorted(dispatch["deliveries"].items()):
+            outcomes.add_metric([outcome], n)
+        yield outcomes
+        open_breakers = GaugeMetricFamily("bloom_dispatch_open_breakers", "Worker agents whose circuit breaker is open")
+        open_breakers.add_metric([], dispatch["open_breakers"])
+        yield open_breakers
 
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -17,6 +17,7 @@ from bloom_runtime.http.auth import HEADER, Authenticator
 from bloom_runtime.http.metrics import Metrics
 from bloom_runtime.http.ratelimit import RateLimiter
 from bloom_runtime.http.routes import op_for
+from bloom_runtime.http.util import loggable_path
 
 access_log = logging.getLogger("bloom_runtime.http.access")
 
@@ -45,7 +46,7 @@ class RequestTracking:
         status = resp.status_code
         self.metrics.observe(req.method, req.uri_template or "unmatched", status, elapsed)
         # The path only: query strings carry cursors and ids, never keys, but keep lines short.
-        access_log.info("%s %s %d %.1fms rid=%s", req.method, req.path, status, elapsed * 1000, rid)
+        access_log.info("%s %s %d %.1fms rid=%s", req.method, loggable_path(req.path), status, elapsed * 1000, rid)
 
 
 class LoadShedder:
@@ -83,9 +84,10 @@ class LoadShedder:
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]) -> None:
         op = op_for(req.uri_template, req.method)
         kind = op.kind if op is not None else "client"
+        long_poll = op is not None and op.long_poll  # a claim, or a dispatch that may wait
         backlog = self.backlog()
         with self._lock:
-            if kind == "long_poll" and self.long_polls < self.long_poll_budget:
+            if long_poll and self.long_polls < self.long_poll_budget:
                 self.long_polls += 1
                 req.context.slot = "long"
                 return
@@ -104,7 +106,7 @@ class LoadShedder:
         if shed:
             self.metrics.shed.inc()
             raise falcon.HTTPServiceUnavailable(description="overloaded, retry later", retry_after=SHED_RETRY_AFTER_S)
-        if kind == "long_poll":
+        if long_poll:
             req.context.short_poll = True
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool) -> None:

@@ -101,7 +101,7 @@ def build_document() -> dict[str, Any]:
 
 
 def _operation_id(method: str, route: Route) -> str:
-    words = re.sub(r"[{}]", "", route.path.split("/api/", 1)[1]).replace(".", "_")
+    words = re.sub(r"[{}]", "", route.path.split("/api/", 1)[-1].strip("/") or "console").replace(".", "_")
     return method.lower() + "_" + re.sub(r"[^A-Za-z0-9]+", "_", words).strip("_")
 
 

@@ -19,17 +19,21 @@ from bloom_runtime.engine.models import (
     Artifact,
     Capabilities,
     Completion,
+    Delivery,
     EpochMs,
     Fence,
     Id,
     IpAddrs,
     Lease,
+    LeaseStatus,
+    LeaseToken,
     Name,
     ObsCount,
     OsInfo,
     Result,
     Tag,
     Task,
+    TaskStatus,
     TtlSeconds,
     Worker,
     WorkerStatus,
@@ -72,17 +76,27 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
 
     lease_id: Id | None = None
     worker_id: Id | None = None
+    lease_token: LeaseToken | None = None
 
     def completion(self) -> Completion:
         return Completion(**{f: getattr(self, f) for f in Completion.__struct_fields__})
 
     def fence(self) -> Fence:
-        return Fence(lease_id=self.lease_id, worker_id=self.worker_id)
+        return Fence(lease_id=self.lease_id, worker_id=self.worker_id, lease_token=self.lease_token)
+
+
+class AgentUpdateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """POST /workers/{id}/agent-update: passed on to the agent's /self-update (it defaults to its origin)."""
+
+    repo_url: Annotated[str, Meta(max_length=1024, pattern=r"^(https?://|ssh://|git@)[^\s\x00-\x1f]+$")] | None = None
+    # Never an option: the agent hands it to `git pull origin <branch>`.
+    branch: Annotated[str, Meta(max_length=255, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")] | None = None
 
 
 class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: Id | None = None
     ttl_seconds: TtlSeconds | None = None
+    wait_seconds: WaitSeconds = 0  # wait this long for the agent's answer (on the long-poll budget)
 
 
 class ConfigUpdate(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,13 +114,25 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 class LeaseResponse(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease
     worker: Worker
+    lease_token: str  # authorises heartbeat/complete of this lease (and only this one)
 
 
-class TaskLease(msgspec.Struct, frozen=True, kw_only=True):
-    """Heartbeat and claim answers."""
+class TaskLease(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Claim answers (with the lease's token); heartbeat answers add ``expires_at``."""
 
     task: Task
     lease: Lease
+    lease_token: str | None = None
+
+
+class HeartbeatAnswer(TaskLease, frozen=True, kw_only=True):
+    """A renewal: the task and lease, and the first version's top-level ``expires_at``."""
+
+    expires_at: int
+
+    @classmethod
+    def of(cls, task: Task, lease: Lease) -> HeartbeatAnswer:
+        return cls(task=task, lease=lease, expires_at=lease.expires_at)
 
 
 class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,30 +141,65 @@ class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     artifact: Artifact
 
 
-class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True):
-    """The lease granted and the worker that accepted the task."""
+class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A delivery and where to watch it (``dispatched``, ``task_id``, ``worker_id``, ``lease_id``
+    as the first version answered; ``execution`` is the agent's answer when it was waited for)."""
 
-    lease: Lease
-    worker: Worker
-    task: Task
     dispatched: bool
-    worker_status: int | None = None
+    task_id: str
+    worker_id: str
+    lease_id: str
+    task: Task
+    lease: Lease
+    worker: Worker | None
+    delivery: Delivery
+    watch: dict[str, str]
+    lease_token: str | None = None  # only to the caller that created the delivery
+    execution: Any = None
+    error: str | None = None
 
 
-class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Membridge /health as seen through the client: status and parsed scalar fields only."""
+class TaskView(Task, frozen=True, kw_only=True):
+    """One task, with its latest push delivery (null if it was never pushed)."""
+
+    delivery: Delivery | None = None
+
+
+class WorkerDetail(Worker, frozen=True, kw_only=True):
+    """GET /workers/{id}: the worker and its active leases (as the first version answers)."""
+
+    leases: list[Lease]
+
+
+class RemovedWorker(Worker, frozen=True, kw_only=True):
+    """DELETE /workers/{id}: the first version's ``{removed: true, id}``, with the fields it had."""
+
+    removed: bool = True
+
+
+class ConnectionTestResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The first version's ``{connected: true, health}`` or ``{connected: false, error}``: membridge
+    /health as seen through the client (its parsed scalar fields only), and how it went."""
 
     connected: bool
-    status: int
-    health: dict[str, Any]
-    latency_ms: float
-    tested_at: int
+    health: dict[str, Any] | None = None
+    error: str | None = None
+    status: int | None = None  # membridge's answer, when it gave one
+    latency_ms: float | None = None
+    tested_at: int | None = None  # epoch ms; absent when nothing was tested
+    retry_after_s: float | None = None  # while the circuit breaker is open
+    configured: bool = True
 
 
 class ConfigView(msgspec.Struct, frozen=True, kw_only=True):
+    """The first version's fields, and ours. Only admin keys see the ends of the admin key."""
+
     membridge_server_url: str | None
-    admin_key: str | None  # masked
+    admin_key: str | None  # "****cdef" (admin), "****" (others), null: no key
+    admin_key_masked: str  # "adm-****cdef" (admin), "****" (others), "": no key
     configured: bool
+    connected: bool  # the last test-connection since the configuration changed reached membridge
+    last_test: int | None  # when that test ran, epoch ms
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,14 +213,60 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     writes: dict[str, Any] = {}  # ok, last_success, last_error, last_failure, last_error_age_s, failures
     audit: dict[str, Any] = {}  # pending, oldest_age_s
     membridge: dict[str, Any] = {}
+    dispatch: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
     actors: dict[str, Any] = {}
 
 
+class TaskCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Tasks: the total, ``by_status`` (every status), and the same counts flat."""
+
+    total: int
+    by_status: dict[TaskStatus, int]
+    queued: int
+    leased: int
+    running: int
+    completed: int
+    failed: int
+    dead: int
+    cancelled: int
+
+
+class LeaseCounts(msgspec.Struct, frozen=True, kw_only=True):
+    total: int
+    active: int
+    by_status: dict[LeaseStatus, int]
+    released: int
+    expired: int
+    failed: int
+
+
+class WorkerCounts(msgspec.Struct, frozen=True, kw_only=True):
+    total: int
+    online: int
+    by_status: dict[WorkerStatus, int]
+    offline: int
+    syncing: int
+    error: int
+    unknown: int
+
+
+class WhoAmI(msgspec.Struct, frozen=True, kw_only=True):
+    """The caller's key: its name (the audit actor) and whether it may do admin operations."""
+
+    name: str | None
+    admin: bool
+    auth_enabled: bool
+    authenticated: bool
+
+
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
-    tasks: dict[str, int]
-    leases: dict[str, int]
-    workers: dict[str, int]
+    """The first version's ``{tasks: {total, by_status}, leases: {total, active}, workers: {total, online}}``,
+    with every status counted."""
+
+    tasks: TaskCounts
+    leases: LeaseCounts
+    workers: WorkerCounts
 
 
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit-burst", type=int, help="bucket size (RATE_LIMIT_BURST)")
     parser.add_argument("--lease-sweep-interval", type=float, help="seconds between expiry sweeps (LEASE_SWEEP_INTERVAL)")
     parser.add_argument("--public-url", help="base URL workers call back (RUNTIME_PUBLIC_URL)")
+    parser.add_argument("--dispatch-grace", type=float,
+                        help="seconds added to policy.timeout_sec while waiting for an agent's answer (DISPATCH_GRACE, default 60)")
+    parser.add_argument("--auto-dispatch", action=argparse.BooleanOptionalAction, default=None,
+                        help="push queued tasks to workers with a verified URL by themselves (AUTO_DISPATCH, default on)")
+    parser.add_argument("--agent-probe-interval", type=float,
+                        help="seconds between GET /health probes of push workers; 0: none (AGENT_PROBE_INTERVAL, default 10)")
     parser.add_argument(
         "--insecure-no-auth", action="store_true", default=None,
         help="allow a non-loopback bind with no RUNTIME_API_KEY (INSECURE_NO_AUTH)",
@@ -65,6 +71,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         rate_limit_burst=args.rate_limit_burst,
         lease_sweep_interval_s=args.lease_sweep_interval,
         public_url=args.public_url,
+        dispatch_grace_s=args.dispatch_grace,
+        auto_dispatch=args.auto_dispatch,
+        agent_probe_interval_s=args.agent_probe_interval,
         insecure_no_auth=insecure or None,
     )
 
@@ -74,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
     if not settings.auth_enabled and not is_loopback(settings.host) and not settings.insecure_no_auth:
         print(
             f"bloom-runtime: refusing to serve on {settings.host} without RUNTIME_API_KEY (use --insecure-no-auth to override)",
+            file=sys.stderr,
+        )
+        return 2
+    if not settings.public_url and not is_loopback(settings.host) and (settings.auto_dispatch or settings.membridge_server_url):
+        # Agents call back on RUNTIME_PUBLIC_URL; guessed from HOST it would be this machine's loopback.
+        print(
+            f"bloom-runtime: RUNTIME_PUBLIC_URL must be set when serving on {settings.host} with push dispatch "
+            "(the URL worker agents call back on); set it, or AUTO_DISPATCH=off with no MEMBRIDGE_SERVER_URL "
+            "for a pull-only fleet",
             file=sys.stderr,
         )
         return 2

@@ -73,14 +73,17 @@ from bloom_runtime.engine.models import (
     LEASE_STATUSES,
     MAX_ATTEMPTS_LIMIT,
     TASK_STATUSES,
+    UNFINISHED_STATUSES,
     WORKER_STATUSES,
     Artifact,
     AuditEntry,
     Capabilities,
     Completion,
     CompletionOutcome,
+    Delivery,
     Expiry,
     Fence,
+    HistoryPoint,
     Lease,
     LeaseGrant,
     NewTask,
@@ -91,10 +94,13 @@ from bloom_runtime.engine.models import (
     Worker,
     WorkerUpsert,
     check_leasable,
+    new_worker,
+    or_default,
 )
+from bloom_runtime.sql import adopt
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
-from bloom_runtime.sql.queries import load
+from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES, load
 from bloom_runtime.sql.store import (
     MAX_PAGE,
     AcquireOp,
@@ -107,6 +113,8 @@ from bloom_runtime.sql.store import (
     Transaction,
     TransientConflict,
     artifact_content,
+    history_params,
+    history_point,
 )
 
 log = logging.getLogger(__name__)
@@ -273,23 +281,33 @@ def _worker(r: Sequence[Any], active: int, o: int = 0) -> Worker:
     return Worker(
         id=r[o],
         node_id=r[o + 1],
-        url=r[o + 2],
+        url=or_default(r[o + 2], "url"),
         status=r[o + 3],
         capabilities=_caps(r[o + 4]),
-        last_heartbeat=r[o + 5],
+        last_heartbeat=r[o + 5] if r[o + 5] is not None else r[o + 9],
         ip_addrs=_strs(r[o + 6]),
         obs_count=r[o + 7],
-        db_sha=r[o + 8],
+        db_sha=or_default(r[o + 8], "db_sha"),
         registered_at=r[o + 9],
         active_leases=active,
-        agent_version=r[o + 10],
-        os_info=r[o + 11],
-        install_method=r[o + 12],
+        agent_version=or_default(r[o + 10], "agent_version"),
+        os_info=or_default(r[o + 11], "os_info"),
+        install_method=or_default(r[o + 12], "install_method"),
         source=r[o + 13],
     )
 
 
 _WORKER_N = 14  # stored columns; the active-lease count follows them
+
+
+def _worker_columns(w: WorkerUpsert) -> dict[str, Any]:
+    """A fully populated upsert (``new_worker``) as column values."""
+    return {
+        "node_id": w.node_id, "url": w.url, "status": w.status, "capabilities": _json(w.capabilities),
+        "last_heartbeat": w.last_heartbeat, "ip_addrs": _json(w.ip_addrs), "obs_count": w.obs_count,
+        "db_sha": w.db_sha, "agent_version": w.agent_version, "os_info": w.os_info,
+        "install_method": w.install_method, "source": w.source,
+    }
 
 
 def _worker_row(r: Sequence[Any]) -> Worker:
@@ -329,6 +347,11 @@ def _result(r: Sequence[Any], o: int = 0) -> Result:
 
 
 _RESULT_N = 9
+
+
+def _delivery(r: Sequence[Any]) -> Delivery:
+    return Delivery(id=r[0], task_id=r[1], lease_id=r[2], worker_id=r[3], url=r[4], state=r[5], agent_status=r[6],
+                    detail=r[7], actor=r[8], created_at=r[9], deadline_at=r[10], finished_at=r[11])
 
 
 def _audit(r: Sequence[Any]) -> AuditEntry:
@@ -971,14 +994,21 @@ class PostgresTransaction(Transaction):
         return out
 
     @_translating
-    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+    def fail_lease(
+        self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
+    ) -> tuple[Task, Lease]:
         row = self._one("lease_task_id", {"id": lease_id})
         if row is None:
             raise NotFound("lease not found", lease_id=lease_id)
         task = self._lock_task(row[0])
         if task.lease_id != lease_id or task.status not in HOLDING_LEASE:
             raise Conflict("lease is not active", lease_id=lease_id)
-        if task.attempts < task.max_attempts:
+        if refund:
+            refunded = self._one("refund_attempt", {"id": task.id})  # the task row is locked above
+            if refunded is not None:
+                task = _task(refunded)
+            status, not_before = "queued", now + retry_delay(max(task.attempts, 1))
+        elif task.attempts < task.max_attempts:
             status, not_before = "queued", now + retry_delay(task.attempts)
         else:
             status, not_before = "failed", None
@@ -1046,6 +1076,7 @@ class PostgresTransaction(Transaction):
     @_translating
     def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
         caps = upsert.capabilities
+        fresh = new_worker(upsert, now)  # what an insert stores
         row = self._one(
             "upsert_worker",
             {
@@ -1054,7 +1085,6 @@ class PostgresTransaction(Transaction):
                 "url": upsert.url,
                 "status": upsert.status,
                 "capabilities": _json(caps) if caps is not None else None,
-                "capabilities_new": _json(caps if caps is not None else Capabilities()),
                 "last_heartbeat": upsert.last_heartbeat,
                 "ip_addrs": _json(upsert.ip_addrs) if upsert.ip_addrs is not None else None,
                 "obs_count": upsert.obs_count,
@@ -1064,9 +1094,18 @@ class PostgresTransaction(Transaction):
                 "os_info": upsert.os_info,
                 "install_method": upsert.install_method,
                 "source": upsert.source,
+                **{f"new_{name}": value for name, value in _worker_columns(fresh).items()},
             },
         )
         return _worker_row(row), bool(row[_WORKER_N + 1])
+
+    @_translating
+    def lock_worker(self, worker_id: str) -> Worker:
+        self._all("lock_workers", {"ids": [worker_id]})
+        row = self._one("get_worker", {"id": worker_id})
+        if row is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return _worker_row(row)
 
     @_translating
     def remove_worker(self, worker_id: str) -> Worker:
@@ -1081,9 +1120,39 @@ class PostgresTransaction(Transaction):
             raise NotFound("worker not found", worker_id=worker_id)
 
     @_translating
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        rows = self._all("mark_stale_workers_offline", {"seen_before": seen_before})
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        rows = self._all("mark_stale_workers_offline", {"seen_before": seen_before, "vouched": vouched})
         return sorted((_worker_row(r) for r in rows), key=lambda w: w.id)
+
+    @_translating
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        row = self._one("worker_liveness", {"id": worker_id, "alive": alive, "at": at})
+        return (row[0], row[1]) if row is not None else None
+
+    # --- push dispatch -------------------------------------------------------
+
+    @_translating
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        self._rows("vouch_worker_url", {"worker_id": worker_id, "url": url, "by": by, "now": now})
+
+    @_translating
+    def forget_worker_url(self, worker_id: str) -> str | None:
+        rows = self._rows("forget_worker_url", {"worker_id": worker_id})
+        return rows[0][0] if rows else None
+
+    @_translating
+    def insert_delivery(self, delivery: Delivery) -> None:
+        self._rows("insert_delivery", msgspec.structs.asdict(delivery))
+
+    @_translating
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        row = self._one("finish_delivery", {"id": delivery_id, "state": state, "agent_status": agent_status,
+                                            "detail": detail, "now": now})
+        return _delivery(row) if row is not None else None
+
+    @_translating
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        return [_delivery(r) for r in self._all("expire_deliveries", {"now": now, "detail": detail, "limit": limit})]
 
     # --- audit and settings --------------------------------------------------
 
@@ -1097,6 +1166,23 @@ class PostgresTransaction(Transaction):
             return
         keys = sorted(values)
         self._rows("set_settings", {"keys": keys, "values": [values[k] for k in keys], "now": time.time_ns() // 1_000_000})
+
+    @_translating
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        if values:
+            keys = sorted(values)
+            self._rows("add_settings_if_absent", {"keys": keys, "values": [values[k] for k in keys], "now": now})
+
+    @_translating
+    def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:
+        added = 0
+        for p in points:
+            added += len(self._rows("record_history", {**history_params(p), "now": now}))
+        return added
+
+    @_translating
+    def prune_history(self, before: int) -> None:
+        self._rows("prune_history", {"before": before})
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -1351,8 +1437,9 @@ class PostgresStore(Store):
     def migrate(self) -> list[str]:
         applied: list[str] = []
         with self._conn() as conn:
-            # A migration may take long (an index on a large table), and so may waiting for
-            # another process's: neither is bounded, by the server or by us.
+            # A migration may take long (an index on a large table, adopting the first
+            # version's tables), and so may waiting for another process's: neither is
+            # bounded, by the server or by us.
             bound, conn.io_timeout_s = conn.io_timeout_s, None
             try:
                 while True:
@@ -1361,6 +1448,16 @@ class PostgresStore(Store):
                     with conn.transaction():
                         conn.execute(Q["no_statement_timeout"])
                         conn.execute(Q["migrations_lock"])
+                        present = adopt.first_version_tables(conn)
+                        if present:
+                            # The first version's tables: made 0001's, recorded as 0001, in this transaction.
+                            now = time.time_ns() // 1_000_000
+                            report = adopt.adopt(conn, present, now)
+                            conn.execute(Q["create_schema_migrations"])
+                            conn.execute(Q["record_migration"], {"version": adopt.ADOPTED_AS, "now": now})
+                            conn.execute(Q["insert_audit"], {"rows": _encode(report.entries).decode()})
+                            applied.append(f"{adopt.ADOPTED_AS} (adopted from the first version's tables)")
+                            continue
                         conn.execute(Q["create_schema_migrations"])
                         done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
                         todo = migrations.pending("postgres", done)
@@ -1496,6 +1593,10 @@ class PostgresStore(Store):
         return [_worker_row(r) for r in rows]
 
     @_translating
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        return [_lease(r) for r in self._read_all("worker_leases", {"worker_id": worker_id, "limit": MAX_PAGE})]
+
+    @_translating
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         rows = self._read_all("worker_candidates", {"labels": _json(list(labels))})
         return [_worker_row(r) for r in rows]
@@ -1534,17 +1635,27 @@ class PostgresStore(Store):
         return _result(row)
 
     @_translating
-    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
-        args = _page_args(limit, cursor)
-        if entity_id is None:
-            rows = self._read_all("list_audit", args)
-        else:
-            rows = self._read_all("list_audit_by_entity", {**args, "entity_id": entity_id})
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None, action: str | None = None) -> Page:
+        args = {**_page_args(limit, cursor), "entity_id": entity_id, "action": action}
+        rows = self._read_all(AUDIT_QUERIES[entity_id is not None, action is not None], args)
         return _page([_audit(r) for r in rows], limit, lambda e: e.timestamp)
 
     @_translating
     def get_settings(self) -> dict[str, str]:
         return dict(self._read_all("get_settings", {}))
+
+    @_translating
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        return [_task(r) for r in self._read_all("due_tasks", {"now": now, "limit": limit})]
+
+    @_translating
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        row = self._read_one("latest_delivery", {"task_id": task_id})
+        return _delivery(row) if row is not None else None
+
+    @_translating
+    def worker_trust(self) -> dict[str, str]:
+        return dict(self._read_all("worker_trust", {}))
 
     @_translating
     def stats(self) -> dict[str, dict[str, int]]:
@@ -1556,6 +1667,51 @@ class PostgresStore(Store):
         for kind, status, count in self._read_all("stats", {}):
             out[kind][status] = count
         return out
+
+    # --- the read side of operators' tools -----------------------------------
+
+    @_translating
+    def search_tasks(self, field: str, value: str, statuses: Sequence[str], limit: int, cursor: str | None) -> Page:
+        args = {**_page_args(limit, cursor), "value": value, "statuses": list(statuses)}
+        rows = self._read_all(SEARCH_QUERIES[field], args)
+        return _page([_task(r) for r in rows], limit, lambda t: t.created_at)
+
+    @_translating
+    def list_task_leases(self, task_ids: Sequence[str], status: str | None, limit: int, cursor: str | None) -> Page:
+        args = {**_page_args(limit, cursor), "task_ids": list(task_ids), "status": status}
+        rows = self._read_all("leases_of_tasks", args)
+        return _page([_lease(r) for r in rows], limit, lambda lease: lease.started_at)
+
+    @_translating
+    def list_expired_leases(self, limit: int, cursor: str | None) -> Page:
+        rows = self._read_all("list_expired_leases", _page_args(limit, cursor))
+        return _page([_lease(r) for r in rows], limit, lambda lease: lease.expires_at)
+
+    @_translating
+    def live_depth(self) -> dict[str, int]:
+        return {**dict.fromkeys(UNFINISHED_STATUSES, 0), **dict(self._read_all("live_depth", {}))}
+
+    @_translating
+    def oldest_queued(self) -> tuple[str, int] | None:
+        row = self._read_one("oldest_queued", {})
+        return (row[0], row[1]) if row is not None else None
+
+    @_translating
+    def activity(self, since: int, until: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for kind, minute, count in self._read_all("activity", {"since": since, "until": until}):
+            out.setdefault(minute, {})[kind] = count
+        return out
+
+    @_translating
+    def last_history_minute(self) -> int | None:
+        row = self._read_one("last_history_minute", {})
+        return row[0] if row is not None else None
+
+    @_translating
+    def history(self, since: int, until: int) -> list[HistoryPoint]:
+        rows = self._read_all("history", {"since": since, "until": until})
+        return [history_point(r) for r in rows]
 
 
 # --- cross-process wake-ups -----------------------------------------------------------

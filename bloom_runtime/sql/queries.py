@@ -10,6 +10,15 @@ from __future__ import annotations
 import re
 from importlib import resources
 
+# Statements both dialects name alike, chosen by what a read filters on.
+SEARCH_QUERIES = {"context_id": "search_tasks_by_context", "agent_slug": "search_tasks_by_agent"}
+AUDIT_QUERIES = {  # (by entity, by action) → statement
+    (False, False): "list_audit",
+    (True, False): "list_audit_by_entity",
+    (False, True): "list_audit_by_action",
+    (True, True): "list_audit_by_entity_action",
+}
+
 _NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 

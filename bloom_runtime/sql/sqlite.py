@@ -36,14 +36,17 @@ from bloom_runtime.engine.models import (
     DEFAULT_TIMEOUT_SEC,
     LEASE_STATUSES,
     TASK_STATUSES,
+    UNFINISHED_STATUSES,
     WORKER_STATUSES,
     Artifact,
     AuditEntry,
     Capabilities,
     Completion,
     CompletionOutcome,
+    Delivery,
     Expiry,
     Fence,
+    HistoryPoint,
     Lease,
     LeaseGrant,
     NewTask,
@@ -53,11 +56,23 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    new_worker,
+    or_default,
 )
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql import queries
-from bloom_runtime.sql.store import MAX_PAGE, RetryDelay, Store, Transaction, TransientConflict, artifact_content
+from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES
+from bloom_runtime.sql.store import (
+    MAX_PAGE,
+    RetryDelay,
+    Store,
+    Transaction,
+    TransientConflict,
+    artifact_content,
+    history_params,
+    history_point,
+)
 
 Q = queries.load("sqlite")
 
@@ -150,18 +165,18 @@ def _worker(r: Sequence[Any]) -> Worker:
     return Worker(
         id=r[0],
         node_id=r[1],
-        url=r[2],
+        url=or_default(r[2], "url"),
         status=r[3],
         capabilities=_capabilities(r[4]),
-        last_heartbeat=r[5],
+        last_heartbeat=r[5] if r[5] is not None else r[9],
         ip_addrs=_str_list(r[6]),
         obs_count=r[7],
-        db_sha=r[8],
+        db_sha=or_default(r[8], "db_sha"),
         registered_at=r[9],
         active_leases=r[10],
-        agent_version=r[11],
-        os_info=r[12],
-        install_method=r[13],
+        agent_version=or_default(r[11], "agent_version"),
+        os_info=or_default(r[12], "os_info"),
+        install_method=or_default(r[13], "install_method"),
         source=r[14],
     )
 
@@ -193,6 +208,11 @@ def _result(r: Sequence[Any]) -> Result:
         metrics=_dict(r[7]),
         completed_at=r[8],
     )
+
+
+def _delivery(r: Sequence[Any]) -> Delivery:
+    return Delivery(id=r[0], task_id=r[1], lease_id=r[2], worker_id=r[3], url=r[4], state=r[5], agent_status=r[6],
+                    detail=r[7], actor=r[8], created_at=r[9], deadline_at=r[10], finished_at=r[11])
 
 
 def _audit(r: Sequence[Any]) -> AuditEntry:
@@ -489,7 +509,9 @@ class SqliteTransaction(Transaction):
         )
 
     @_atomic
-    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+    def fail_lease(
+        self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
+    ) -> tuple[Task, Lease]:
         # ``reason`` has no column: the caller audits it.
         row = self._q1("lease_by_id", {"id": lease_id})
         if row is None:
@@ -501,7 +523,10 @@ class SqliteTransaction(Transaction):
         if task_lease_id != lease_id or status not in ("leased", "running"):
             raise Conflict("the lease's task no longer holds it", lease_id=lease_id, task_id=lease.task_id)
         not_before = None
-        if attempts < max_attempts:
+        if refund:
+            self._q("refund_attempt", {"id": lease.task_id})
+            new_status, not_before = "queued", now + retry_delay(max(attempts - 1, 1))
+        elif attempts < max_attempts:
             new_status = "queued"
             not_before = now + retry_delay(attempts)
         else:
@@ -564,23 +589,24 @@ class SqliteTransaction(Transaction):
     def upsert_worker(self, upsert: WorkerUpsert, now: int) -> tuple[Worker, bool]:
         existing = self._q1("worker_by_id", {"id": upsert.id})
         if existing is None:
+            fresh = new_worker(upsert, now)
             self._q(
                 "insert_worker",
                 {
-                    "id": upsert.id,
-                    "node_id": upsert.node_id if upsert.node_id is not None else upsert.id,
-                    "url": upsert.url,
-                    "status": upsert.status or "online",
-                    "capabilities": _json(upsert.capabilities if upsert.capabilities is not None else Capabilities()),
-                    "last_heartbeat": upsert.last_heartbeat,
-                    "ip_addrs": _json(upsert.ip_addrs or []),
-                    "obs_count": upsert.obs_count or 0,
-                    "db_sha": upsert.db_sha,
+                    "id": fresh.id,
+                    "node_id": fresh.node_id,
+                    "url": fresh.url,
+                    "status": fresh.status,
+                    "capabilities": _json(fresh.capabilities),
+                    "last_heartbeat": fresh.last_heartbeat,
+                    "ip_addrs": _json(fresh.ip_addrs),
+                    "obs_count": fresh.obs_count,
+                    "db_sha": fresh.db_sha,
                     "now": now,
-                    "agent_version": upsert.agent_version,
-                    "os_info": upsert.os_info,
-                    "install_method": upsert.install_method,
-                    "source": upsert.source or "api",
+                    "agent_version": fresh.agent_version,
+                    "os_info": fresh.os_info,
+                    "install_method": fresh.install_method,
+                    "source": fresh.source,
                 },
             )
             created = True
@@ -608,6 +634,13 @@ class SqliteTransaction(Transaction):
         assert worker is not None
         return worker, created
 
+    def lock_worker(self, worker_id: str) -> Worker:
+        # The transaction holds SQLite's write lock: no other writer can change the row.
+        worker = self._worker_by_id(worker_id)
+        if worker is None:
+            raise NotFound("worker not found", worker_id=worker_id)
+        return worker
+
     @_atomic
     def remove_worker(self, worker_id: str) -> Worker:
         worker = self._worker_by_id(worker_id)
@@ -620,9 +653,38 @@ class SqliteTransaction(Transaction):
         if not self._q("touch_worker", {"id": worker_id, "now": now}):
             raise NotFound("worker not found", worker_id=worker_id)
 
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        rows = self._q("mark_stale_workers_offline", {"seen_before": seen_before})
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        rows = self._q("mark_stale_workers_offline", {"seen_before": seen_before, "vouched": vouched})
         return sorted((_worker(r) for r in rows), key=lambda w: w.id)
+
+    @_atomic
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        old = self._q1("worker_status", {"id": worker_id})  # the write lock is held: nothing moves meanwhile
+        if old is None:
+            return None
+        new = self._q1("worker_liveness", {"id": worker_id, "alive": alive, "at": at})
+        assert new is not None
+        return old[0], new[0]
+
+    # --- push dispatch ---------------------------------------------------------
+
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        self._q("vouch_worker_url", {"worker_id": worker_id, "url": url, "by": by, "now": now})
+
+    def forget_worker_url(self, worker_id: str) -> str | None:
+        row = self._q1("forget_worker_url", {"worker_id": worker_id})
+        return row[0] if row else None
+
+    def insert_delivery(self, delivery: Delivery) -> None:
+        self._q("insert_delivery", msgspec.structs.asdict(delivery))
+
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        row = self._q1("finish_delivery", {"id": delivery_id, "state": state, "agent_status": agent_status,
+                                           "detail": detail, "now": now})
+        return _delivery(row) if row is not None else None
+
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        return [_delivery(r) for r in self._q("expire_deliveries", {"now": now, "detail": detail, "limit": limit})]
 
     # --- audit and settings ----------------------------------------------------
 
@@ -634,6 +696,18 @@ class SqliteTransaction(Transaction):
         # The interface passes no ``now``; updated_at is informational, so the wall clock will do.
         if values:
             self._q("upsert_settings", {"values": _json(values), "now": time.time_ns() // 1_000_000})
+
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        if values:
+            self._q("add_settings_if_absent", {"values": _json(values), "now": now})
+
+    # --- history ---------------------------------------------------------------
+
+    def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:
+        return sum(len(self._q("record_history", {**history_params(p), "now": now})) for p in points)
+
+    def prune_history(self, before: int) -> None:
+        self._q("prune_history", {"before": before})
 
 
 def _check_ttl(ttl_seconds: int) -> None:
@@ -877,6 +951,9 @@ class SqliteStore(Store):
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         return [_worker(r) for r in self._read("worker_candidates", {"labels": _json(list(labels))})]
 
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        return [_lease(r) for r in self._read("worker_leases", {"worker_id": worker_id, "limit": MAX_PAGE})]
+
     def active_lease_owners(self) -> list[tuple[str, str]]:
         return [(r[0], r[1]) for r in self._read("active_lease_owners")]
 
@@ -899,13 +976,22 @@ class SqliteStore(Store):
             raise NotFound("no result for task", task_id=task_id)
         return _result(row)
 
-    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
-        if entity_id is None:
-            return self._page("list_audit", {}, limit, cursor, _audit, 1)
-        return self._page("list_audit_by_entity", {"entity_id": entity_id}, limit, cursor, _audit, 1)
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None, action: str | None = None) -> Page:
+        name = AUDIT_QUERIES[entity_id is not None, action is not None]
+        return self._page(name, {"entity_id": entity_id, "action": action}, limit, cursor, _audit, 1)
 
     def get_settings(self) -> dict[str, str]:
         return dict(self._read("get_settings"))
+
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        return [_task(r) for r in self._read("due_tasks", {"now": now, "limit": limit})]
+
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        row = self._read1("latest_delivery", {"task_id": task_id})
+        return _delivery(row) if row is not None else None
+
+    def worker_trust(self) -> dict[str, str]:
+        return dict(self._read("worker_trust"))
 
     def stats(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {
@@ -916,6 +1002,45 @@ class SqliteStore(Store):
         for kind, status, count in self._read("stats"):
             out[kind][status] = count
         return out
+
+    # --- the read side of operators' tools --------------------------------------
+
+    def search_tasks(self, field: str, value: str, statuses: Sequence[str], limit: int, cursor: str | None) -> Page:
+        # One index range per status, merged here: in-process reads cost no round trip.
+        _check_limit(limit)
+        params = {"value": value, **_after(cursor), "limit": limit + 1}
+        rows = [r for status in statuses for r in self._read(SEARCH_QUERIES[field], {**params, "status": status})]
+        rows.sort(key=lambda r: (r[8], r[0]), reverse=True)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = cursors.encode(rows[-1][8], rows[-1][0]) if more else None
+        return Page(items=[_task(r) for r in rows], next_cursor=next_cursor)
+
+    def list_task_leases(self, task_ids: Sequence[str], status: str | None, limit: int, cursor: str | None) -> Page:
+        return self._page("leases_of_tasks", {"task_ids": _json(list(task_ids)), "status": status}, limit, cursor, _lease, 3)
+
+    def list_expired_leases(self, limit: int, cursor: str | None) -> Page:
+        return self._page("list_expired_leases", {}, limit, cursor, _lease, 4)
+
+    def live_depth(self) -> dict[str, int]:
+        return {**dict.fromkeys(UNFINISHED_STATUSES, 0), **dict(self._read("live_depth"))}
+
+    def oldest_queued(self) -> tuple[str, int] | None:
+        row = self._read1("oldest_queued")
+        return (row[0], row[1]) if row is not None else None
+
+    def activity(self, since: int, until: int) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for kind, minute, count in self._read("activity", {"since": since, "until": until}):
+            out.setdefault(minute, {})[kind] = count
+        return out
+
+    def last_history_minute(self) -> int | None:
+        row = self._read1("last_history_minute")
+        return row[0] if row is not None else None
+
+    def history(self, since: int, until: int) -> list[HistoryPoint]:
+        return [history_point(r) for r in self._read("history", {"since": since, "until": until})]
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -30,8 +30,10 @@ from bloom_runtime.engine.models import (
     AuditEntry,
     Completion,
     CompletionOutcome,
+    Delivery,
     Expiry,
     Fence,
+    HistoryPoint,
     Lease,
     LeaseGrant,
     NewTask,
@@ -168,10 +170,14 @@ class Transaction(abc.ABC):
         Raises ``NotFound``, ``Conflict`` (no lease held), ``StaleLease``."""
 
     @abc.abstractmethod
-    def fail_lease(self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int) -> tuple[Task, Lease]:
+    def fail_lease(
+        self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
+    ) -> tuple[Task, Lease]:
         """Mark an active lease ``failed`` (dispatch to its worker failed) and send
-        its task back to ``queued`` (attempts left) or ``failed``. Raises
-        ``NotFound`` / ``Conflict`` (lease not active)."""
+        its task back to ``queued`` (attempts left) or ``failed``. With ``refund``
+        (the dispatch provably never reached the worker) the lease's attempt is
+        given back, so the task is always queued again. Raises ``NotFound`` /
+        ``Conflict`` (lease not active)."""
 
     @abc.abstractmethod
     def requeue(self, task_id: str, now: int) -> Task:
@@ -243,6 +249,10 @@ class Transaction(abc.ABC):
         change."""
 
     @abc.abstractmethod
+    def lock_worker(self, worker_id: str) -> Worker:
+        """The worker as it is now, its row locked until the transaction ends; ``NotFound`` if absent."""
+
+    @abc.abstractmethod
     def remove_worker(self, worker_id: str) -> Worker:
         """Delete a worker; raises ``NotFound``. Its leases stay and expire normally."""
 
@@ -252,10 +262,40 @@ class Transaction(abc.ABC):
         ``membridge`` worker that was offline comes back online."""
 
     @abc.abstractmethod
-    def mark_stale_workers_offline(self, seen_before: int, now: int) -> list[Worker]:
-        """Set ``offline`` every non-offline worker with source ``pull`` or
-        ``membridge`` whose ``last_heartbeat`` is older than ``seen_before`` (or
-        null). Returns those changed."""
+    def mark_stale_workers_offline(self, seen_before: int, now: int, vouched: bool = False) -> list[Worker]:
+        """Set ``offline`` every worker neither offline nor ``unknown`` (never heard
+        from) whose ``last_heartbeat`` (or, without one, ``registered_at``) is older
+        than ``seen_before`` and that something keeps fresh: source ``pull`` or
+        ``membridge``, or with ``vouched`` a URL vouched for in ``worker_trust``
+        (the runtime probes those). Returns those changed."""
+
+    @abc.abstractmethod
+    def worker_liveness(self, worker_id: str, alive: bool, at: int) -> tuple[str, str] | None:
+        """Record the runtime's own observation of a worker: ``alive`` sets it online with
+        ``last_heartbeat`` at least ``at``, otherwise offline. Returns the status before
+        and after, or None for an unknown worker."""
+
+    # --- push dispatch -------------------------------------------------------
+
+    @abc.abstractmethod
+    def vouch_worker_url(self, worker_id: str, url: str, by: str, now: int) -> None:
+        """Record that ``url`` was set for the worker by an admin key or the membridge sync."""
+
+    @abc.abstractmethod
+    def forget_worker_url(self, worker_id: str) -> str | None:
+        """Drop the worker's vouched URL (the worker was removed); returns it, if there was one."""
+
+    @abc.abstractmethod
+    def insert_delivery(self, delivery: Delivery) -> None:
+        """Record a delivery (state ``sent``); one per lease."""
+
+    @abc.abstractmethod
+    def finish_delivery(self, delivery_id: str, state: str, agent_status: int | None, detail: str | None, now: int) -> Delivery | None:
+        """Record a ``sent`` delivery's outcome; None when it already has one."""
+
+    @abc.abstractmethod
+    def expire_deliveries(self, now: int, detail: str, limit: int) -> list[Delivery]:
+        """Mark ``unknown`` up to ``limit`` deliveries still ``sent`` past their deadline."""
 
     # --- audit and settings --------------------------------------------------
 
@@ -266,6 +306,21 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def set_settings(self, values: dict[str, str]) -> None:
         """Upsert runtime settings by key."""
+
+    @abc.abstractmethod
+    def add_settings_if_absent(self, values: dict[str, str], now: int) -> None:
+        """Insert runtime settings whose key is not set yet; existing values stay."""
+
+    # --- history (runtime_history, the sampler's own table) -------------------
+
+    @abc.abstractmethod
+    def record_history(self, points: Sequence[HistoryPoint], now: int) -> int:
+        """Insert one row per minute; a minute already recorded (by any process) is kept
+        as it is. Returns how many rows were new."""
+
+    @abc.abstractmethod
+    def prune_history(self, before: int) -> None:
+        """Delete the minutes that start before ``before``."""
 
     def savepoint(self) -> contextlib.AbstractContextManager[None]:
         """Isolate one operation: on an exception, undo only what it wrote."""
@@ -341,6 +396,10 @@ class Store(abc.ABC):
         """Every worker (the fleet is small), ``active_leases`` counted, ordered by id."""
 
     @abc.abstractmethod
+    def worker_leases(self, worker_id: str) -> list[Lease]:
+        """The worker's active leases, newest first (at most ``MAX_PAGE``)."""
+
+    @abc.abstractmethod
     def worker_candidates(self, labels: Sequence[str]) -> list[Worker]:
         """Workers that may take a task needing ``labels``: online, claude_cli,
         active leases < max_concurrency, every label present. Unordered."""
@@ -366,16 +425,79 @@ class Store(abc.ABC):
         """The latest result of the task; ``NotFound`` if none."""
 
     @abc.abstractmethod
-    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None) -> Page:
-        """Newest first (timestamp desc, id desc)."""
+    def list_audit(self, limit: int, cursor: str | None, entity_id: str | None = None, action: str | None = None) -> Page:
+        """Newest first (timestamp desc, id desc); optionally only one entity's, one action's, or both."""
 
     @abc.abstractmethod
     def get_settings(self) -> dict[str, str]: ...
+
+    # --- the read side of operators' tools ------------------------------------
+
+    @abc.abstractmethod
+    def search_tasks(self, field: str, value: str, statuses: Sequence[str], limit: int, cursor: str | None) -> Page:
+        """Tasks whose ``field`` (``context_id`` or ``agent_slug``) equals ``value`` and whose
+        status is one of ``statuses``, newest first, paged as ``list_tasks``."""
+
+    @abc.abstractmethod
+    def list_task_leases(self, task_ids: Sequence[str], status: str | None, limit: int, cursor: str | None) -> Page:
+        """Every lease of these tasks (optionally of one status), newest first
+        (started_at desc, id desc)."""
+
+    @abc.abstractmethod
+    def list_expired_leases(self, limit: int, cursor: str | None) -> Page:
+        """Expired leases, the latest expiry first (expires_at desc, id desc)."""
+
+    @abc.abstractmethod
+    def live_depth(self) -> dict[str, int]:
+        """Tasks ``queued``, ``leased`` and ``running`` now (every key present)."""
+
+    @abc.abstractmethod
+    def oldest_queued(self) -> tuple[str, int] | None:
+        """``(id, created_at)`` of the task that has waited longest in ``queued``, if any."""
+
+    @abc.abstractmethod
+    def activity(self, since: int, until: int) -> dict[int, dict[str, int]]:
+        """Per minute start in ``[since, until)`` that saw any: tasks ``created``, results
+        ``completed`` (success) and ``failed`` (error), leases ``expired``. Only keys
+        with a count are present."""
+
+    @abc.abstractmethod
+    def last_history_minute(self) -> int | None:
+        """The latest minute in runtime_history, if any."""
+
+    @abc.abstractmethod
+    def history(self, since: int, until: int) -> list[HistoryPoint]:
+        """The recorded minutes in ``[since, until)``, oldest first."""
+
+    @abc.abstractmethod
+    def due_tasks(self, now: int, limit: int) -> list[Task]:
+        """Up to ``limit`` queued tasks that may be leased at ``now``, oldest first."""
+
+    @abc.abstractmethod
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        """The task's most recent delivery, if it was ever pushed to a worker agent."""
+
+    @abc.abstractmethod
+    def worker_trust(self) -> dict[str, str]:
+        """Every vouched worker URL: ``{worker_id: url}``."""
 
     @abc.abstractmethod
     def stats(self) -> dict[str, dict[str, int]]:
         """Counts by status: ``{"tasks": {...}, "leases": {...}, "workers": {...}}``,
         every known status present (0 when none)."""
+
+
+HISTORY_COLUMNS = ("queued", "leased", "running", "created", "completed", "failed", "expired")
+
+
+def history_params(point: HistoryPoint) -> dict[str, Any]:
+    """The parameters of ``record_history`` for one minute."""
+    return {"minute": point.at, **{c: getattr(point, c) for c in HISTORY_COLUMNS}}
+
+
+def history_point(row: Sequence[Any]) -> HistoryPoint:
+    """A ``history`` row (minute, then HISTORY_COLUMNS) as a record."""
+    return HistoryPoint(at=row[0], **dict(zip(HISTORY_COLUMNS, row[1:], strict=True)))
 
 
 def artifact_content(completion: Completion) -> str | None:
@@ -397,5 +519,7 @@ __all__ = [
     "Transaction",
     "TransientConflict",
     "artifact_content",
+    "history_params",
+    "history_point",
 ]
 

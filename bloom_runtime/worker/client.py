@@ -58,6 +58,7 @@ class Grant:
 
     task: dict[str, Any]
     lease: dict[str, Any]
+    token: str | None = None  # the lease's token: presented with every heartbeat and completion
 
 
 class Backoff:
@@ -183,7 +184,8 @@ class RuntimeClient:
             data = _json(resp)
             if not isinstance(data, dict) or not isinstance(data.get("task"), dict) or not isinstance(data.get("lease"), dict):
                 raise Transient("claim answered 200 without a task and a lease")
-            return Grant(task=data["task"], lease=data["lease"])
+            token = data.get("lease_token")
+            return Grant(task=data["task"], lease=data["lease"], token=token if isinstance(token, str) else None)
         if resp.status_code == 404:
             raise UnknownWorker(_error_text(resp))
         if resp.status_code == 409:
@@ -191,9 +193,12 @@ class RuntimeClient:
             raise Transient(f"claim refused: {_error_text(resp)}")
         raise self._refusal("claim", resp)
 
-    def heartbeat(self, task_id: str, lease_id: str, worker_id: str) -> dict[str, Any] | None:
+    def heartbeat(self, task_id: str, lease_id: str, worker_id: str, token: str | None = None) -> dict[str, Any] | None:
         """Renew the lease; None when it is stale (expired, reassigned, or the task is gone)."""
-        resp = self._post(f"/llm-tasks/{quote(task_id, safe='')}/heartbeat", {"lease_id": lease_id, "worker_id": worker_id})
+        body = {"lease_id": lease_id, "worker_id": worker_id}
+        if token is not None:
+            body["lease_token"] = token
+        resp = self._post(f"/llm-tasks/{quote(task_id, safe='')}/heartbeat", body)
         if resp.status_code == 200:
             return _json(resp)
         if resp.status_code in (404, 409):

@@ -275,7 +275,7 @@ class Worker:
                     return
                 elif now >= next_beat:
                     try:
-                        renewed = self._client.heartbeat(task_id, lease_id, self.config.name)
+                        renewed = self._client.heartbeat(task_id, lease_id, self.config.name, slot.grant.token)
                     except Transient as exc:
                         delay = min(beat_backoff.next_delay(), beat_every)
                         log.warning("heartbeat for task %s failed (%s); retrying in %.2f s", task_id, exc, delay)
@@ -297,7 +297,7 @@ class Worker:
                     slot.wake.clear()
             assert outcome is not None
             outcome = check_format(outcome, str(task.get("desired_format") or "text"))
-            self._report(task_id, lease_id, outcome, started, lease_deadline)
+            self._report(task_id, lease_id, slot.grant.token, outcome, started, lease_deadline)
         except WorkerError as exc:  # e.g. the key was revoked mid-task
             log.error("task %s abandoned: %s", task_id, exc.message)
             if job is not None:
@@ -316,12 +316,12 @@ class Worker:
                 self._slots.discard(slot)
                 self._cond.notify_all()
 
-    def _report(self, task_id: str, lease_id: str, outcome: Outcome, started: float, lease_deadline: float) -> None:
+    def _report(self, task_id: str, lease_id: str, token: str | None, outcome: Outcome, started: float, lease_deadline: float) -> None:
         duration_ms = round((self._clock() - started) * 1000, 3)
-        body = self._completion(outcome, lease_id, duration_ms)
+        body = self._completion(outcome, lease_id, token, duration_ms)
         if len(encode_body(body)) > MAX_BODY_BYTES:
             outcome = Outcome.error(f"output too large for the runtime ({len(outcome.output or '')} characters)", retryable=False)
-            body = self._completion(outcome, lease_id, duration_ms)
+            body = self._completion(outcome, lease_id, token, duration_ms)
         backoff = self._new_backoff()
         while True:
             try:
@@ -338,7 +338,7 @@ class Worker:
                 if outcome.status == "success" or outcome.output is not None:
                     # Keep the attempt: report why the result could not be taken.
                     outcome = Outcome.error(f"runtime rejected the result: {exc}", retryable=outcome.retryable)
-                    body = self._completion(outcome, lease_id, duration_ms)
+                    body = self._completion(outcome, lease_id, token, duration_ms)
                     continue
                 self._log_task(task_id, outcome.status, started, f"runtime rejected the result: {exc}", duration_ms)
                 return
@@ -348,8 +348,8 @@ class Worker:
                 self._log_task(task_id, outcome.status, started, outcome.error_message, duration_ms)
             return
 
-    def _completion(self, outcome: Outcome, lease_id: str, duration_ms: float) -> dict[str, Any]:
-        return {
+    def _completion(self, outcome: Outcome, lease_id: str, token: str | None, duration_ms: float) -> dict[str, Any]:
+        body = {
             "status": outcome.status,
             "output": outcome.output,
             "error_message": outcome.error_message,
@@ -358,6 +358,9 @@ class Worker:
             "worker_id": self.config.name,
             "retryable": outcome.retryable,
         }
+        if token is not None:
+            body["lease_token"] = token
+        return body
 
     def _log_task(self, task_id: str, status: str, started: float, detail: str | None, duration_ms: float | None = None) -> None:
         ms = duration_ms if duration_ms is not None else (self._clock() - started) * 1000

@@ -23,6 +23,7 @@ def settings(**over: Any) -> Settings:
     base = {
         "lease_sweep_interval_s": SLOW,
         "membridge_sync_interval_s": SLOW,
+        "history_tick_s": SLOW,
         "worker_offline_after_s": 60.0,
         "ask_timeout_s": 30.0,
         "retry_backoff_base_ms": 1000,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bloom_runtime.engine.errors import Conflict, InvalidInput, NoCapacity, NotFound, StaleLease
+from bloom_runtime.engine.errors import Conflict, InvalidInput, NoCapacity, NotFound, StaleLease, Unauthorized
 from bloom_runtime.engine.models import Completion, Fence, Policy
 
 from .conftest import check_invariants, new_task, worker
@@ -185,16 +185,47 @@ def test_stale_worker_refused(engine, clock):
     assert len(engine.tasks.results(task.id).items) == 1
 
 
-def test_strict_fencing_requires_lease_id(make_engine):
+def test_strict_fencing_requires_the_lease_token(make_engine):
     engine = make_engine(lease_fencing="strict")
     engine.workers.register(worker("w1"))
     task, _ = engine.tasks.create(new_task())
     g = engine.leases.acquire(task.id)
+    token = engine.leases.token(g.lease.id)
     with pytest.raises(InvalidInput):
         engine.leases.heartbeat(task.id)
     with pytest.raises(InvalidInput):
+        engine.leases.heartbeat(task.id, Fence(lease_id=g.lease.id))
+    with pytest.raises(InvalidInput):
         engine.tasks.complete(task.id, Completion(status="success"), Fence(worker_id="w1"))
-    engine.leases.heartbeat(task.id, Fence(lease_id=g.lease.id))
+    engine.leases.heartbeat(task.id, Fence(lease_id=g.lease.id, lease_token=token))
+    engine.leases.heartbeat(task.id, Fence(lease_token=token))  # the token alone names the lease
+
+
+def test_lease_tokens_prove_one_lease_and_change_nothing_when_wrong(make_engine, raw_sql):
+    engine = make_engine()
+    engine.workers.register(worker("w1"))
+    first, _ = engine.tasks.create(new_task())
+    other, _ = engine.tasks.create(new_task())
+    g1, g2 = engine.leases.acquire(first.id), engine.leases.acquire(other.id)
+    t1, t2 = engine.leases.token(g1.lease.id), engine.leases.token(g2.lease.id)
+    assert t1 != t2 and engine.leases.token(g1.lease.id) == t1  # derived, so stable
+    # Another engine on the same database derives the same tokens (one secret, created once).
+    assert make_engine(shared_store=False).leases.token(g1.lease.id) == t1
+    before = raw_sql("SELECT id, status, expires_at, last_heartbeat FROM leases ORDER BY id")
+    with pytest.raises(Unauthorized):  # a forged token
+        engine.leases.heartbeat(first.id, Fence(lease_id=g1.lease.id, lease_token="A" * 43))
+    with pytest.raises(Unauthorized):  # another lease's token
+        engine.leases.heartbeat(first.id, Fence(lease_id=g1.lease.id, lease_token=t2))
+    with pytest.raises(StaleLease):  # a token that is not the task's active lease's
+        engine.tasks.complete(first.id, Completion(status="success"), Fence(lease_token=t2))
+    with pytest.raises(Unauthorized):
+        engine.leases.callback(g1.lease.id, t2)
+    assert raw_sql("SELECT id, status, expires_at, last_heartbeat FROM leases ORDER BY id") == before
+    assert engine.tasks.get(first.id).status == "leased"
+    engine.tasks.complete(first.id, Completion(status="success", output="ok"), Fence(lease_token=t1))
+    with pytest.raises(StaleLease):  # stale: that lease is over
+        engine.leases.heartbeat(first.id, Fence(lease_id=g1.lease.id, lease_token=t1))
+    assert "lease_token_secret" in engine.store.get_settings()
 
 
 def test_expiry_requeues_then_dead(engine, clock, raw_sql):
@@ -318,7 +349,8 @@ def test_list_filters_and_pages(engine):
         engine.tasks.list(cursor="garbage!!")
 
 
-def test_claim_counts_as_heartbeat_and_offline_after_silence(engine, clock):
+def test_claim_counts_as_heartbeat_and_offline_after_silence(make_engine, clock):
+    engine = make_engine(agent_probe_interval_s=0)
     engine.workers.register(worker("puller"))
     engine.workers.register(worker("pushed", url="http://127.0.0.1:9/"))
     assert engine.leases.claim("puller") is None
@@ -327,7 +359,7 @@ def test_claim_counts_as_heartbeat_and_offline_after_silence(engine, clock):
     clock.advance(61_000)
     engine.workers.check_liveness_now()
     assert engine.workers.get("puller").status == "offline"
-    assert engine.workers.get("pushed").status == "online"  # API push targets keep their status
+    assert engine.workers.get("pushed").status == "online"  # unprobed API push targets keep their status
     engine.leases.claim("puller")
     assert engine.workers.get("puller").status == "online"
 
@@ -349,3 +381,19 @@ def test_fail_lease_requeues(engine):
     assert lease.status == "failed" and t.status == "queued"
     with pytest.raises(Conflict):
         engine.leases.fail(g.lease.id, "again")
+
+
+def test_json_tasks_only_complete_with_json_whoever_the_worker(engine, clock):
+    engine.workers.register(worker("w1"))
+    wants_json, _ = engine.tasks.create(new_task(desired_format="json", max_attempts=2))
+    engine.leases.acquire(wants_json.id)
+    out = engine.tasks.complete(wants_json.id, Completion(status="success", output="Sure! Here is the JSON: {"))
+    assert out.task.status == "queued" and out.result.status == "error"
+    assert out.result.error_message.startswith("desired_format is json but the output is not valid JSON")
+    assert out.result.output == "Sure! Here is the JSON: {"  # kept, for whoever looks into it
+    clock.advance(60_000)  # past the retry backoff
+    engine.leases.acquire(wants_json.id)
+    assert engine.tasks.complete(wants_json.id, Completion(status="success", output='{"a": [1, 2]}')).task.status == "completed"
+    text, _ = engine.tasks.create(new_task())
+    engine.leases.acquire(text.id)
+    assert engine.tasks.complete(text.id, Completion(status="success", output="not json {")).task.status == "completed"

@@ -12,7 +12,7 @@ from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Settings, parse_api_keys
 from bloom_runtime.http import create_app
 
-from ..conftest import truncate_pg
+from ..conftest import truncate_pg, wait_for  # noqa: F401  (the http tests import it from here)
 
 CLIENT_KEY = "client-key-0001"
 OTHER_KEY = "other-key-00002"
@@ -71,17 +71,3 @@ def snapshot(engine: Engine) -> tuple[Any, ...]:
 
 def new_task(**extra: Any) -> dict[str, Any]:
     return {"context_id": "ctx-1", "agent_slug": "writer", "prompt": "say hi", **extra}
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.01) -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout_s``."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(interval_s)

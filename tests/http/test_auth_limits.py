@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from bloom_runtime.engine.settings import parse_api_keys
-from bloom_runtime.http.routes import ROUTES
+from bloom_runtime.http.routes import OPS, ROUTES
 
 from .conftest import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, new_task, snapshot, wait_for
 
@@ -15,21 +15,32 @@ API = "/api/runtime"
 HEADER = "X-Runtime-API-Key"
 
 
+FORGED_TOKEN = "f" * 43  # the shape of a lease token, not any lease's
+
+
 def _concrete(path: str) -> str:
-    return path.replace("{task_id}", "t-1").replace("{worker_id}", "w-1").replace("{cid}", "p-1")
+    return (path.replace("{task_id}", "t-1").replace("{worker_id}", "w-1").replace("{cid}", "p-1")
+            .replace("{lease_id}", "l-1").replace("{lease_token}", FORGED_TOKEN))
 
 
 ALL_OPS = [(m, r.path) for r in ROUTES for m in r.ops]
 
 
 @pytest.mark.parametrize("method,path", ALL_OPS)
-def test_every_route_needs_a_key_except_health(keyed, method, path):
+def test_every_route_needs_a_key_except_the_open_ones(keyed, method, path):
     before = snapshot(keyed.engine)
     wrong = "x" * len(CLIENT_KEY)  # same length as a real key
-    for headers in ({}, {HEADER: wrong}, {HEADER: ""}):
+    token_route = "{lease_token}" in path  # a dispatched agent's callback: the lease token is the credential
+    for headers in ({}, {HEADER: wrong}, {HEADER: ""}, {HEADER: CLIENT_KEY} if token_route else {}):
         r = keyed.simulate_request(method, _concrete(path), headers=headers, json={} if method == "POST" else None)
         if path == f"{API}/health":
             assert r.status_code == 200
+        elif token_route:
+            assert r.status_code == 401 and r.json["error"] == "invalid lease token", (method, path, r.status_code)
+        elif path == f"{API}/whoami":  # open, so a page can ask whether it needs a key; a wrong key is still 401
+            assert r.status_code == (200 if not headers else 401), (headers, r.status_code)
+        elif OPS[(path, method)].access == "open":  # the console's static files
+            assert r.status_code in (200, 404), (method, path, r.status_code)
         else:
             assert r.status_code == 401, (method, path, r.status_code)
             assert r.json["error"] and r.headers.get("www-authenticate")
@@ -63,7 +74,8 @@ def test_config_masks_key_and_audits_change(keyed):
     admin = {HEADER: ADMIN_KEY}
     r = keyed.simulate_post(f"{API}/config", json={"membridge_server_url": "http://membridge.local:8000", "admin_key": "supersecretvalue1234"}, headers=admin)
     assert r.status_code == 200, r.text
-    assert r.json == {"membridge_server_url": "http://membridge.local:8000", "admin_key": "****1234", "configured": True}
+    assert r.json == {"membridge_server_url": "http://membridge.local:8000", "admin_key": "****1234", "configured": True,
+                      "admin_key_masked": "supe****1234", "connected": False, "last_test": None}
     assert "supersecret" not in keyed.simulate_get(f"{API}/config", headers=admin).text
     entry = keyed.simulate_get(f"{API}/audit", headers=admin).json[0]
     assert entry["action"] == "config_updated" and entry["actor"] == "root" and "supersecret" not in entry["detail"]

@@ -29,15 +29,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, db: Path, *extra: str, env: dict[str, str] | None = None, database_url: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api/runtime"
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.origin}/api/runtime"
         self.db = db
         full_env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "DATABASE_URL")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bloom_runtime.cli", "serve", "--port", str(self.port),
-             "--database-url", f"sqlite:///{db}", "--lease-sweep-interval", "0.2", *extra],
+             "--database-url", database_url or f"sqlite:///{db}", "--lease-sweep-interval", "0.2", *extra],
             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 
@@ -62,7 +63,8 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[tuple[Server, requests.Session]]:
-    srv = Server(tmp_path / "e2e.db", "--threads", "80", env={"RUNTIME_API_KEY": f"agents={CLIENT_KEY}"})
+    # Automatic dispatch off: these tests drive the lease calls themselves, for a worker whose URL answers nothing.
+    srv = Server(tmp_path / "e2e.db", "--threads", "80", env={"RUNTIME_API_KEY": f"agents={CLIENT_KEY}", "AUTO_DISPATCH": "off"})
     with requests.Session() as session:
         session.headers[HEADER] = CLIENT_KEY
         try:
@@ -79,7 +81,7 @@ def test_lifecycle_push_and_pull(server):
     with s.post(srv.url + "/llm-tasks", json=new_task()) as r:
         task = r.json()
     with s.post(srv.url + f"/llm-tasks/{task['id']}/lease", json={}) as r:
-        assert r.status_code == 201 and set(r.json()) == {"lease", "worker"}
+        assert r.status_code == 201 and set(r.json()) == {"lease", "worker", "lease_token"}
     # The membridge agent's exact calls: heartbeat with no body, complete with tokens_used null.
     with requests.post(srv.url + f"/llm-tasks/{task['id']}/heartbeat", headers={HEADER: CLIENT_KEY}) as r:
         assert r.status_code == 200 and r.json()["task"]["status"] == "running"
@@ -177,6 +179,22 @@ def test_refuses_public_bind_without_key(tmp_path):
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--insecure-no-auth" in proc.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--auto-dispatch"], ["--no-auto-dispatch", "--membridge"]])
+def test_refuses_public_bind_with_push_dispatch_but_no_public_url(tmp_path, extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNTIME_PUBLIC_URL", "AUTO_DISPATCH", "MEMBRIDGE_SERVER_URL")}
+    env["RUNTIME_API_KEY"] = f"agents={CLIENT_KEY}"
+    if "--membridge" in extra:
+        extra = [e for e in extra if e != "--membridge"]
+        env["MEMBRIDGE_SERVER_URL"] = "http://10.0.0.5:8000"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bloom_runtime.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
+         "--database-url", f"sqlite:///{tmp_path / 'x.db'}", *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "RUNTIME_PUBLIC_URL must be set" in proc.stderr
 
 
 def test_errors_stay_json_under_waitress(server):

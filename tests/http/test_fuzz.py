@@ -36,7 +36,7 @@ def test_fuzz_no_5xx(make_client):
         assert isinstance(r.json, (dict, list)) or r.status_code == 204
 
     @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(path=st.sampled_from(["llm-tasks", "leases", "artifacts", "runs", "audit", "workers"]), params=queries)
+    @given(path=st.sampled_from(["llm-tasks", "leases", "artifacts", "results", "runs", "audit", "workers"]), params=queries)
     def get(path: str, params: dict[str, str]) -> None:
         r = client.simulate_get(f"{API}/{path}", params=params)
         assert r.status_code < 500, (path, params, r.text)

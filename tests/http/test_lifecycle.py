@@ -12,7 +12,7 @@ API = "/api/runtime"
 
 
 def test_push_lifecycle_with_agent_payloads(make_client, db_url):
-    c = make_client(database_url=db_url)
+    c = make_client(database_url=db_url, auto_dispatch=False)  # the test leases it itself
     r = c.simulate_post(f"{API}/workers", json={"name": "node-a", "url": "http://node-a:8001", "capabilities": {"max_concurrency": 2}})
     assert r.status_code == 201 and r.json["id"] == "node-a"
     r = c.simulate_post(f"{API}/workers", json={"name": "node-a", "agent_version": "1.2"})
@@ -22,14 +22,15 @@ def test_push_lifecycle_with_agent_payloads(make_client, db_url):
     assert task["status"] == "queued"
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/lease", json={"ttl_seconds": 60})
     assert r.status_code == 201
-    assert set(r.json) == {"lease", "worker"}
+    assert set(r.json) == {"lease", "worker", "lease_token"}
     lease = r.json["lease"]
     assert lease["ttl_seconds"] == 60 and lease["worker_id"] == "node-a" and r.json["worker"]["id"] == "node-a"
 
     # The membridge agent heartbeats with no body at all.
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat")
     assert r.status_code == 200, r.text
-    assert set(r.json) == {"task", "lease"} and r.json["task"]["status"] == "running"
+    assert set(r.json) == {"task", "lease", "expires_at"} and r.json["task"]["status"] == "running"
+    assert r.json["expires_at"] == r.json["lease"]["expires_at"]  # the first version's top-level field
 
     r = c.simulate_post(
         f"{API}/llm-tasks/{task['id']}/complete",
@@ -42,7 +43,8 @@ def test_push_lifecycle_with_agent_payloads(make_client, db_url):
 
     assert c.simulate_get(f"{API}/llm-tasks/{task['id']}/result").json["output"] == "hi"
     assert [a["task_id"] for a in c.simulate_get(f"{API}/artifacts", params={"task_id": task["id"]}).json] == [task["id"]]
-    assert len(c.simulate_get(f"{API}/runs").json) == 1
+    assert [r["task_id"] for r in c.simulate_get(f"{API}/results").json] == [task["id"]]
+    assert [t["id"] for t in c.simulate_get(f"{API}/runs").json] == [task["id"]]
     assert c.simulate_get(f"{API}/leases", params={"status": "released"}).json[0]["id"] == lease["id"]
     stats = c.simulate_get(f"{API}/stats").json
     assert stats["tasks"]["completed"] == 1 and stats["leases"]["released"] == 1
@@ -58,7 +60,7 @@ def test_pull_mode_claim(make_client, db_url):
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
     r = c.simulate_post(f"{API}/workers/puller/claim", json={"wait_seconds": 1, "ttl_seconds": 30})
     assert r.status_code == 200
-    assert set(r.json) == {"task", "lease"} and r.json["task"]["id"] == task["id"] and r.json["lease"]["ttl_seconds"] == 30
+    assert set(r.json) == {"task", "lease", "lease_token"} and r.json["task"]["id"] == task["id"] and r.json["lease"]["ttl_seconds"] == 30
     lease_id = r.json["lease"]["id"]
     # A stale worker id changes nothing.
     r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat", json={"worker_id": "someone-else"})
@@ -106,14 +108,26 @@ def test_idempotency_key(make_client, db_url):
     assert r.status_code == 400
 
 
-def test_strict_fencing_requires_lease_id(make_client):
+def test_strict_fencing_requires_the_lease_token(make_client):
     c = make_client(lease_fencing="strict")
     c.simulate_post(f"{API}/workers", json={"name": "w1"})
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    lease = c.simulate_post(f"{API}/llm-tasks/{task['id']}/lease").json["lease"]
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat")
-    assert r.status_code == 400 and "lease_id" in r.json["error"]
-    assert c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat", json={"lease_id": lease["id"]}).status_code == 200
+    granted = c.simulate_post(f"{API}/llm-tasks/{task['id']}/lease").json
+    lease, token = granted["lease"], granted["lease_token"]
+    assert lease["id"] not in token and len(token) == 43
+    # A lease id read from GET /leases is not enough.
+    listed = c.simulate_get(f"{API}/leases").json[0]
+    assert listed["id"] == lease["id"] and token not in c.simulate_get(f"{API}/leases").text
+    for body in (None, {"lease_id": listed["id"]}, {"lease_id": lease["id"], "worker_id": "w1"}):
+        r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat", json=body)
+        assert r.status_code == 400 and "lease_token" in r.json["error"]
+    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat", json={"lease_id": lease["id"], "lease_token": "f" * 43})
+    assert r.status_code == 401
+    assert c.simulate_post(f"{API}/llm-tasks/{task['id']}/heartbeat", json={"lease_token": token}).status_code == 200
+    done = c.simulate_post(f"{API}/llm-tasks/{task['id']}/complete",
+                           json={"status": "success", "output": "hi", "lease_id": lease["id"], "lease_token": token})
+    assert done.status_code == 200 and done.json["task"]["status"] == "completed"
+    assert token not in " ".join(f"{e['action']} {e['detail']}" for e in c.simulate_get(f"{API}/audit").json)
 
 
 @pytest.mark.parametrize("path", ["llm-tasks", "audit"])

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import falcon.testing
 import pytest
-import requests
-from waitress import create_server, wasyncore
 
 from bloom_runtime.engine.clock import ManualClock
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Secret, Settings, parse_api_keys
 from bloom_runtime.http import create_app
 
+from ..agent_standin import AgentStandIn
 from ..membridge_fixtures import agent_server, dead_agent_server, membridge_server  # noqa: F401
-from ..membridge_server import MembridgeServer
-from .conftest import ADMIN_KEY, CLIENT_KEY, new_task, wait_for
+from ..membridge_server import MembridgeServer, canonical_id, detail, missing_field
+from .conftest import ADMIN_KEY, CLIENT_KEY, new_task
 
 API = "/api/runtime"
 MB = "/api/membridge"
@@ -68,12 +66,18 @@ def audit_text(engine: Engine) -> str:
 # --- config and test-connection ------------------------------------------------------
 
 
-def test_config_masked_validated_and_applied_without_restart(build, membridge_server, agent_server, caplog):  # noqa: F811
+def test_config_masked_validated_and_applied_without_restart(build, membridge_server, caplog):  # noqa: F811
     caplog.set_level(logging.DEBUG)
+    with MembridgeServer() as other:
+        _config_is_applied(build, membridge_server, other, caplog)
+
+
+def _config_is_applied(build, membridge_server, agent_server, caplog):  # noqa: F811
     c = build(membridge_allowed_hosts="127.0.0.1")
-    r = c.simulate_get(f"{API}/config")
+    r = c.simulate_get(f"{API}/config", headers=ADMIN)
     assert r.json == {"membridge_server_url": membridge_server.url, "admin_key": "****" + MB_ADMIN_KEY[-4:],
-                      "configured": True}
+                      "admin_key_masked": MB_ADMIN_KEY[:4] + "****" + MB_ADMIN_KEY[-4:],
+                      "configured": True, "connected": False, "last_test": None}
     for bad in ("ftp://127.0.0.1/", "http://user:pw@127.0.0.1:1", "http://", "not a url", "http://10.1.2.3:8000"):
         r = c.simulate_post(f"{API}/config", json={"membridge_server_url": bad}, headers=ADMIN)
         assert r.status_code == 400 and r.json["error"], bad
@@ -82,12 +86,14 @@ def test_config_masked_validated_and_applied_without_restart(build, membridge_se
 
     new_key = "sk-new-ADMIN-SECRET-0042"
     r = c.simulate_post(f"{API}/config", json={"membridge_server_url": agent_server.url, "admin_key": new_key}, headers=ADMIN)
-    assert r.status_code == 200 and r.json == {"membridge_server_url": agent_server.url, "admin_key": "****0042", "configured": True}
+    assert r.status_code == 200 and r.json == {"membridge_server_url": agent_server.url, "admin_key": "****0042",
+                                               "admin_key_masked": "sk-n****0042", "configured": True,
+                                               "connected": False, "last_test": None}
     # The next call goes to the new server with the new key.
     assert c.simulate_get(f"{MB}/projects").status_code == 200
     assert agent_server.requests[-1].headers["X-MEMBRIDGE-ADMIN"] == new_key
     assert membridge_server.count() == 0
-    assert c.simulate_get(f"{API}/config").json["admin_key"] == "****0042"
+    assert c.simulate_get(f"{API}/config", headers=ADMIN).json["admin_key"] == "****0042"
 
     texts = [c.simulate_get(p).text for p in (f"{API}/config", f"{API}/health", f"{API}/audit", f"{API}/metrics")]
     texts.append(audit_text(c.engine))
@@ -102,19 +108,25 @@ def test_test_connection_records_result(build, membridge_server):  # noqa: F811
     r = c.simulate_post(f"{API}/test-connection")
     assert r.status_code == 200
     assert r.json["connected"] is True and r.json["status"] == 200
-    assert r.json["health"] == {"status": "ok", "version": "test", "agents": 2}
+    assert r.json["health"] == {"status": "ok", "service": "membridge-control-plane", "version": "0.3.0",
+                                "projects": 0, "agents": 0}
     assert c.simulate_get(f"{API}/health").json["membridge"]["last_test"]["connected"] is True
     membridge_server.fail("malformed", "GET /health", times=1)
     r = c.simulate_post(f"{API}/test-connection")
-    assert r.status_code == 502 and "this is not json" not in r.text
+    assert r.status_code == 200 and r.json["connected"] is False and "malformed" in r.json["error"]
+    assert "this is not json" not in r.text and "health" not in r.json
     assert c.simulate_get(f"{API}/health").json["membridge"]["last_test"]["connected"] is False
 
 
 def test_not_configured_is_503(build):
     c = build(membridge_server_url=None, membridge_agent_key=None)
-    for method, path in (("GET", f"{MB}/health"), ("GET", f"{MB}/projects/p1/nodes"), ("POST", f"{API}/test-connection")):
+    for method, path in (("GET", f"{MB}/health"), ("GET", f"{MB}/projects/p1/nodes")):
         r = c.simulate_request(method, path)
         assert r.status_code == 503 and r.json["error"] == "membridge not configured" and r.headers["retry-after"] == "60"
+    # The first version's test button reads its answer, not the status: 200, not connected.
+    r = c.simulate_post(f"{API}/test-connection")
+    assert r.status_code == 200 and r.json == {"connected": False, "configured": False, "error": "membridge not configured"}
+    assert c.simulate_get(f"{API}/config").json["last_test"] is None
     assert c.simulate_get(f"{API}/health").json["membridge"] == {"configured": False}
 
 
@@ -123,32 +135,54 @@ def test_not_configured_is_503(build):
 
 def test_proxy_routes_pass_answers_through(build, membridge_server):  # noqa: F811
     c = build()
-    assert c.simulate_get(f"{MB}/health").json == {"status": "ok", "version": "test", "agents": 2}
-    assert [p["cid"] for p in c.simulate_get(f"{MB}/projects").json] == ["proj-1", "proj-2"]
-    assert c.simulate_get(f"{MB}/projects/proj-1/leadership").json["leader"] == "node-a"
-    assert c.simulate_get(f"{MB}/projects/proj-1/nodes").json[0] == {"name": "node-a", "is_leader": True}
-    r = c.simulate_get(f"{MB}/projects/nope/nodes")
-    assert r.status_code == 404 and r.json == {"error": "unknown project", "upstream_status": 404}
+    assert c.simulate_get(f"{MB}/health").json["service"] == "membridge-control-plane"
+    cid = membridge_server.add_project("garden")
+    with AgentStandIn("node-a") as agent:
+        assert agent.heartbeat_to(membridge_server.url) == 200
+    assert [p["canonical_id"] for p in c.simulate_get(f"{MB}/projects").json] == [cid]
+    node_cid = canonical_id("node-a")  # a node without projects heartbeats under its own id
+    assert [n["node_id"] for n in c.simulate_get(f"{MB}/projects/{node_cid}/nodes").json] == ["node-a"]
+    assert c.simulate_get(f"{MB}/projects/{node_cid}/leadership").json["node_count"] == 1
+    membridge_server.fail("404", "GET /projects", times=1)
+    r = c.simulate_get(f"{MB}/projects")
+    assert r.status_code == 404 and r.json == {"error": "injected not found", "upstream_status": 404}  # FastAPI's detail
     membridge_server.fail("500", "GET /projects")
     r = c.simulate_get(f"{MB}/projects")
     assert r.status_code == 502 and "answered 500" in r.json["error"] and r.headers["retry-after"]
-    membridge_server.clear_failures()
-    membridge_server.fail("404", "GET /projects", times=1)
-    assert c.simulate_get(f"{MB}/projects").status_code == 404
 
 
-def test_leadership_select_admin_and_audited(build, membridge_server):  # noqa: F811
+def test_leadership_select_sends_primary_node_id_and_audits_it(build, membridge_server):  # noqa: F811
     c = build()
     path = f"{MB}/projects/proj-1/leadership/select"
-    assert c.simulate_post(path, json={"node": "node-b"}).status_code == 403
-    r = c.simulate_post(path, json={"node": "node-b"}, headers=ADMIN)
-    assert r.status_code == 200 and r.json == {"cid": "proj-1", "leader": "node-b", "term": 2}
-    assert membridge_server.requests[-1].json == {"node": "node-b"}
-    r = c.simulate_post(path, json={"node": "node-x"}, headers=ADMIN)
-    assert r.status_code == 400 and r.json["error"] == "unknown node"
+    assert c.simulate_post(path, json={"primary_node_id": "node-b"}).status_code == 403
+    r = c.simulate_post(path, json={"primary_node_id": "node-b", "lease_seconds": 600, "extra": 1}, headers=ADMIN)
+    assert r.status_code == 200 and r.json["primary_node_id"] == "node-b" and r.json["lease_seconds"] == 600
+    assert membridge_server.requests[-1].json == {"primary_node_id": "node-b", "lease_seconds": 600}
     entries = [(e.action, e.entity_id, e.actor, e.detail) for e in c.engine.audit.list(limit=10).items]
-    assert ("leadership_selected", "proj-1", "root", "node=node-b status=200") in entries
-    assert ("leadership_select_refused", "proj-1", "root", "node=node-x status=400") in entries
+    assert ("leadership_selected", "proj-1", "root", "primary=node-b lease_seconds=600 status=200") in entries
+    # A refusal upstream keeps its reason (FastAPI's detail) and is audited.
+    membridge_server.route = lambda *_: detail(409, "node-b is draining")  # type: ignore[method-assign]
+    r = c.simulate_post(path, json={"primary_node_id": "node-b"}, headers=ADMIN)
+    assert r.status_code == 409 and r.json == {"error": "node-b is draining", "upstream_status": 409}
+    membridge_server.route = lambda *_: missing_field("primary_node_id")  # type: ignore[method-assign]
+    r = c.simulate_post(path, json={"primary_node_id": "node-b"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json["error"] == "primary_node_id: Field required"
+    assert ("leadership_select_refused", "proj-1", "root", "primary=node-b status=409") in [
+        (e.action, e.entity_id, e.actor, e.detail) for e in c.engine.audit.list(limit=10).items]
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"node": "node-b"}, {"primary_node_id": None}, {"primary_node_id": 5}, {"primary_node_id": ["a"]},
+    {"primary_node_id": ""}, {"primary_node_id": "a\u0000b"}, {"primary_node_id": "x" * 129},
+    {"primary_node_id": "a\nb"}, {"primary_node_id": "a", "lease_seconds": "60"}, {"primary_node_id": "a", "lease_seconds": 0},
+    {"primary_node_id": "a", "lease_seconds": True}, [], "node-b",
+])
+def test_leadership_select_bad_body_is_400_and_changes_nothing(build, membridge_server, body):  # noqa: F811
+    c = build()
+    before = audit_text(c.engine)
+    r = c.simulate_post(f"{MB}/projects/proj-1/leadership/select", json=body, headers=ADMIN)
+    assert r.status_code == 400 and r.json["error"], r.text
+    assert membridge_server.count() == 0 and audit_text(c.engine) == before
 
 
 @pytest.mark.parametrize("path", [
@@ -166,138 +200,32 @@ def test_path_parameter_injection_refused(build, membridge_server, path):  # noq
     # %2F is decoded by the WSGI server before routing, so no route matches (404); the rest are 400.
     assert r.status_code == (404 if "%2F" in path else 400), r.text
     r = c.simulate_post(path.replace("/nodes", "/leadership").replace("/leadership", "/leadership/select"),
-                        json={"node": "node-a"}, headers=ADMIN)
+                        json={"primary_node_id": "node-a"}, headers=ADMIN)
     assert r.status_code in (400, 404)
     assert membridge_server.count() == 0
 
 
-# --- dispatch ------------------------------------------------------------------------------
+# --- lease-fenced callbacks ---------------------------------------------------------------
 
 
-class CallbackAgent(MembridgeServer):
-    """A worker agent that, like membridge's, answers /execute-task and then calls back
-    heartbeat and complete on the runtime_url it was given (appending its usual paths)."""
-
-    def __init__(self, api_key: str) -> None:
-        super().__init__()
-        self.api_key = api_key
-        self.callbacks: list[tuple[str, int]] = []
-        self.threads: list[threading.Thread] = []
-
-    def route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
-        if method == "POST" and path == "/execute-task":
-            thread = threading.Thread(target=self._run, args=(body,))
-            self.threads.append(thread)
-            thread.start()
-        return super().route(method, path, body)
-
-    def _run(self, task: dict[str, Any]) -> None:
-        base = f"{task['runtime_url']}/api/runtime/llm-tasks/{task['task_id']}"
-        headers = {"X-Runtime-API-Key": self.api_key}
-        with requests.Session() as s:
-            s.trust_env = False
-            r = s.post(f"{base}/heartbeat", headers=headers, timeout=5)
-            self.callbacks.append(("heartbeat", r.status_code))
-            r = s.post(f"{base}/complete", headers=headers, timeout=5,
-                       json={"status": "success", "output": "hi", "metrics": {"duration_ms": 5, "tokens_used": None}})
-            self.callbacks.append(("complete", r.status_code))
-
-
-@pytest.fixture
-def served(tmp_path) -> Iterator[Callable[..., tuple[str, Engine]]]:
-    """A real waitress server in a thread on a loopback port, over a fresh engine."""
-    running: list[tuple[Any, threading.Thread, Engine]] = []
-
-    def serve(**over: Any) -> tuple[str, Engine]:
-        server = create_server(lambda env, start: [], host="127.0.0.1", port=0, threads=4)  # app set below, once the port is known
-        port = server.effective_port
-        settings = Settings(**{"database_url": "sqlite:///" + str(tmp_path / "served.db"),
-                                      "api_keys": parse_api_keys(f"ops={CLIENT_KEY}"), "lease_sweep_interval_s": 3600.0,
-                                      "public_url": f"http://127.0.0.1:{port}", "extra": dict(TUNING), **over})
-        engine = Engine.start(settings)
-        server.application = create_app(engine, settings)
-        thread = threading.Thread(target=server.run, name="waitress-test")
-        thread.start()
-        running.append((server, thread, engine))
-        return f"http://127.0.0.1:{port}", engine
-
-    yield serve
-    for server, thread, engine in running:
-        server.trigger.pull_trigger(lambda s=server: wasyncore.close_all(s._map, ignore_all=True))
-        thread.join(timeout=10)
-        server.task_dispatcher.shutdown()
-        engine.stop()
-
-
-def test_dispatch_to_agent_runs_the_task_to_completion(served):
-    with CallbackAgent(CLIENT_KEY) as agent:
-        base, engine = served(membridge_agent_key=Secret(AGENT_KEY), membridge_server_url=None)
-        http = requests.Session()
-        http.trust_env = False
-        http.headers["X-Runtime-API-Key"] = CLIENT_KEY
-        assert http.post(f"{base}{API}/workers", json={"name": "w1", "url": agent.url}).status_code == 201
-        task = http.post(f"{base}{API}/llm-tasks", json=new_task()).json()
-        r = http.post(f"{base}{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 60},
-                      headers={"X-Forwarded-Host": "evil.example", "Host": "evil.example"})
-        assert r.status_code == 201, r.text
-        out = r.json()
-        assert out["dispatched"] is True and out["worker"]["id"] == "w1" and out["lease"]["ttl_seconds"] == 60
-        lease_id = out["lease"]["id"]
-        sent = [q for q in agent.requests if q.route == "POST /execute-task"]
-        assert len(sent) == 1
-        assert sent[0].headers["X-MEMBRIDGE-AGENT"] == AGENT_KEY and "X-MEMBRIDGE-ADMIN" not in sent[0].headers
-        payload = sent[0].json
-        assert payload["task_id"] == task["id"] and payload["lease_id"] == lease_id
-        assert payload["prompt"] == "say hi" and payload["context_id"] == "ctx-1" and payload["agent_slug"] == "writer"
-        assert payload["runtime_url"] == f"{base}/api/leases/{lease_id}"  # never from a request header
-        wait_for(lambda: len(agent.callbacks) == 2)
-        for t in agent.threads:
-            t.join()
-        assert agent.callbacks == [("heartbeat", 200), ("complete", 200)]
-        done = http.get(f"{base}{API}/llm-tasks/{task['id']}").json()
-        assert done["status"] == "completed"
-        assert http.get(f"{base}{API}/leases", params={"status": "released"}).json()[0]["id"] == lease_id
-        http.close()
-        assert "task_dispatched" in audit_text(engine)
-
-
-def test_dispatch_to_dead_agent_fails_lease_and_requeues(build, dead_agent_server):  # noqa: F811
-    c = build()
-    assert c.simulate_post(f"{API}/workers", json={"name": "w1", "url": dead_agent_server.url}).status_code == 201
-    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"worker_id": "w1"})
-    assert r.status_code == 502 and "unreachable" in r.json["error"]
-    assert r.json["task_status"] == "queued" and r.json["worker_id"] == "w1"
-    lease = c.engine.leases.get(r.json["lease_id"])
-    assert lease.status == "failed"
-    assert c.engine.tasks.get(task["id"]).status == "queued"
-    text = audit_text(c.engine)
-    assert "lease_failed" in text and "task_retry" in text and "dispatch failed" in text
-    assert AGENT_KEY not in text and AGENT_KEY not in r.text
-
-
-def test_dispatch_refused_by_agent_is_502(build, agent_server):  # noqa: F811
-    c = build()
-    agent_server.state.execute_status = 409
-    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url})
-    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
-    assert r.status_code == 502 and r.json["worker_status"] == 409
-    assert c.engine.tasks.get(task["id"]).status == "queued"
-
-
-def test_late_callback_after_lease_expired_is_409(build, agent_server):  # noqa: F811
+@pytest.mark.parametrize("with_token", [True, False])
+def test_late_callback_after_lease_expired_is_409(build, with_token):
     clock = ManualClock()
     c = build(clock=clock)
-    c.simulate_post(f"{API}/workers", json={"name": "w1", "url": agent_server.url})
+    c.simulate_post(f"{API}/workers", json={"name": "w1"}, headers=ADMIN)
     task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    lease_id = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch", json={"ttl_seconds": 5}).json["lease"]["id"]
-    prefix = f"/api/leases/{lease_id}{API}/llm-tasks/{task['id']}"
+    granted = c.simulate_post(f"{API}/llm-tasks/{task['id']}/lease", json={"ttl_seconds": 5}).json
+    lease_id = granted["lease"]["id"]
+    # The callback URL a dispatched agent gets (the token is the credential), and the older
+    # lease-fenced one that still needs the API key.
+    base = f"/api/leases/{lease_id}/{granted['lease_token']}" if with_token else f"/api/leases/{lease_id}"
+    prefix = f"{base}{API}/llm-tasks/{task['id']}"
     assert c.simulate_post(f"{prefix}/heartbeat").status_code == 200  # empty body, like the agent
     # Another lease id in the path, or in the body, is refused while the lease is active.
     assert c.simulate_post(f"/api/leases/other-lease{API}/llm-tasks/{task['id']}/heartbeat").status_code == 409
     assert c.simulate_post(f"{prefix}/heartbeat", json={"lease_id": "other"}).status_code == 409
-    assert c.simulate_post(f"{prefix}/heartbeat", headers={"X-Runtime-API-Key": "wrong-key-123"}).status_code == 401
+    if not with_token:
+        assert c.simulate_post(f"{prefix}/heartbeat", headers={"X-Runtime-API-Key": "wrong-key-123"}).status_code == 401
     clock.advance(6_000)
     assert c.engine.leases.sweep_now() == 1
     assert c.engine.tasks.get(task["id"]).status == "queued"
@@ -305,12 +233,4 @@ def test_late_callback_after_lease_expired_is_409(build, agent_server):  # noqa:
     assert r.status_code == 409
     r = c.simulate_post(f"{prefix}/complete", json={"status": "success", "output": "late", "metrics": {"tokens_used": None}})
     assert r.status_code == 409
-    assert c.engine.tasks.get(task["id"]).status == "queued"
-
-
-def test_dispatch_not_configured_is_503(build):
-    c = build(membridge_server_url=None, membridge_agent_key=None)
-    task = c.simulate_post(f"{API}/llm-tasks", json=new_task()).json
-    r = c.simulate_post(f"{API}/llm-tasks/{task['id']}/dispatch")
-    assert r.status_code == 503 and "not configured" in r.json["error"]
     assert c.engine.tasks.get(task["id"]).status == "queued"

@@ -621,8 +621,8 @@ def test_acquire_and_heartbeat_on_one_worker(store: Store, db: Db) -> None:
 
     ops = [HeartbeatOp("t-busy", Fence()), AcquireOp("t-1", ("w-a",), 60, "l-1")]
     _, grant = check_apply(db, roomy_setup, ops, order=pg_order(store, [0, 1], [1, 0]))
-    # The worker as the grant saw it: before the heartbeat touched it on PostgreSQL.
-    assert grant.worker.last_heartbeat == (None if store.kind == "postgresql" else NOW)
+    # The worker as the grant saw it: before the heartbeat touched it on PostgreSQL (registered at T0).
+    assert grant.worker.last_heartbeat == (T0 if store.kind == "postgresql" else NOW)
 
 
 # --- concurrent batches over the same tasks (PostgreSQL) ------------------------------

@@ -37,6 +37,7 @@ from bloom_runtime.engine.models import (
     AuditEntry,
     Capabilities,
     Completion,
+    Delivery,
     Fence,
     LeaseGrant,
     NewTask,
@@ -46,6 +47,7 @@ from bloom_runtime.engine.models import (
     WorkerUpsert,
     new_id,
 )
+from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.store import MAX_PAGE, Store, Transaction, TransientConflict
 
 T0 = 1_700_000_000_000  # a fixed "now" (epoch ms)
@@ -571,10 +573,10 @@ def test_heartbeat_renews_and_runs(store: Store) -> None:
 
 
 def test_heartbeat_refreshes_the_worker_at_most_every_5_s(store: Store) -> None:
-    worker = add_worker(store, "w-1")
+    worker = add_worker(store, "w-1", now=T0 - 10_000)
     task = add_task(store)
     acquire(store, task.id, ["w-1"], now=T0, ttl=60)
-    assert store.get_worker(worker.id).last_heartbeat is None
+    assert store.get_worker(worker.id).last_heartbeat == T0 - 10_000  # registered then
     store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 1000))
     assert store.get_worker(worker.id).last_heartbeat == T0 + 1000
     _, lease = store.run(lambda tx: tx.heartbeat(task.id, Fence(), T0 + 3000))
@@ -786,6 +788,20 @@ def test_fail_lease_unknown(store: Store) -> None:
     assert_refused(store, lambda tx: tx.fail_lease("l-nope", "x", delay, T0), NotFound)
 
 
+def test_fail_lease_with_refund_gives_the_attempt_back(store: Store) -> None:
+    worker = add_worker(store)
+    task = add_task(store, max_attempts=1)
+    acquire(store, task.id, [worker.id], lease_id="l-1")
+    assert store.get_task(task.id).attempts == 1
+    # Its last attempt, but the dispatch never reached the worker: queued again, attempt unused.
+    t, lease = store.run(lambda tx: tx.fail_lease("l-1", "connection refused", delay, T0 + 20, refund=True))
+    assert lease.status == "failed"
+    assert (t.status, t.attempts, t.not_before, t.lease_id) == ("queued", 0, T0 + 20 + delay(1), None)
+    assert store.get_task(task.id) == t
+    acquire(store, task.id, [worker.id], now=T0 + 20 + delay(1), lease_id="l-2")
+    assert store.get_task(task.id).attempts == 1
+
+
 # --- requeue and cancel --------------------------------------------------------------
 
 
@@ -892,23 +908,24 @@ def test_expire_due_honours_limit_and_leaves_the_rest(store: Store) -> None:
 
 
 def test_upsert_worker_create_with_defaults(store: Store) -> None:
+    """The first version's defaults; registering counts as being heard from."""
     worker, created = store.run(lambda tx: tx.upsert_worker(WorkerUpsert(id="w-1"), T0))
     assert created
     assert worker == Worker(
         id="w-1",
         node_id="w-1",
-        url=None,
+        url="",
         status="online",
         capabilities=Capabilities(),
-        last_heartbeat=None,
+        last_heartbeat=T0,
         ip_addrs=[],
         obs_count=0,
-        db_sha=None,
+        db_sha="",
         registered_at=T0,
         active_leases=0,
-        agent_version=None,
-        os_info=None,
-        install_method=None,
+        agent_version="unknown",
+        os_info="",
+        install_method="manual",
         source="api",
     )
     assert store.get_worker("w-1") == worker
@@ -1003,28 +1020,55 @@ def test_worker_candidates(store: Store) -> None:
     assert ok == store.get_worker("w-ok")
 
 
-def test_mark_stale_workers_offline_only_pull_and_membridge(store: Store) -> None:
+def test_mark_stale_workers_offline_only_what_something_keeps_fresh(store: Store) -> None:
     add_worker(store, "w-api-old", source="api", last_heartbeat=T0 - 100_000)
     add_worker(store, "w-pull-old", source="pull", last_heartbeat=T0 - 100_000)
-    add_worker(store, "w-mb-never", source="membridge")
+    # Registering counts as being heard from: silent since then, judged from then.
+    add_worker(store, "w-mb-silent", source="membridge", now=T0 - 100_000)  # no heartbeat since registration
+    add_worker(store, "w-mb-young", source="membridge", now=T0 - 1000)
+    add_worker(store, "w-mb-unknown", source="membridge", status="unknown", now=T0 - 100_000)  # never heard from
     add_worker(store, "w-mb-old", source="membridge", status="syncing", last_heartbeat=T0 - 61_000)
     add_worker(store, "w-pull-fresh", source="pull", last_heartbeat=T0 - 1000)
     add_worker(store, "w-pull-edge", source="pull", last_heartbeat=T0 - 60_000)
     add_worker(store, "w-pull-offline", source="pull", status="offline", last_heartbeat=T0 - 100_000)
+    add_worker(store, "w-push-vouched", source="api", url="http://10.0.0.1:8001", last_heartbeat=T0 - 100_000)
+    add_worker(store, "w-push-moved", source="api", url="http://10.0.0.2:8001", last_heartbeat=T0 - 100_000)
+    store.run(lambda tx: tx.vouch_worker_url("w-push-vouched", "http://10.0.0.1:8001", "root", T0))
+    store.run(lambda tx: tx.vouch_worker_url("w-push-moved", "http://10.0.0.9:8001", "root", T0))  # not its URL now
     changed = store.run(lambda tx: tx.mark_stale_workers_offline(T0 - 60_000, T0))
-    assert {w.id for w in changed} == {"w-pull-old", "w-mb-never", "w-mb-old"}
+    assert {w.id for w in changed} == {"w-pull-old", "w-mb-silent", "w-mb-old"}
     assert all(w.status == "offline" for w in changed)
     status = {w.id: w.status for w in store.list_workers()}
     assert status == {
         "w-api-old": "online",
         "w-pull-old": "offline",
-        "w-mb-never": "offline",
+        "w-mb-silent": "offline",
+        "w-mb-young": "online",
+        "w-mb-unknown": "unknown",  # unknown is not offline: no flapping between the two
         "w-mb-old": "offline",
         "w-pull-fresh": "online",
         "w-pull-edge": "online",  # not older than seen_before
         "w-pull-offline": "offline",
+        "w-push-vouched": "online",
+        "w-push-moved": "online",
     }
     assert store.run(lambda tx: tx.mark_stale_workers_offline(T0 - 60_000, T0)) == []
+    # With probes on, a push worker whose URL is vouched for is kept fresh by them too.
+    [vouched] = store.run(lambda tx: tx.mark_stale_workers_offline(T0 - 60_000, T0, vouched=True))
+    assert vouched.id == "w-push-vouched"
+
+
+def test_worker_liveness(store: Store) -> None:
+    add_worker(store, "w-1", status="unknown")
+    assert store.run(lambda tx: tx.worker_liveness("w-1", True, T0 + 5000)) == ("unknown", "online")
+    assert store.get_worker("w-1").last_heartbeat == T0 + 5000
+    assert store.run(lambda tx: tx.worker_liveness("w-1", True, T0 + 1000)) == ("online", "online")
+    assert store.get_worker("w-1").last_heartbeat == T0 + 5000  # never moves back
+    assert store.run(lambda tx: tx.worker_liveness("w-1", False, T0 + 9000)) == ("online", "offline")
+    w = store.get_worker("w-1")
+    assert (w.status, w.last_heartbeat) == ("offline", T0 + 5000)
+    assert store.run(lambda tx: tx.worker_liveness("w-1", False, T0 + 9000)) == ("offline", "offline")
+    assert store.run(lambda tx: tx.worker_liveness("nobody", True, T0)) is None
 
 
 def test_touch_worker(store: Store) -> None:
@@ -1190,6 +1234,14 @@ def test_settings(store: Store) -> None:
     assert store.get_settings() == {"membridge_url": "http://mb:9000", "admin_key": "s3cret"}
 
 
+def test_add_settings_if_absent_keeps_what_is_set(store: Store) -> None:
+    store.run(lambda tx: tx.set_settings({"a": "1"}))
+    store.run(lambda tx: tx.add_settings_if_absent({"a": "2", "b": "3"}, T0))
+    store.run(lambda tx: tx.add_settings_if_absent({"b": "4"}, T0))
+    store.run(lambda tx: tx.add_settings_if_absent({}, T0))
+    assert store.get_settings() == {"a": "1", "b": "3"}
+
+
 def test_settings_written_first_in_a_transaction_roll_back_with_it(store: Store) -> None:
     """A transaction's first statement must not run (and commit) on its own."""
     with pytest.raises(NotFound):
@@ -1266,7 +1318,9 @@ def test_sqlite_wal_and_pending_migrations(tmp_path) -> None:
     try:
         with pytest.raises(StoreUnavailable, match="pending migrations"):
             store.check_schema()
-        assert store.migrate() == ["0001_initial", "0002_fewer_index_entries"]
+        shipped = [m.version for m in migrations.available("sqlite")]
+        assert shipped[:4] == ["0001_initial", "0002_fewer_index_entries", "0003_dispatch", "0004_console_reads"]
+        assert store.migrate() == shipped
         store.check_schema()
     finally:
         store.close()
@@ -1321,3 +1375,62 @@ def test_sqlite_locked_database_is_transient(sqlite_store: Store) -> None:
     finally:
         other.close()
         store.close()
+
+
+# --- push dispatch ---------------------------------------------------------------------
+
+
+def delivery(task_id: str, lease_id: str, deadline_at: int = T0 + 10_000, **kw: Any) -> Delivery:
+    values: dict[str, Any] = {"id": new_id(), "task_id": task_id, "lease_id": lease_id, "worker_id": "w-1",
+                              "url": "http://10.0.0.1:8001", "state": "sent", "agent_status": None, "detail": None,
+                              "actor": "api", "created_at": T0, "deadline_at": deadline_at, "finished_at": None}
+    values.update(kw)
+    return Delivery(**values)
+
+
+def test_deliveries(store: Store) -> None:
+    assert store.latest_delivery("t-1") is None
+    first = delivery("t-1", "l-1")
+    second = delivery("t-1", "l-2", created_at=T0 + 5)
+    other = delivery("t-2", "l-3", deadline_at=T0 + 1)
+    store.run(lambda tx: [tx.insert_delivery(d) for d in (first, second, other)])
+    assert store.latest_delivery("t-1") == second
+    done = store.run(lambda tx: tx.finish_delivery(second.id, "agent_error", 200, "claude failed", T0 + 50))
+    assert done == msgspec.structs.replace(second, state="agent_error", agent_status=200, detail="claude failed",
+                                           finished_at=T0 + 50)
+    assert store.latest_delivery("t-1") == done
+    # An outcome is recorded once.
+    assert store.run(lambda tx: tx.finish_delivery(second.id, "answered", 200, None, T0 + 60)) is None
+    assert store.latest_delivery("t-1") == done
+    with pytest.raises(StoreUnavailable):  # one delivery per lease
+        store.run(lambda tx: tx.insert_delivery(delivery("t-1", "l-1")))
+    # Sent and past their deadline: unknown.
+    expired = store.run(lambda tx: tx.expire_deliveries(T0 + 2, "no answer recorded", 10))
+    assert [(d.id, d.state, d.detail, d.finished_at) for d in expired] == [(other.id, "unknown", "no answer recorded", T0 + 2)]
+    assert store.run(lambda tx: tx.expire_deliveries(T0 + 20_000, "x", 10))[0].id == first.id
+    assert store.run(lambda tx: tx.expire_deliveries(T0 + 20_000, "x", 10)) == []
+
+
+def test_worker_trust(store: Store) -> None:
+    assert store.worker_trust() == {}
+    store.run(lambda tx: tx.vouch_worker_url("w-1", "http://10.0.0.1:8001", "root", T0))
+    store.run(lambda tx: tx.vouch_worker_url("w-2", "http://10.0.0.2:8001", "membridge-sync", T0))
+    store.run(lambda tx: tx.vouch_worker_url("w-1", "http://10.0.0.7:8001", "membridge-sync", T0 + 1))
+    assert store.worker_trust() == {"w-1": "http://10.0.0.7:8001", "w-2": "http://10.0.0.2:8001"}
+    assert store.run(lambda tx: tx.forget_worker_url("w-2")) == "http://10.0.0.2:8001"
+    assert store.run(lambda tx: tx.forget_worker_url("w-nobody")) is None
+    assert store.worker_trust() == {"w-1": "http://10.0.0.7:8001"}
+
+
+def test_due_tasks_oldest_first_and_only_leasable_now(store: Store) -> None:
+    worker = add_worker(store, max_concurrency=10)
+    old = add_task(store, now=T0, task_id="t-old")
+    waiting = add_task(store, now=T0 + 1, task_id="t-waiting")
+    leased = add_task(store, now=T0 + 2, task_id="t-leased")
+    new = add_task(store, now=T0 + 3, task_id="t-new")
+    acquire(store, waiting.id, [worker.id], now=T0 + 5, lease_id="l-w")
+    store.run(lambda tx: tx.fail_lease("l-w", "x", delay, T0 + 6))  # queued, not before T0 + 6 + 1000
+    acquire(store, leased.id, [worker.id], now=T0 + 7)
+    assert [t.id for t in store.due_tasks(T0 + 100, 10)] == [old.id, new.id]
+    assert [t.id for t in store.due_tasks(T0 + 6 + delay(1), 10)] == [old.id, waiting.id, new.id]
+    assert [t.id for t in store.due_tasks(T0 + 6 + delay(1), 2)] == [old.id, waiting.id]

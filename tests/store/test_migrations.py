@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from bloom_runtime.engine.errors import ConfigError, SchemaTooNew, StoreUnavailable
-from bloom_runtime.engine.models import Artifact, AuditEntry, Lease, Result, Task, Worker
+from bloom_runtime.engine.models import Artifact, AuditEntry, Delivery, HistoryPoint, Lease, Result, Task, Worker
 from bloom_runtime.sql import migrate as migrations
 from bloom_runtime.sql.postgres import PostgresStore
 
@@ -28,12 +28,15 @@ def _names(struct: type) -> set[str]:
 EXPECTED: dict[str, set[str]] = {
     "llm_tasks": _names(Task),
     "leases": _names(Lease),
-    "workers": _names(Worker) - {"active_leases"},  # counted from leases, never stored
+    "workers": _names(Worker) - {"active_leases", "url_verified"},  # counted from leases and worker_trust
+    "dispatch_deliveries": _names(Delivery),
+    "worker_trust": {"worker_id", "url", "vouched_by", "updated_at"},
     "runtime_artifacts": _names(Artifact),
     "llm_results": _names(Result),
     "audit_logs": _names(AuditEntry),
     "runtime_settings": {"key", "value", "updated_at"},
     "users": {"id", "username", "password"},
+    "runtime_history": (_names(HistoryPoint) - {"at"}) | {"minute", "sampled_at"},
     "schema_migrations": {"version", "applied_at"},
 }
 ALL_MIGRATIONS = {dialect: [m.version for m in migrations.available(dialect)] for dialect in ("postgres", "sqlite")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import falcon
 
 from bloom_runtime.engine.engine import Engine
-from bloom_runtime.http.util import path_id, query_int, query_str, send_page
+from bloom_runtime.http.util import path_id, query_int, query_name, query_str, send_page
 
 
 class Audit:
@@ -17,4 +17,5 @@ class Audit:
         entity = query_str(req, "entity_id")
         if entity is not None:
             path_id(entity, "entity")
-        send_page(req, resp, self.engine.audit.list(limit, query_str(req, "cursor"), entity), limit)
+        page = self.engine.audit.list(limit, query_str(req, "cursor"), entity, query_name(req, "action"))
+        send_page(req, resp, page, limit)

@@ -1,4 +1,5 @@
-"""Runtime configuration: membridge URL and admin key (shown masked), persisted in runtime_settings.
+"""Runtime configuration: membridge URL and admin key (shown masked), persisted in runtime_settings,
+and the connection test whose outcome it shows.
 
 The logic lives in ``MembridgeService`` (engine.membridge): these resources only
 decode and encode.
@@ -11,8 +12,7 @@ import falcon
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Settings
 from bloom_runtime.http import schemas
-from bloom_runtime.http.resources.membridge import guarded
-from bloom_runtime.http.util import actor, body, send
+from bloom_runtime.http.util import actor, body, is_admin, send
 
 
 class Config:
@@ -21,7 +21,7 @@ class Config:
         self.settings = settings
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        send(resp, schemas.ConfigView(**self.engine.membridge.get_config()))
+        send(resp, schemas.ConfigView(**self.engine.membridge.get_config(show_key=is_admin(req))))
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         update: schemas.ConfigUpdate = body(req, schemas.ConfigUpdate)
@@ -30,7 +30,7 @@ class Config:
 
 
 class TestConnection:
-    """GET membridge /health through the hardened client; 502/503 when it cannot be reached."""
+    """GET membridge /health through the hardened client; 200 whether it answered or not."""
 
     __test__ = False  # a resource, not a pytest class
 
@@ -38,6 +38,4 @@ class TestConnection:
         self.engine = engine
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        result = guarded(resp, self.engine.membridge.test_connection)
-        if result is not None:
-            send(resp, schemas.ConnectionTestResult(**result))
+        send(resp, schemas.ConnectionTestResult(**self.engine.membridge.test_connection()))

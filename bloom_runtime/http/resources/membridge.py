@@ -17,7 +17,7 @@ import falcon
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.errors import InvalidInput, MembridgeError, MembridgeUnavailable
-from bloom_runtime.engine.membridge import MembridgeResponse
+from bloom_runtime.engine.outgoing import MembridgeResponse, upstream_reason
 from bloom_runtime.http.errors import write_error
 from bloom_runtime.http.util import actor, body, send
 
@@ -46,9 +46,7 @@ def relay(resp: falcon.Response, answer: MembridgeResponse, what: str) -> None:
     if answer.status in (401, 403):
         raise MembridgeError(f"membridge refused the runtime's admin key ({answer.status}) for {what}", status=answer.status)
     if 400 <= answer.status < 500:
-        message = answer.data.get("error") if isinstance(answer.data, dict) else None
-        if not isinstance(message, str) or not message.strip():
-            message = f"membridge answered {answer.status}"
+        message = upstream_reason(answer.data) or f"membridge answered {answer.status}"
         write_error(resp, answer.status, message[:MAX_UPSTREAM_ERROR_CHARS], {"upstream_status": answer.status})
         return
     raise MembridgeError(f"membridge answered {answer.status} for {what}", status=answer.status)

@@ -9,7 +9,7 @@ from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.errors import InvalidInput
 from bloom_runtime.engine.models import Fence, NewTask
 from bloom_runtime.http import schemas
-from bloom_runtime.http.util import actor, body, path_id, query_int, query_str, send, send_page
+from bloom_runtime.http.util import actor, body, path_id, query_int, query_name, query_str, send, send_page
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LEN = 255
@@ -34,7 +34,10 @@ class TaskCollection:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = query_int(req, "limit")
-        page = self.engine.tasks.list(query_str(req, "status"), limit, query_str(req, "cursor"))
+        page = self.engine.tasks.list(
+            query_str(req, "status"), limit, query_str(req, "cursor"),
+            context_id=query_name(req, "context_id"), agent_slug=query_name(req, "agent_slug"),
+        )
         send_page(req, resp, page, limit)
 
 
@@ -43,7 +46,9 @@ class TaskItem:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        send(resp, self.engine.tasks.get(path_id(task_id, "task")))
+        task = self.engine.tasks.get(path_id(task_id, "task"))
+        delivery = self.engine.dispatch.latest(task.id)
+        send(resp, schemas.TaskView(**msgspec.structs.asdict(task), delivery=delivery))
 
 
 class TaskLease:
@@ -56,7 +61,8 @@ class TaskLease:
         task_id = path_id(task_id, "task")
         ask: schemas.LeaseRequest = body(req, schemas.LeaseRequest)
         grant = self.engine.leases.acquire(task_id, ask.worker_id, ask.ttl_seconds, actor=actor(req))
-        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=grant.worker), 201)
+        worker = self.engine.workers.vouched(grant.worker)
+        send(resp, schemas.LeaseResponse(lease=grant.lease, worker=worker, lease_token=self.engine.leases.token(grant.lease.id)), 201)
 
 
 class TaskHeartbeat:
@@ -69,7 +75,7 @@ class TaskHeartbeat:
         task_id = path_id(task_id, "task")
         fence: Fence = body(req, Fence)
         task, lease = self.engine.leases.heartbeat(task_id, fence, actor=fence.worker_id or actor(req))
-        send(resp, schemas.TaskLease(task=task, lease=lease))
+        send(resp, schemas.HeartbeatAnswer.of(task, lease))
 
 
 class TaskComplete:

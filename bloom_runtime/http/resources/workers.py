@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import falcon
+import msgspec
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.models import WorkerUpsert
 from bloom_runtime.http import schemas
-from bloom_runtime.http.util import actor, body, path_id, query_str, send
+from bloom_runtime.http.util import actor, body, is_admin, path_id, query_str, send
 
 
 class WorkerCollection:
@@ -20,7 +21,7 @@ class WorkerCollection:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         reg: schemas.WorkerRegistration = body(req, schemas.WorkerRegistration)
         fields = {f: getattr(reg, f) for f in schemas.WorkerRegistration.__struct_fields__ if f != "name"}
-        worker, created = self.engine.workers.register(WorkerUpsert(id=reg.name, **fields), actor=actor(req))
+        worker, created = self.engine.workers.register(WorkerUpsert(id=reg.name, **fields), actor=actor(req), admin=is_admin(req))
         send(resp, worker, 201 if created else 200)
 
 
@@ -29,10 +30,13 @@ class WorkerItem:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
-        send(resp, self.engine.workers.get(path_id(worker_id, "worker")))
+        worker_id = path_id(worker_id, "worker")
+        worker = self.engine.workers.get(worker_id)
+        send(resp, schemas.WorkerDetail(**msgspec.structs.asdict(worker), leases=self.engine.workers.leases(worker_id)))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, worker_id: str) -> None:
-        send(resp, self.engine.workers.remove(path_id(worker_id, "worker"), actor=actor(req)))
+        worker = self.engine.workers.remove(path_id(worker_id, "worker"), actor=actor(req))
+        send(resp, schemas.RemovedWorker(**msgspec.structs.asdict(worker)))
 
 
 class WorkerClaim:
@@ -53,4 +57,4 @@ class WorkerClaim:
         if grant is None:
             resp.status = 204
             return
-        send(resp, schemas.TaskLease(task=grant.task, lease=grant.lease))
+        send(resp, schemas.TaskLease(task=grant.task, lease=grant.lease, lease_token=self.engine.leases.token(grant.lease.id)))

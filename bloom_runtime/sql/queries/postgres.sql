@@ -691,6 +691,14 @@ WHERE status = %(status)s AND (started_at, id) < (%(after_at)s, %(after_id)s)
 ORDER BY started_at DESC, id DESC
 LIMIT %(limit)s
 
+-- name: worker_leases
+-- By leases_worker_active_idx.
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE worker_id = %(worker_id)s AND status = 'active'
+ORDER BY started_at DESC, id DESC
+LIMIT %(limit)s
+
 -- name: active_lease_owners
 SELECT context_id, worker_id FROM leases WHERE status = 'active';
 
@@ -700,15 +708,14 @@ SELECT DISTINCT worker_id FROM leases WHERE context_id = %(context_id)s AND stat
 -- ---------------------------------------------------------------- workers
 
 -- name: upsert_worker
--- Insert with defaults, or update only the fields given (NULL keeps the stored value).
--- xmax = 0 only on a freshly inserted row version.
+-- Insert the new_* values (the given fields with their defaults), or update only the
+-- fields given (NULL keeps the stored value). xmax = 0 only on a freshly inserted row version.
 INSERT INTO workers AS w (id, node_id, url, status, capabilities, last_heartbeat, ip_addrs,
                           obs_count, db_sha, registered_at, agent_version, os_info,
                           install_method, source)
-VALUES (%(id)s, COALESCE(%(node_id)s, %(id)s), %(url)s, COALESCE(%(status)s, 'online'),
-        %(capabilities_new)s::jsonb, %(last_heartbeat)s, COALESCE(%(ip_addrs)s::jsonb, '[]'::jsonb),
-        COALESCE(%(obs_count)s::int, 0), %(db_sha)s, %(now)s, %(agent_version)s, %(os_info)s,
-        %(install_method)s, COALESCE(%(source)s, 'api'))
+VALUES (%(id)s, %(new_node_id)s, %(new_url)s, %(new_status)s, %(new_capabilities)s::jsonb,
+        %(new_last_heartbeat)s, %(new_ip_addrs)s::jsonb, %(new_obs_count)s, %(new_db_sha)s, %(now)s,
+        %(new_agent_version)s, %(new_os_info)s, %(new_install_method)s, %(new_source)s)
 ON CONFLICT (id) DO UPDATE SET
     node_id = COALESCE(%(node_id)s, w.node_id),
     url = COALESCE(%(url)s, w.url),
@@ -743,12 +750,19 @@ WHERE id = %(id)s
 RETURNING id
 
 -- name: mark_stale_workers_offline
+-- Workers something keeps fresh (pull claims, the membridge sync, and with
+-- :vouched the runtime's own probes of vouched-for URLs) that went silent. One never
+-- heard from keeps 'unknown' (not offline); silence counts from the last heartbeat, or
+-- from registration for a row without one (written before registration counted as one).
 -- Lock the stale workers in id order (same order as lock_workers).
 UPDATE workers w SET status = 'offline'
 FROM (
     SELECT id FROM workers
-    WHERE status <> 'offline' AND source IN ('pull', 'membridge')
-      AND (last_heartbeat IS NULL OR last_heartbeat < %(seen_before)s)
+    WHERE status NOT IN ('offline', 'unknown')
+      AND (source IN ('pull', 'membridge')
+           OR (%(vouched)s AND EXISTS (SELECT 1 FROM worker_trust t
+                                       WHERE t.worker_id = workers.id AND t.url = workers.url)))
+      AND COALESCE(last_heartbeat, registered_at) < %(seen_before)s
     ORDER BY id
     FOR UPDATE
 ) s
@@ -860,3 +874,210 @@ UNION ALL
 SELECT 'leases', status, count(*) FROM leases GROUP BY status
 UNION ALL
 SELECT 'workers', status, count(*) FROM workers GROUP BY status
+
+-- ---------------------------------------------------------------- push dispatch
+
+-- name: refund_attempt
+-- A dispatch that provably never reached the agent gives its attempt back.
+UPDATE llm_tasks SET attempts = attempts - 1
+WHERE id = %(id)s AND attempts > 0
+RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+          not_before, idempotency_key
+
+-- name: due_tasks
+-- Queued tasks that may be leased now, oldest first (llm_tasks_queue_idx): what
+-- automatic dispatch offers to push workers.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %(now)s) AND attempts < max_attempts
+ORDER BY created_at, id
+LIMIT %(limit)s
+
+-- name: insert_delivery
+INSERT INTO dispatch_deliveries (id, task_id, lease_id, worker_id, url, state, agent_status, detail,
+                                 actor, created_at, deadline_at, finished_at)
+VALUES (%(id)s, %(task_id)s, %(lease_id)s, %(worker_id)s, %(url)s, %(state)s, %(agent_status)s,
+        %(detail)s, %(actor)s, %(created_at)s, %(deadline_at)s, %(finished_at)s)
+
+-- name: finish_delivery
+-- sent → its outcome, once: a second answer for the same delivery changes nothing.
+UPDATE dispatch_deliveries
+SET state = %(state)s, agent_status = %(agent_status)s, detail = %(detail)s, finished_at = %(now)s
+WHERE id = %(id)s AND state = 'sent'
+RETURNING id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+          deadline_at, finished_at
+
+-- name: expire_deliveries
+-- Deliveries past their deadline with no outcome recorded (the process that sent
+-- them stopped): their outcome is unknown.
+UPDATE dispatch_deliveries d
+SET state = 'unknown', detail = %(detail)s, finished_at = %(now)s
+FROM (
+    SELECT id FROM dispatch_deliveries
+    WHERE state = 'sent' AND deadline_at < %(now)s
+    ORDER BY deadline_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE d.id = due.id
+RETURNING d.id, d.task_id, d.lease_id, d.worker_id, d.url, d.state, d.agent_status, d.detail,
+          d.actor, d.created_at, d.deadline_at, d.finished_at
+
+-- name: latest_delivery
+SELECT id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+       deadline_at, finished_at
+FROM dispatch_deliveries WHERE task_id = %(task_id)s
+ORDER BY created_at DESC, id DESC LIMIT 1
+
+-- name: vouch_worker_url
+INSERT INTO worker_trust (worker_id, url, vouched_by, updated_at)
+VALUES (%(worker_id)s, %(url)s, %(by)s, %(now)s)
+ON CONFLICT (worker_id) DO UPDATE SET url = EXCLUDED.url, vouched_by = EXCLUDED.vouched_by,
+                                      updated_at = EXCLUDED.updated_at
+
+-- name: forget_worker_url
+DELETE FROM worker_trust WHERE worker_id = %(worker_id)s RETURNING url
+
+-- name: worker_trust
+SELECT worker_id, url FROM worker_trust
+
+-- name: worker_liveness
+-- A sign of life (alive) or of death from the runtime's own probe or delivery:
+-- online with the freshest heartbeat, or offline. Returns the status before and after.
+WITH old AS (SELECT id, status FROM workers WHERE id = %(id)s FOR UPDATE)
+UPDATE workers w
+SET status = CASE WHEN %(alive)s THEN 'online' ELSE 'offline' END,
+    last_heartbeat = CASE WHEN %(alive)s THEN GREATEST(COALESCE(w.last_heartbeat, 0), %(at)s::bigint)
+                          ELSE w.last_heartbeat END
+FROM old
+WHERE w.id = old.id
+RETURNING old.status, w.status
+
+-- name: add_settings_if_absent
+-- Keys already set keep their value (a secret every engine process must agree on).
+INSERT INTO runtime_settings (key, value, updated_at)
+SELECT k, v, %(now)s FROM unnest(%(keys)s::text[], %(values)s::text[]) AS s(k, v) ORDER BY k
+ON CONFLICT (key) DO NOTHING
+
+-- ---------------------------------------------------------------- read side: search, lease history, activity
+
+-- name: search_tasks_by_context
+-- Newest first among the tasks of one context: one range of llm_tasks_context_idx per
+-- status asked for, each cut at the page size, then merged.
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key
+FROM unnest(%(statuses)s::text[]) AS s(status)
+CROSS JOIN LATERAL (
+    SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+           created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+           not_before, idempotency_key
+    FROM llm_tasks
+    WHERE context_id = %(value)s AND status = s.status AND (created_at, id) < (%(after_at)s, %(after_id)s)
+    ORDER BY created_at DESC, id DESC
+    LIMIT %(limit)s
+) t
+ORDER BY t.created_at DESC, t.id DESC
+LIMIT %(limit)s
+
+-- name: search_tasks_by_agent
+-- As search_tasks_by_context, on llm_tasks_agent_idx.
+SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key
+FROM unnest(%(statuses)s::text[]) AS s(status)
+CROSS JOIN LATERAL (
+    SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+           created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+           not_before, idempotency_key
+    FROM llm_tasks
+    WHERE agent_slug = %(value)s AND status = s.status AND (created_at, id) < (%(after_at)s, %(after_id)s)
+    ORDER BY created_at DESC, id DESC
+    LIMIT %(limit)s
+) t
+ORDER BY t.created_at DESC, t.id DESC
+LIMIT %(limit)s
+
+-- name: leases_of_tasks
+-- Every lease of the given tasks, newest first: active ones by leases_one_active_per_task,
+-- ended ones by leases_task_ended_idx.
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM (
+    SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+    FROM leases WHERE task_id = ANY(%(task_ids)s::text[]) AND status = 'active'
+    UNION ALL
+    SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+    FROM leases WHERE task_id = ANY(%(task_ids)s::text[]) AND status <> 'active'
+) l
+WHERE (%(status)s::text IS NULL OR l.status = %(status)s::text)
+  AND (l.started_at, l.id) < (%(after_at)s, %(after_id)s)
+ORDER BY l.started_at DESC, l.id DESC
+LIMIT %(limit)s
+
+-- name: list_expired_leases
+-- Most recent expiry first (leases_expired_idx).
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE status = 'expired' AND (expires_at, id) < (%(after_at)s, %(after_id)s)
+ORDER BY expires_at DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_audit_by_action
+SELECT id, timestamp, action, entity_type, entity_id, actor, detail
+FROM audit_logs
+WHERE action = %(action)s AND (timestamp, id) < (%(after_at)s, %(after_id)s)
+ORDER BY timestamp DESC, id DESC
+LIMIT %(limit)s
+
+-- name: list_audit_by_entity_action
+-- One entity's entries are few: its index range, filtered by action.
+SELECT id, timestamp, action, entity_type, entity_id, actor, detail
+FROM audit_logs
+WHERE entity_id = %(entity_id)s AND action = %(action)s AND (timestamp, id) < (%(after_at)s, %(after_id)s)
+ORDER BY timestamp DESC, id DESC
+LIMIT %(limit)s
+
+-- name: live_depth
+-- The unfinished tasks by status, counted on llm_tasks_status_created_idx.
+SELECT status, count(*) FROM llm_tasks WHERE status IN ('queued', 'leased', 'running') GROUP BY status
+
+-- name: oldest_queued
+SELECT id, created_at FROM llm_tasks WHERE status = 'queued' ORDER BY created_at, id LIMIT 1
+
+-- name: activity
+-- Per minute in [since, until): tasks created, results by outcome, leases expired, each
+-- counted on an index ordered by its time column.
+SELECT 'created', created_at / 60000 * 60000, count(*)
+FROM llm_tasks WHERE created_at >= %(since)s AND created_at < %(until)s
+GROUP BY 2
+UNION ALL
+SELECT CASE status WHEN 'success' THEN 'completed' ELSE 'failed' END, completed_at / 60000 * 60000, count(*)
+FROM llm_results WHERE completed_at >= %(since)s AND completed_at < %(until)s
+GROUP BY 1, 2
+UNION ALL
+SELECT 'expired', expires_at / 60000 * 60000, count(*)
+FROM leases WHERE status = 'expired' AND expires_at >= %(since)s AND expires_at < %(until)s
+GROUP BY 2
+
+-- ---------------------------------------------------------------- history (runtime_history)
+
+-- name: last_history_minute
+SELECT max(minute) FROM runtime_history
+
+-- name: history
+SELECT minute, queued, leased, running, created, completed, failed, expired
+FROM runtime_history
+WHERE minute >= %(since)s AND minute < %(until)s
+ORDER BY minute
+
+-- name: record_history
+-- Several processes may sample the same minute: the first row stands.
+INSERT INTO runtime_history (minute, queued, leased, running, created, completed, failed, expired, sampled_at)
+VALUES (%(minute)s, %(queued)s, %(leased)s, %(running)s, %(created)s, %(completed)s, %(failed)s, %(expired)s, %(now)s)
+ON CONFLICT (minute) DO NOTHING
+RETURNING minute
+
+-- name: prune_history
+DELETE FROM runtime_history WHERE minute < %(before)s

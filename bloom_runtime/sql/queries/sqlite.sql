@@ -239,6 +239,14 @@ WHERE id IN (
 )
 RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id;
 
+-- name: worker_leases
+-- By leases_worker_active_idx.
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE worker_id = :worker_id AND status = 'active'
+ORDER BY started_at DESC, id DESC
+LIMIT :limit;
+
 -- name: list_leases
 SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
 FROM leases
@@ -351,10 +359,16 @@ WHERE id = :id
 RETURNING id;
 
 -- name: mark_stale_workers_offline
+-- Workers something keeps fresh (pull claims, the membridge sync, and with
+-- :vouched the runtime's own probes of vouched-for URLs) that went silent. One never
+-- heard from keeps 'unknown' (not offline); silence counts from the last heartbeat, or
+-- from registration for a row without one (written before registration counted as one).
 UPDATE workers SET status = 'offline'
-WHERE status <> 'offline'
-  AND source IN ('pull', 'membridge')
-  AND (last_heartbeat IS NULL OR last_heartbeat < :seen_before)
+WHERE status NOT IN ('offline', 'unknown')
+  AND (source IN ('pull', 'membridge')
+       OR (:vouched AND EXISTS (SELECT 1 FROM worker_trust t
+                                WHERE t.worker_id = workers.id AND t.url = workers.url)))
+  AND coalesce(last_heartbeat, registered_at) < :seen_before
 RETURNING id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count,
           db_sha, registered_at,
           (SELECT count(*) FROM leases l WHERE l.worker_id = workers.id AND l.status = 'active'),
@@ -450,3 +464,193 @@ UNION ALL
 SELECT 'leases', status, count(*) FROM leases GROUP BY status
 UNION ALL
 SELECT 'workers', status, count(*) FROM workers GROUP BY status;
+
+-- ---------------------------------------------------------------------------
+-- push dispatch
+
+-- name: refund_attempt
+-- A dispatch that provably never reached the agent gives its attempt back.
+UPDATE llm_tasks SET attempts = attempts - 1
+WHERE id = :id AND attempts > 0
+RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+          not_before, idempotency_key;
+
+-- name: due_tasks
+-- Queued tasks that may be leased now, oldest first (llm_tasks_queue_idx): what
+-- automatic dispatch offers to push workers.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE status = 'queued' AND (not_before IS NULL OR not_before <= :now) AND attempts < max_attempts
+ORDER BY created_at, id
+LIMIT :limit;
+
+-- name: insert_delivery
+INSERT INTO dispatch_deliveries (id, task_id, lease_id, worker_id, url, state, agent_status, detail,
+                                 actor, created_at, deadline_at, finished_at)
+VALUES (:id, :task_id, :lease_id, :worker_id, :url, :state, :agent_status, :detail, :actor,
+        :created_at, :deadline_at, :finished_at);
+
+-- name: finish_delivery
+-- sent → its outcome, once: a second answer for the same delivery changes nothing.
+UPDATE dispatch_deliveries
+SET state = :state, agent_status = :agent_status, detail = :detail, finished_at = :now
+WHERE id = :id AND state = 'sent'
+RETURNING id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+          deadline_at, finished_at;
+
+-- name: expire_deliveries
+-- Deliveries past their deadline with no outcome recorded (the process that sent
+-- them stopped): their outcome is unknown.
+UPDATE dispatch_deliveries
+SET state = 'unknown', detail = :detail, finished_at = :now
+WHERE id IN (
+    SELECT id FROM dispatch_deliveries
+    WHERE state = 'sent' AND deadline_at < :now
+    ORDER BY deadline_at LIMIT :limit
+)
+RETURNING id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+          deadline_at, finished_at;
+
+-- name: latest_delivery
+SELECT id, task_id, lease_id, worker_id, url, state, agent_status, detail, actor, created_at,
+       deadline_at, finished_at
+FROM dispatch_deliveries WHERE task_id = :task_id
+ORDER BY created_at DESC, id DESC LIMIT 1;
+
+-- name: vouch_worker_url
+INSERT INTO worker_trust (worker_id, url, vouched_by, updated_at)
+VALUES (:worker_id, :url, :by, :now)
+ON CONFLICT (worker_id) DO UPDATE SET url = excluded.url, vouched_by = excluded.vouched_by,
+                                      updated_at = excluded.updated_at;
+
+-- name: forget_worker_url
+DELETE FROM worker_trust WHERE worker_id = :worker_id RETURNING url;
+
+-- name: worker_trust
+SELECT worker_id, url FROM worker_trust;
+
+-- name: worker_status
+SELECT status FROM workers WHERE id = :id;
+
+-- name: worker_liveness
+-- A sign of life (alive) or of death from the runtime's own probe or delivery:
+-- online with the freshest heartbeat, or offline.
+UPDATE workers
+SET status = CASE WHEN :alive THEN 'online' ELSE 'offline' END,
+    last_heartbeat = CASE WHEN :alive THEN max(coalesce(last_heartbeat, 0), :at) ELSE last_heartbeat END
+WHERE id = :id
+RETURNING status;
+
+-- name: add_settings_if_absent
+-- Keys already set keep their value (a secret every engine process must agree on).
+INSERT INTO runtime_settings (key, value, updated_at)
+SELECT s.key, s.value, :now FROM json_each(:values) s WHERE true
+ON CONFLICT (key) DO NOTHING;
+
+-- ---------------------------------------------------------------------------
+-- read side: search, lease history, activity
+
+-- name: search_tasks_by_context
+-- One status of one context, newest first (llm_tasks_context_idx); the store merges statuses.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE context_id = :value AND status = :status AND (created_at, id) < (:after_ts, :after_id)
+ORDER BY created_at DESC, id DESC
+LIMIT :limit;
+
+-- name: search_tasks_by_agent
+-- As search_tasks_by_context, on llm_tasks_agent_idx.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks
+WHERE agent_slug = :value AND status = :status AND (created_at, id) < (:after_ts, :after_id)
+ORDER BY created_at DESC, id DESC
+LIMIT :limit;
+
+-- name: leases_of_tasks
+-- Every lease of the tasks in the JSON array :task_ids, newest first: active ones by
+-- leases_one_active_per_task, ended ones by leases_task_ended_idx.
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM (
+    SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+    FROM leases WHERE task_id IN (SELECT value FROM json_each(:task_ids)) AND status = 'active'
+    UNION ALL
+    SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+    FROM leases WHERE task_id IN (SELECT value FROM json_each(:task_ids)) AND status <> 'active'
+)
+WHERE (:status IS NULL OR status = :status) AND (started_at, id) < (:after_ts, :after_id)
+ORDER BY started_at DESC, id DESC
+LIMIT :limit;
+
+-- name: list_expired_leases
+-- Most recent expiry first (leases_expired_idx).
+SELECT id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
+FROM leases
+WHERE status = 'expired' AND (expires_at, id) < (:after_ts, :after_id)
+ORDER BY expires_at DESC, id DESC
+LIMIT :limit;
+
+-- name: list_audit_by_action
+SELECT id, timestamp, action, entity_type, entity_id, actor, detail
+FROM audit_logs
+WHERE action = :action AND (timestamp, id) < (:after_ts, :after_id)
+ORDER BY timestamp DESC, id DESC
+LIMIT :limit;
+
+-- name: list_audit_by_entity_action
+-- One entity's entries are few: its index range, filtered by action.
+SELECT id, timestamp, action, entity_type, entity_id, actor, detail
+FROM audit_logs INDEXED BY audit_logs_entity_idx
+WHERE entity_id = :entity_id AND action = :action AND (timestamp, id) < (:after_ts, :after_id)
+ORDER BY timestamp DESC, id DESC
+LIMIT :limit;
+
+-- name: live_depth
+-- The unfinished tasks by status, counted on llm_tasks_status_created_idx.
+SELECT status, count(*) FROM llm_tasks WHERE status IN ('queued', 'leased', 'running') GROUP BY status;
+
+-- name: oldest_queued
+SELECT id, created_at FROM llm_tasks WHERE status = 'queued' ORDER BY created_at, id LIMIT 1;
+
+-- name: activity
+-- Per minute in [since, until): tasks created, results by outcome, leases expired, each
+-- counted on an index ordered by its time column.
+SELECT 'created', created_at / 60000 * 60000, count(*)
+FROM llm_tasks WHERE created_at >= :since AND created_at < :until
+GROUP BY 2
+UNION ALL
+SELECT CASE status WHEN 'success' THEN 'completed' ELSE 'failed' END, completed_at / 60000 * 60000, count(*)
+FROM llm_results WHERE completed_at >= :since AND completed_at < :until
+GROUP BY 1, 2
+UNION ALL
+SELECT 'expired', expires_at / 60000 * 60000, count(*)
+FROM leases WHERE status = 'expired' AND expires_at >= :since AND expires_at < :until
+GROUP BY 2;
+
+-- ---------------------------------------------------------------------------
+-- history (runtime_history)
+
+-- name: last_history_minute
+SELECT max(minute) FROM runtime_history;
+
+-- name: history
+SELECT minute, queued, leased, running, created, completed, failed, expired
+FROM runtime_history
+WHERE minute >= :since AND minute < :until
+ORDER BY minute;
+
+-- name: record_history
+-- Several processes may sample the same minute: the first row stands.
+INSERT INTO runtime_history (minute, queued, leased, running, created, completed, failed, expired, sampled_at)
+VALUES (:minute, :queued, :leased, :running, :created, :completed, :failed, :expired, :now)
+ON CONFLICT (minute) DO NOTHING
+RETURNING minute;
+
+-- name: prune_history
+DELETE FROM runtime_history WHERE minute < :before;
