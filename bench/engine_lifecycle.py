@@ -72,7 +72,30 @@ def lifecycle(engine: Engine, i: int) -> None:
     engine.tasks.complete(task.id, Completion(status="success", output="o" * 200, metrics={"duration_ms": 1.0}), fence)
 
 
-def run(url: str, threads: int, n: int, group_commit: bool) -> float:
+# The operator console's read indexes (migration 0004): each costs an entry per change of a
+# task or an ended lease; --without-read-indexes drops them to measure what they cost.
+READ_INDEXES = ("llm_tasks_context_idx", "llm_tasks_agent_idx", "leases_task_ended_idx", "leases_expired_idx",
+                "audit_logs_action_idx")
+
+
+def drop_read_indexes(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        conn = sqlite3.connect(url[len("sqlite:///"):])
+        with conn:
+            for name in READ_INDEXES:
+                conn.execute(f"DROP INDEX IF EXISTS {name}")  # names are ours
+        conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as pg:
+        for name in READ_INDEXES:
+            pg.execute(f"DROP INDEX IF EXISTS {name}")  # names are ours
+
+
+def run(url: str, threads: int, n: int, group_commit: bool, without_read_indexes: bool = False) -> float:
     settings = Settings(
         database_url=url,
         audit_group_commit=group_commit,
@@ -80,6 +103,8 @@ def run(url: str, threads: int, n: int, group_commit: bool) -> float:
         lease_sweep_interval_s=2.0,
     )
     engine = Engine.start(settings)
+    if without_read_indexes:
+        drop_read_indexes(url)
     try:
         for w in range(8):
             engine.workers.register(WorkerUpsert(id=f"bench-w{w}", status="online", capabilities=Capabilities(max_concurrency=32)))
@@ -133,6 +158,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,8,32")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--memory-n", type=int, default=200_000)
+    ap.add_argument("--without-read-indexes", action="store_true",
+                    help="drop the console's read indexes (migration 0004) after migrating, to measure their write cost")
     args = ap.parse_args()
     kinds = [k for k in ("sqlite", "postgres") if (args.only in (None, k)) and (k == "sqlite" or args.pg)]
     threads = [int(t) for t in args.threads.split(",")]
@@ -147,7 +174,7 @@ def main() -> None:
             rates = {}
             for gc in (True, False):
                 with Database(kind, args.pg) as url:
-                    rates[gc] = run(url, t, args.n, gc)
+                    rates[gc] = run(url, t, args.n, gc, args.without_read_indexes)
             print(
                 f"{kind:8} threads={t:>2}  group-commit {rates[True]:8.0f}/s   "
                 f"no-group-commit {rates[False]:8.0f}/s   ratio ×{rates[True] / rates[False]:.2f}",

@@ -30,6 +30,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -82,6 +83,23 @@ def start_server(
     proc.kill()
     proc.wait()
     raise SystemExit("server did not become healthy within 60 s")
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_requests(url: str) -> int:
+    """Requests the server has answered, from its metrics (the metrics request itself not counted)."""
+    with requests.get(url + "/metrics", headers={"X-Runtime-API-Key": KEY}, timeout=10) as r:
+        r.raise_for_status()
+        text = r.text
+    return int(sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("bloom_http_requests_total{") and 'route="/api/runtime/metrics"' not in line
+    ))
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -152,7 +170,7 @@ class Client:
         ).encode()
         self.buf = b""
 
-    def post(self, path: str, body: dict) -> tuple[int, bytes]:
+    def post(self, path: str, body: Any) -> tuple[int, bytes]:
         data = json.dumps(body).encode()
         self.sock.sendall(b"POST " + (self.prefix + path).encode() + b" HTTP/1.1\r\n" + self.head
                           + str(len(data)).encode() + b"\r\n\r\n" + data)
@@ -189,7 +207,7 @@ class StdlibClient:
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         self.headers = {"X-Runtime-API-Key": KEY, "Content-Type": "application/json"}
 
-    def post(self, path: str, body: dict) -> tuple[int, bytes]:
+    def post(self, path: str, body: Any) -> tuple[int, bytes]:
         self.conn.request("POST", self.prefix + path, body=json.dumps(body), headers=self.headers)
         resp = self.conn.getresponse()
         return resp.status, resp.read()
@@ -198,30 +216,55 @@ class StdlibClient:
         self.conn.close()
 
 
-CLIENTS = {"raw": Client, "stdlib": StdlibClient}
+class RequestsClient:
+    """The same over ``requests.Session`` (``--client requests``), as the first version was measured."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers.update({"X-Runtime-API-Key": KEY})
+
+    def post(self, path: str, body: Any) -> tuple[int, bytes]:
+        r = self.session.post(self.url + path, json=body, timeout=60)
+        return r.status_code, r.content
+
+    def close(self) -> None:
+        self.session.close()
 
 
-def client(url: str, worker: str, count: int, timings: dict[str, list[float]], errors: list[str],
+CLIENTS = {"raw": Client, "stdlib": StdlibClient, "requests": RequestsClient}
+
+
+def client(url: str, worker: str | None, count: int, timings: dict[str, list[float]], errors: list[str],
            kind: str = "raw") -> None:
+    """``count`` lifecycles; the lease names ``worker`` (registered here), or with None
+    is ``{}`` and the runtime picks one of the fleet registered before."""
     c = CLIENTS[kind](url)
     try:
-        status, _ = c.post("/workers", {"name": worker, "capabilities": {"max_concurrency": 32}})
-        if status >= 300:
-            raise SystemExit(f"registering {worker} failed: {status}")
+        if worker is not None:
+            status, _ = c.post("/workers", {"name": worker, "capabilities": {"max_concurrency": 32}})
+            if status >= 300:
+                raise SystemExit(f"registering {worker} failed: {status}")
         local: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
         for i in range(count):
             t0 = time.perf_counter()
-            status, body = c.post("/llm-tasks", {"context_id": worker, "agent_slug": "bench", "prompt": f"task {i}"})
+            status, body = c.post("/llm-tasks", {"context_id": worker or f"ctx-{i % 50}", "agent_slug": "bench", "prompt": f"task {i}"})
             local["create"].append(time.perf_counter() - t0)
             if status != 201:
                 errors.append(f"create {status}")
                 continue
             task_id = json.loads(body)["id"]
+            t0 = time.perf_counter()
+            status, body = c.post(f"/llm-tasks/{task_id}/lease", {"worker_id": worker} if worker else {})
+            local["lease"].append(time.perf_counter() - t0)
+            if status >= 300:
+                errors.append(f"lease {status}")
+                continue
+            fence = {"lease_id": json.loads(body)["lease"]["id"]}
             for name, path, payload in (
-                ("lease", f"/llm-tasks/{task_id}/lease", {"worker_id": worker}),
-                ("heartbeat", f"/llm-tasks/{task_id}/heartbeat", {"worker_id": worker}),
+                ("heartbeat", f"/llm-tasks/{task_id}/heartbeat", fence),
                 ("complete", f"/llm-tasks/{task_id}/complete",
-                 {"status": "success", "output": "ok", "metrics": {"tokens_used": None}, "worker_id": worker}),
+                 {"status": "success", "output": "ok", "metrics": {"tokens_used": None}, **fence}),
             ):
                 t0 = time.perf_counter()
                 status, _ = c.post(path, payload)
@@ -237,10 +280,77 @@ def client(url: str, worker: str, count: int, timings: dict[str, list[float]], e
         c.close()
 
 
+# The first version's lifecycles/s with this workload (lease {} over 8 workers × 8 slots,
+# requests.Session clients): bloom was ×1.66 / ×1.22 / ×1.59 of it at 68.8 / 119.6 / 143.9.
+FIRST_VERSION = {1: 68.8 / 1.66, 8: 119.6 / 1.22, 32: 143.9 / 1.59}
+
+
+def run_once(url: str, proc: subprocess.Popen[bytes] | None, n: int, c: int, kind: str, fleet: bool,
+             rss_every: int = 0) -> dict[str, Any]:
+    """``n`` lifecycles with ``c`` clients against a running server; its CPU per request if it is ours."""
+    timings: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
+    errors: list[str] = []
+    per_client = [n // c + (1 if i < n % c else 0) for i in range(c)]
+    tag = f"bench-{os.getpid()}-{int(time.time() * 1000)}"
+    if fleet:  # 8 workers × 8 slots, leased by the runtime's pick
+        reg = CLIENTS["raw"](url)
+        for w in range(8):
+            reg.post("/workers", {"name": f"{tag}-w{w}", "capabilities": {"max_concurrency": 8}})
+        reg.close()
+    threads = [
+        threading.Thread(target=client, args=(url, None if fleet else f"{tag}-{i}", per_client[i], timings, errors, kind))
+        for i in range(c)
+    ]
+    marks: list[tuple[int, float, int | None]] = []
+    stop = threading.Event()
+    PROGRESS.done = 0
+    cpu0 = server_cpu_s(proc.pid) if proc else None
+    req0 = server_requests(url) if proc else 0
+    t0 = time.perf_counter()
+    sampler = None
+    if proc is not None and rss_every > 0:
+        sampler = threading.Thread(target=rss_sampler, args=(proc.pid, rss_every, n, t0, stop, marks), daemon=True)
+        sampler.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if sampler is not None:
+        sampler.join(timeout=1)
+        stop.set()
+    out: dict[str, Any] = {"done": len(timings["complete"]), "elapsed": elapsed, "timings": timings, "errors": errors, "marks": marks}
+    out["rate"] = out["done"] / elapsed
+    if proc is not None and cpu0 is not None:
+        requests_done = server_requests(url) - req0
+        out["cpu_ms"] = (server_cpu_s(proc.pid) - cpu0) / max(requests_done, 1) * 1000
+    return out
+
+
+def report(out: dict[str, Any], c: int, kind: str) -> None:
+    cpu = f"; server {out['cpu_ms']:.3f} ms CPU per request" if "cpu_ms" in out else ""
+    print(f"{out['done']} lifecycles in {out['elapsed']:.2f} s with {c} clients ({kind}): {out['rate']:.1f} lifecycles/s{cpu}")
+    print(f"{'endpoint':<10} {'n':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for e in ENDPOINTS:
+        v = sorted(out["timings"][e])
+        print(f"{e:<10} {len(v):>7} {percentile(v, 50) * 1000:>8.2f} {percentile(v, 95) * 1000:>8.2f} {percentile(v, 99) * 1000:>8.2f}")
+    marks = out["marks"]
+    if len(marks) >= 2 and marks[0][2] and marks[-1][2]:
+        growth = marks[-1][2] / marks[0][2]
+        print(f"server RSS growth {marks[0][0]} → {marks[-1][0]} lifecycles: ×{growth:.3f} "
+              f"({'flat' if growth <= 1.2 else 'GROWS'})")
+    if out["errors"]:
+        print(f"{len(out['errors'])} errors, e.g. {statistics.mode(out['errors'])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", type=int, default=1000, help="lifecycles in total")
-    parser.add_argument("-c", type=int, default=1, help="concurrent clients")
+    parser.add_argument("-n", type=int, default=1000, help="lifecycles in total, per run")
+    parser.add_argument("-c", default="1", help="concurrent clients; a comma-separated list runs each")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="interleaved rounds over the -c values, each on a fresh server and database; medians printed")
+    parser.add_argument("--fleet", action="store_true",
+                        help="lease {} over 8 workers × 8 slots the runtime picks from (the first version's measure)")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--pg", metavar="ADMIN_URL",
                         help="PostgreSQL admin URL: run against a fresh database, dropped at the end")
@@ -249,80 +359,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="base URL of a running server (…/api/runtime); key from BENCH_API_KEY")
     parser.add_argument("--threads", type=int, default=64, help="server threads when started here")
     parser.add_argument("--client", choices=sorted(CLIENTS), default="raw",
-                        help="raw: a minimal keep-alive client on a socket (default); stdlib: http.client")
+                        help="raw: a minimal keep-alive client on a socket (default); stdlib: http.client; "
+                             "requests: requests.Session")
     args = parser.parse_args(argv)
-
-    proc = None
-    cleanup = ExitStack()
+    cs = [int(c) for c in args.c.split(",")]
+    global KEY
     if args.url:
-        url = args.url.rstrip("/")
-        global KEY
         KEY = os.environ.get("BENCH_API_KEY", KEY)
-    else:
-        if args.pg:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            from engine_lifecycle import Database
+    results: dict[int, list[dict[str, Any]]] = {}
+    failed = False
+    for rnd in range(args.runs):
+        for c in cs:
+            with ExitStack() as cleanup:
+                proc = None
+                if args.url:
+                    url = args.url.rstrip("/")
+                else:
+                    db = _database(args, cleanup)
+                    proc, url = start_server(db, args.threads)
+                    cleanup.callback(stop_server, proc)
+                rss_before = rss_kib(proc.pid) if proc else None
+                out = run_once(url, proc, args.n, c, args.client, args.fleet, args.rss_every)
+                if args.runs > 1:
+                    print(f"round {rnd + 1}, ", end="")
+                report(out, c, args.client)
+                if rss_before is not None and proc is not None:
+                    print(f"server RSS: {rss_before / 1024:.1f} MiB before, {(rss_kib(proc.pid) or 0) / 1024:.1f} MiB after")
+                failed = failed or bool(out["errors"])
+                results.setdefault(c, []).append(out)
+    if args.runs > 1 or len(cs) > 1:
+        print(f"\nmedians of {args.runs} run(s), {args.client} client{', lease {} over a fleet' if args.fleet else ''}:")
+        for c in cs:
+            rate = statistics.median(o["rate"] for o in results[c])
+            cpu = [o["cpu_ms"] for o in results[c] if "cpu_ms" in o]
+            first = f", ×{rate / FIRST_VERSION[c]:.2f} the first version's {FIRST_VERSION[c]:.1f}/s" if c in FIRST_VERSION else ""
+            cpu_text = f", server {statistics.median(cpu):.3f} ms CPU per request" if cpu else ""
+            print(f"  C={c}: {rate:.1f} lifecycles/s{cpu_text}{first}")
+    return 1 if failed else 0
 
-            database = Database("postgres", args.pg)
-            cleanup.callback(shutil.rmtree, database.tmp, True)
-            db = cleanup.enter_context(database)
-        elif args.database_url:
-            db = args.database_url
-        else:
-            tmp = tempfile.mkdtemp(prefix="bloom-bench-")
-            cleanup.callback(shutil.rmtree, tmp, True)
-            db = "sqlite:///" + os.path.join(tmp, "bench.db")
-        try:
-            proc, url = start_server(db, args.threads)
-        except BaseException:
-            cleanup.close()
-            raise
-    try:
-        rss_before = rss_kib(proc.pid) if proc else None
-        timings: dict[str, list[float]] = {e: [] for e in ENDPOINTS}
-        errors: list[str] = []
-        per_client = [args.n // args.c + (1 if i < args.n % args.c else 0) for i in range(args.c)]
-        tag = f"bench-{os.getpid()}-{int(time.time())}"
-        threads = [
-            threading.Thread(target=client, args=(url, f"{tag}-{i}", per_client[i], timings, errors, args.client))
-            for i in range(args.c)
-        ]
-        marks: list[tuple[int, float, int | None]] = []
-        stop = threading.Event()
-        t0 = time.perf_counter()
-        sampler = None
-        if proc is not None and args.rss_every > 0:
-            sampler = threading.Thread(target=rss_sampler, args=(proc.pid, args.rss_every, args.n, t0, stop, marks), daemon=True)
-            sampler.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-        if sampler is not None:
-            sampler.join(timeout=1)
-            stop.set()
-        rss_after = rss_kib(proc.pid) if proc else None
 
-        done = len(timings["complete"])
-        print(f"{done} lifecycles in {elapsed:.2f} s with {args.c} clients ({args.client}): {done / elapsed:.1f} lifecycles/s")
-        print(f"{'endpoint':<10} {'n':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
-        for e in ENDPOINTS:
-            v = sorted(timings[e])
-            print(f"{e:<10} {len(v):>7} {percentile(v, 50) * 1000:>8.2f} {percentile(v, 95) * 1000:>8.2f} {percentile(v, 99) * 1000:>8.2f}")
-        if rss_before is not None and rss_after is not None:
-            print(f"server RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after")
-        if len(marks) >= 2 and marks[0][2] and marks[-1][2]:
-            growth = marks[-1][2] / marks[0][2]
-            print(f"server RSS growth {marks[0][0]} → {marks[-1][0]} lifecycles: ×{growth:.3f} "
-                  f"({'flat' if growth <= 1.2 else 'GROWS'})")
-        if errors:
-            print(f"{len(errors)} errors, e.g. {statistics.mode(errors)}")
-        return 1 if errors else 0
-    finally:
-        if proc is not None:
-            stop_server(proc)
-        cleanup.close()
+def _database(args: argparse.Namespace, cleanup: ExitStack) -> str:
+    """A fresh database for one run (a new PostgreSQL database, or a new SQLite file), or the one named."""
+    if args.pg:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from engine_lifecycle import Database
+
+        database = Database("postgres", args.pg)
+        cleanup.callback(shutil.rmtree, database.tmp, True)
+        return cleanup.enter_context(database)
+    if args.database_url:
+        return args.database_url
+    tmp = tempfile.mkdtemp(prefix="bloom-bench-")
+    cleanup.callback(shutil.rmtree, tmp, True)
+    return "sqlite:///" + os.path.join(tmp, "bench.db")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,25 @@ def truncate_pg(url: str) -> None:
         conn.execute("TRUNCATE " + ", ".join(TABLES))
 
 
+def backend_pids(url: str) -> list[int]:
+    """The server processes of every session on the database of ``url`` but the caller's."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def terminate(url: str, pids: list[int]) -> None:
+    """``pg_terminate_backend`` each session and wait until the server has ended it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # The server ends each process asynchronously.
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone() == (0,),
+                 what=f"sessions {pids} ended")
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path) -> str:
     """A database URL for an engine, the same test on both stores: a SQLite file of this

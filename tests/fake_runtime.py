@@ -179,12 +179,16 @@ class FakeRuntime:
             return 404, {"error": f"worker {name} not found"}, {}
         wait_s = min(float(body.get("wait_seconds") or 0), MAX_WAIT_S)
         labels = set(worker.get("capabilities", {}).get("labels", []))
+        many = body.get("max_tasks")  # then answer a list, as the runtime does
         deadline = time.monotonic() + wait_s
         while True:
-            for task_id in self.order:
-                task = self.tasks[task_id]
-                if task["status"] == "queued" and set(task["labels"]) <= labels:
-                    return 200, self._lease(task, name, body.get("ttl_seconds")), {}
+            active = sum(1 for lease in self.leases.values() if lease["worker_id"] == name and lease["status"] == "active")
+            room = int(worker.get("capabilities", {}).get("max_concurrency", 1)) - active
+            takeable = [t for t in (self.tasks[i] for i in self.order) if t["status"] == "queued" and set(t["labels"]) <= labels]
+            if takeable and not many:
+                return 200, self._lease(takeable[0], name, body.get("ttl_seconds")), {}
+            if takeable and room > 0:
+                return 200, [self._lease(t, name, body.get("ttl_seconds")) for t in takeable[: min(int(many), room)]], {}
             left = deadline - time.monotonic()
             if left <= 0 or self._closing:
                 return 204, None, {}

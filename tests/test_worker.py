@@ -127,13 +127,36 @@ def test_registers_with_capabilities_and_names_lease_on_every_call(fake: FakeRun
     assert reg["capabilities"] == {"claude_cli": True, "max_concurrency": 3, "labels": ["gpu", "fast"]}
     assert reg["install_method"] == "bloom-runtime worker" and reg["agent_version"].startswith("bloom-runtime ")
     claim = fake.calls_to("/claim")[0].body
-    assert claim == {"wait_seconds": POLL_WAIT_S, "ttl_seconds": 1}
+    assert claim == {"wait_seconds": POLL_WAIT_S, "ttl_seconds": 1, "max_tasks": 3}  # one claim for every free slot
     calls = fake.calls_to("/heartbeat") + fake.calls_to("/complete")
     assert calls
     lease_id = fake.tasks[task["id"]]["lease_id"]
     for call in calls:
         assert call.body["lease_id"] == lease_id and call.body["worker_id"] == "gpu-box"
         assert call.body["lease_token"] == "token-of-" + lease_id  # the token from the claim
+
+
+def test_a_worker_with_free_slots_claims_them_together(fake: FakeRuntime) -> None:
+    tasks = [fake.add_task(f"t{n}") for n in range(4)]
+    with command_worker(fake, "cat >/dev/null; sleep 0.2; echo ok", concurrency=3):
+        for t in tasks:
+            completion(fake, t["id"])
+    claims = fake.calls_to("/claim")
+    assert claims[0].body["max_tasks"] == 3
+    # The first claim took three tasks at once, the next the fourth when a slot freed.
+    assert len([c for c in claims if c.status == 200]) == 2
+    assert all(fake.tasks[t["id"]]["attempts"] == 1 for t in tasks)
+    # Each lease of a claim of several is reported with its own token.
+    for call in fake.calls_to("/complete"):
+        assert call.body["lease_token"] == "token-of-" + call.body["lease_id"]
+    assert {c.body["lease_id"] for c in fake.calls_to("/complete")} == {fake.tasks[t["id"]]["lease_id"] for t in tasks}
+
+
+def test_a_single_slot_worker_claims_one_task_at_a_time(fake: FakeRuntime) -> None:
+    task = fake.add_task("x")
+    with command_worker(fake, "cat >/dev/null; echo ok", concurrency=1):
+        completion(fake, task["id"])
+    assert "max_tasks" not in fake.calls_to("/claim")[0].body
 
 
 def test_success_output_is_stdout(fake: FakeRuntime) -> None:

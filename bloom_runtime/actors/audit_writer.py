@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pykka
 
-from bloom_runtime.actors.base import Flush, JobHealth, Record, Tick
+from bloom_runtime.actors.base import Flush, JobHealth, Record, Tick, started
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.errors import BloomError, StoreRefused
 from bloom_runtime.engine.models import NUL_REPLACEMENT, AuditEntry
@@ -119,6 +119,12 @@ class AuditWriter(pykka.ThreadingActor):
         return sum(len(r.entries) for r in self._pending)
 
     def _flush(self) -> None:
+        # Entries whose caller gave up before they were taken are not written: that
+        # caller was told nothing changed. They leave the backlog as well.
+        kept = deque(rec for rec in self._pending if started(rec.reply))
+        if len(kept) != len(self._pending):
+            self.backlog.removed(self.pending_count() - sum(len(rec.entries) for rec in kept))
+            self._pending = kept
         while self._pending:
             if self.group_commit:
                 batch, count = [], 0

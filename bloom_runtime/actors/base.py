@@ -1,15 +1,19 @@
 """What the actors share: replies, group commit, periodic ticks and job health.
 
-Callers at the edge (the engine facade) send a message carrying a
-``pykka.ThreadingFuture`` and block on it with a timeout; actors never block on
-each other. A ``BatchingActor`` gathers the write messages waiting in its inbox
-and runs them in one transaction, then hands the audit entries and the replies
-to the ``AuditWriter``, which answers the callers once their entries are
-committed.
+Callers at the edge (the engine facade) send a message carrying a ``Reply``
+and block on it until its deadline; actors never block on each other. A
+``BatchingActor`` gathers the write messages waiting in its inbox and runs them
+in one transaction, audit entries included, then answers the callers.
+
+A write runs only if the actor starts it before its caller gives up: the two
+race for the ``Reply``, and whichever comes first decides. A caller whose time
+ran out on a write that never started says so for certain (nothing changed);
+one that ran out on a write under way cannot know its outcome.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,9 +24,10 @@ from typing import Any
 import pykka
 
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, StoreUnavailable, public_summary
-from bloom_runtime.engine.models import AuditEntry, new_id
-from bloom_runtime.sql.store import Op, Store, Transaction, TransientConflict
+from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreUnavailable, public_summary
+from bloom_runtime.engine.models import AuditEntry
+from bloom_runtime.sql import audit_trail
+from bloom_runtime.sql.store import Op, SessionLost, Store, Transaction, TransientConflict
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +35,50 @@ TRANSIENT_RETRIES = 3
 TRANSIENT_PAUSE_S = 0.005  # grows linearly per retry after a deadlock
 
 
-def audit(now: int, action: str, entity_type: str, entity_id: str, actor: str, detail: str | None = None) -> AuditEntry:
-    return AuditEntry(
-        id=new_id(), timestamp=now, action=action, entity_type=entity_type, entity_id=entity_id, actor=actor, detail=detail
-    )
+_REPLY_LOCK = threading.Lock()  # held for a state check only; shared by every Reply
+
+
+class Reply(pykka.ThreadingFuture):
+    """The answer to one command, and the one decision of whether it runs: the actor
+    ``start``s it, or its caller, out of time, ``abandon``s it; the first one wins.
+    ``deadline`` (``time.monotonic()``; None: none) is when the caller stops waiting;
+    past it the actor abandons the command itself rather than start it."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        super().__init__()
+        self.deadline = deadline
+        self._state: str | None = None  # "started" or "abandoned", once decided
+
+    def start(self) -> bool:
+        """Claim the command for running; False if it was abandoned (never run it then)."""
+        with _REPLY_LOCK:
+            if self._state is None:
+                late = self.deadline is not None and time.monotonic() >= self.deadline
+                self._state = "abandoned" if late else "started"
+            return self._state == "started"
+
+    def abandon(self) -> bool:
+        """Give the command up; False if it had already started (its outcome is then unknown)."""
+        with _REPLY_LOCK:
+            if self._state is None:
+                self._state = "abandoned"
+            return self._state == "abandoned"
+
+    @property
+    def overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def started(reply: pykka.ThreadingFuture | None) -> bool:
+    """Whether a command may run: its ``Reply`` was not abandoned (plain futures always may)."""
+    return not isinstance(reply, Reply) or reply.start()
+
+
+def not_applied(name: str) -> EngineTimeout:
+    return EngineTimeout(f"{name} did not start the write before its deadline; nothing was changed")
+
+
+audit = audit_trail.entry  # one audit entry, for writes outside the state changes
 
 
 @dataclass
@@ -51,20 +96,23 @@ class Flush:
 
 @dataclass
 class Write:
-    """A write for a ``BatchingActor``; ``reply`` receives its value once its audit
-    entries are committed, or the error.
+    """A write for a ``BatchingActor``; ``reply`` receives its value once it is committed
+    with its audit entries, or the error.
 
-    Either ``op`` runs inside the batch transaction and returns ``(value, audit
-    entries)``, or ``spec`` is an operation the batch hands to ``Transaction.apply``
-    together with the others of its kind: its result is the value, and
-    ``entries(result, now)`` words its audit entries unless the store wrote them."""
+    A state change is ``ops``: the batch hands them to ``Transaction.apply`` with the
+    other writes', and the answer is the value (``many``: the list of answers, refusals
+    as values; else the one answer, a refusal raised). The store writes the audit
+    entries of operations naming an actor; without group commit they name none, and
+    the actor words the entries for ``actor`` and sends them to the ``AuditWriter``.
+    Any other write is ``run``, which returns ``(value, audit entries)``."""
 
-    op: Callable[[Transaction], tuple[Any, list[AuditEntry]]] | None
+    run: Callable[[Transaction], tuple[Any, list[AuditEntry]]] | None
     reply: pykka.ThreadingFuture
     after: Callable[[Any], None] | None = None  # runs on success, after commit
-    key: str = ""  # the task it locks first; a batch runs in key order so batches cannot deadlock on tasks
-    spec: Op | None = None
-    entries: Callable[[Any, int], list[AuditEntry]] | None = None
+    key: str = ""  # the task it locks first; a batch runs in key order
+    ops: tuple[Op, ...] = ()
+    many: bool = False
+    actor: str = ""
 
 
 @dataclass
@@ -197,6 +245,8 @@ class BatchingActor(pykka.ThreadingActor):
             return None
         if isinstance(message, Tick):
             self._flush()
+            if not started(message.reply):
+                return None  # its caller gave up; the next periodic tick does the work
             try:
                 self.on_tick(message.reply)
             except Exception as exc:  # a periodic job must never stop the actor
@@ -209,12 +259,12 @@ class BatchingActor(pykka.ThreadingActor):
         """Turn one of this actor's command messages into a ``Write``; override."""
         return None
 
-    def audit_by_store(self, actor: str, entries: int = 1) -> dict[str, Any]:
-        """The ``actor``/``audit_ids`` of an operation whose audit entries the store may
-        write itself (with group commit only: otherwise each entry has a transaction of its own)."""
-        if not self.inline_audit:
-            return {}
-        return {"actor": actor, "audit_ids": tuple(new_id() for _ in range(entries))}
+    def change(self, reply: pykka.ThreadingFuture, actor: str, *ops: Op, many: bool = False, **kw: Any) -> Write:
+        """A ``Write`` of state changes by ``actor``. With group commit the store writes
+        their audit entries; without, each entry gets a transaction of its own."""
+        if self.inline_audit:
+            ops = tuple(dataclasses.replace(op, actor=actor) for op in ops)
+        return Write(None, reply, ops=ops, many=many, actor=actor, **kw)
 
     def on_tick(self, reply: pykka.ThreadingFuture | None) -> None:
         """Periodic job; override. Answer ``reply`` (if any) when done."""
@@ -235,81 +285,105 @@ class BatchingActor(pykka.ThreadingActor):
             self._run_batch(batch)
 
     def _attempt(self, batch: list[Write]) -> list[tuple[Write, Any, list[AuditEntry] | None]]:
-        """Run the batch in one transaction; domain refusals are outcomes, not failures.
-
-        The store may commit the operations it applies as a set (with their audit
-        entries) before the rest of the batch runs: if the rest then fails, that part
-        stands and ``_PartlyDone`` says which writes are left."""
-        committed: list[tuple[Write, Any, list[AuditEntry] | None]] = []
+        """Run the batch in one transaction; return each write's value and the audit
+        entries left to record (None: it was refused, the value is the refusal)."""
         outcomes: list[tuple[Write, Any, list[AuditEntry] | None]] = []
         ordered = sorted(batch, key=_lock_order)
-        try:
-            with self.store.transaction() as tx:
-                applied = [(w, w.spec) for w in ordered if w.spec is not None]
-                if applied:
-                    now = self.clock.now_ms()
-                    results = tx.apply([spec for _, spec in applied], now, commit=True)
-                    for n, ((w, _), result) in enumerate(zip(applied, results, strict=True)):
-                        if isinstance(result, BloomError):
-                            outcome: tuple[Write, Any, list[AuditEntry] | None] = (w, result, None)
-                        else:
-                            entries = [] if n in tx.audited or w.entries is None else w.entries(result, now)
-                            outcome = (w, result, entries)
-                        (committed if n in tx.committed else outcomes).append(outcome)
-                for w in ordered:
-                    if w.op is None:
-                        continue
-                    try:
-                        value, entries = w.op(tx)
-                    except BloomError as exc:
-                        if isinstance(exc, StoreUnavailable):
-                            raise
-                        outcomes.append((w, exc, None))
-                        continue
-                    outcomes.append((w, value, entries))
-                if self.inline_audit:
-                    # The entries commit with the changes they record: neither exists without the other.
-                    tx.insert_audit([e for _, _, entries in outcomes if entries for e in entries])
-        except Exception as exc:
-            if committed:
-                done = {id(w) for w, _, _ in committed}
-                raise _PartlyDone(committed, [w for w in batch if id(w) not in done]) from exc
-            raise
-        return committed + outcomes
+        changes = [w for w in ordered if w.ops]
+        others = [w for w in ordered if not w.ops]
+        with self.store.transaction() as tx:
+            if changes:
+                now = self.clock.now_ms()
+                # Nothing else in the transaction: the store commits with the changes.
+                answers = iter(tx.apply([op for w in changes for op in w.ops], now, commit=not others))
+                for w in changes:
+                    mine = [next(answers) for _ in w.ops]
+                    outcomes.append(self._outcome(w, mine, now))
+            for w in others:
+                assert w.run is not None
+                try:
+                    value, entries = w.run(tx)
+                except BloomError as exc:
+                    if isinstance(exc, (StoreUnavailable, OutcomeUnknown)):
+                        raise
+                    outcomes.append((w, exc, None))
+                    continue
+                outcomes.append((w, value, entries))
+            if self.inline_audit and others:
+                # The entries commit with the changes they record: neither exists without the other.
+                tx.insert_audit([e for w, _, entries in outcomes if entries and not w.ops for e in entries])
+        return outcomes
+
+    def _outcome(self, w: Write, answers: list[Any], now: int) -> tuple[Write, Any, list[AuditEntry] | None]:
+        """A write's outcome from its operations' answers, and the entries still to write."""
+        entries: list[AuditEntry] = []
+        if not self.inline_audit:
+            for op, answer in zip(w.ops, answers, strict=True):
+                if not isinstance(answer, BloomError):
+                    entries += audit_trail.entries(op, answer, now, w.actor)
+        if w.many:
+            return w, answers, entries
+        if isinstance(answers[0], BloomError):
+            return w, answers[0], None
+        return w, answers[0], entries
 
     def _run_batch(self, batch: list[Write]) -> None:
-        try:
-            outcomes = self._attempt(batch)
-        except _PartlyDone as part:
-            self._deliver(part.done)
-            for w in part.rest:
-                self._run_single(w)
-            return
-        except StoreUnavailable as exc:
-            if len(batch) == 1 and not isinstance(exc, TransientConflict):
-                _fail(batch[0].reply, exc)
+        batch = [w for w in batch if started(w.reply)]
+        for attempt in (1, 2):
+            if attempt == 2:
+                batch = self._still_awaited(batch)
+            if not batch:
                 return
-            # One bad write or a deadlock must not fail its neighbours: go one by one.
-            for w in batch:
-                self._run_single(w)
+            try:
+                outcomes = self._attempt(batch)
+            except SessionLost as exc:
+                if attempt == 1:
+                    continue  # nothing of it can have committed: once more, on another connection
+                for w in batch:
+                    _fail(w.reply, exc)
+                return
+            except OutcomeUnknown as exc:
+                for w in batch:
+                    _fail(w.reply, exc)
+                return
+            except StoreUnavailable as exc:
+                if len(batch) == 1 and not isinstance(exc, TransientConflict):
+                    _fail(batch[0].reply, exc)
+                    return
+                # One bad write or a deadlock must not fail its neighbours: go one by one.
+                for w in batch:
+                    self._run_single(w)
+                return
+            except Exception:
+                log.exception("%s: batch failed", type(self).__name__)
+                for w in batch:
+                    _fail(w.reply, StoreUnavailable("internal error while writing"))
+                return
+            self._deliver(outcomes)
             return
-        except Exception:
-            log.exception("%s: batch failed", type(self).__name__)
-            for w in batch:
-                _fail(w.reply, StoreUnavailable("internal error while writing"))
-            return
-        self._deliver(outcomes)
 
     def _run_single(self, w: Write) -> None:
-        for attempt in range(TRANSIENT_RETRIES):
+        conflicts = 0
+        session_retried = False
+        while True:
             try:
                 outcomes = self._attempt([w])
-            except _PartlyDone as part:  # its one write was committed; only the tail failed
-                outcomes = part.done
             except TransientConflict:
-                time.sleep(TRANSIENT_PAUSE_S * (attempt + 1))
+                conflicts += 1
+                if conflicts >= TRANSIENT_RETRIES:
+                    _fail(w.reply, StoreUnavailable("database busy, retry"))
+                    return
+                time.sleep(TRANSIENT_PAUSE_S * conflicts)
                 continue
-            except StoreUnavailable as exc:
+            except SessionLost as exc:
+                if session_retried:
+                    _fail(w.reply, exc)
+                    return
+                if not self._still_awaited([w]):
+                    return
+                session_retried = True
+                continue
+            except (StoreUnavailable, OutcomeUnknown) as exc:
                 _fail(w.reply, exc)
                 return
             except Exception:
@@ -318,7 +392,17 @@ class BatchingActor(pykka.ThreadingActor):
                 return
             self._deliver(outcomes)
             return
-        _fail(w.reply, StoreUnavailable("database busy, retry"))
+
+    def _still_awaited(self, batch: list[Write]) -> list[Write]:
+        """The writes whose callers still wait; the others, which provably did not
+        commit, are answered "not applied" and not run again."""
+        awaited = []
+        for w in batch:
+            if isinstance(w.reply, Reply) and w.reply.overdue:
+                _fail(w.reply, not_applied(type(self).__name__))
+            else:
+                awaited.append(w)
+        return awaited
 
     def _deliver(self, outcomes: list[tuple[Write, Any, list[AuditEntry] | None]]) -> None:
         for w, value, entries in outcomes:
@@ -334,15 +418,6 @@ class BatchingActor(pykka.ThreadingActor):
                 self._audit_sink(Record(entries, w.reply, value))
             else:
                 w.reply.set(value)
-
-
-class _PartlyDone(Exception):
-    """A batch failed after the store had committed some of its writes."""
-
-    def __init__(self, done: list[tuple[Write, Any, list[AuditEntry] | None]], rest: list[Write]) -> None:
-        super().__init__(f"{len(done)} writes committed, {len(rest)} left")
-        self.done = done
-        self.rest = rest
 
 
 def _lock_order(w: Write) -> str:

@@ -15,10 +15,13 @@ from bloom_runtime.engine.models import AuditEntry, Completion, Fence, NewTask, 
 
 
 @dataclass
-class CreateTask:
-    new: NewTask
+class CreateTasks:
+    """Queue tasks in one transaction; ``many``: answer the list (refusals as values), else the one."""
+
+    new: Sequence[NewTask]
     actor: str
     reply: pykka.ThreadingFuture
+    many: bool = False
 
 
 @dataclass
@@ -46,10 +49,13 @@ class CancelTask:
 
 @dataclass
 class ClaimNext:
+    """Lease up to ``max_tasks`` tasks to a pulling worker; answers the list of grants."""
+
     worker_id: str
     ttl_seconds: int | None
     actor: str
     reply: pykka.ThreadingFuture
+    max_tasks: int = 1
 
 
 @dataclass

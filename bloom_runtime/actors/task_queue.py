@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from bloom_runtime.actors.base import BatchingActor, Record, Write, audit
-from bloom_runtime.actors.messages import (
-    CancelTask,
-    CompleteTask,
-    CreateTask,
-    RequeueTask,
-)
+from bloom_runtime.actors.base import BatchingActor, Record, Write
+from bloom_runtime.actors.messages import CancelTask, CompleteTask, CreateTasks, RequeueTask
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import CompletionOutcome, Task, new_id
-from bloom_runtime.sql.store import CompleteOp, CreateOp, RetryDelay, Store, Transaction
+from bloom_runtime.engine.errors import BloomError
+from bloom_runtime.engine.models import Task, new_id
+from bloom_runtime.sql.store import CancelOp, CompleteOp, CreateOp, RequeueOp, RetryDelay, Store
 
 
 class TaskQueue(BatchingActor):
@@ -25,66 +21,34 @@ class TaskQueue(BatchingActor):
         audit_sink: Callable[[Record], None],
         *,
         retry_delay: RetryDelay,
-        on_queued: Callable[[], None],
+        on_queued: Callable[[Sequence[Task]], None],
         batch_max: int = 256,
         inline_audit: bool = True,
     ) -> None:
         super().__init__(store, clock, audit_sink, batch_max, inline_audit)
         self.retry_delay = retry_delay
-        self.on_queued = on_queued
+        self.on_queued = on_queued  # told which tasks became claimable
 
     def plan(self, m: Any) -> Write | None:
-        now = self.clock.now_ms
-        if isinstance(m, CreateTask):
+        if isinstance(m, CreateTasks):
 
-            def created(result: tuple[Task, bool], t: int) -> list:
-                task, is_new = result
-                if not is_new:
-                    return []
-                return [audit(t, "task_created", "task", task.id, m.actor, f"agent={task.agent_slug} context={task.context_id}")]
+            def created(answers: Any) -> None:
+                made = answers if m.many else [answers]
+                queued = [a[0] for a in made if not isinstance(a, BloomError) and a[1]]
+                if queued:
+                    self.on_queued(queued)
 
-            create = CreateOp(m.new, new_id(), **self.audit_by_store(m.actor))
-            return Write(None, m.reply, after=lambda v: v[1] and self.on_queued(), spec=create, entries=created)
+            ops = [CreateOp(new, new_id()) for new in m.new]
+            return self.change(m.reply, m.actor, *ops, many=m.many, after=created)
 
         if isinstance(m, CompleteTask):
-
-            def completed(out: CompletionOutcome, t: int) -> list:
-                action = {"completed": "task_completed", "queued": "task_retry", "failed": "task_failed"}[out.task.status]
-                detail = f"result={out.result.status} attempts={out.task.attempts}/{out.task.max_attempts}"
-                if out.task.status == "queued":
-                    detail += f" not_before={out.task.not_before}"
-                entries = [audit(t, action, "task", m.task_id, m.actor, detail)]
-                if out.lease is not None:
-                    entries.append(audit(t, "lease_released", "lease", out.lease.id, m.actor, f"task={m.task_id}"))
-                return entries
-
-            spec = CompleteOp(
-                m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay, **self.audit_by_store(m.actor, 2)
-            )
-            return Write(
-                None, m.reply, after=lambda v: v.task.status == "queued" and self.on_queued(), key=m.task_id,
-                spec=spec, entries=completed,
-            )
+            op = CompleteOp(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay)
+            return self.change(m.reply, m.actor, op, key=m.task_id, after=lambda out: out.task.status == "queued" and self.on_queued([out.task]))
 
         if isinstance(m, RequeueTask):
-
-            def requeue(tx: Transaction) -> tuple[Task, list]:
-                t = now()
-                task = tx.requeue(m.task_id, t)
-                return task, [audit(t, "task_requeued", "task", task.id, m.actor, "attempts reset")]
-
-            return Write(requeue, m.reply, after=lambda v: self.on_queued(), key=m.task_id)
+            return self.change(m.reply, m.actor, RequeueOp(m.task_id), key=m.task_id, after=lambda task: self.on_queued([task]))
 
         if isinstance(m, CancelTask):
-
-            def cancel(tx: Transaction) -> tuple[Task, list]:
-                t = now()
-                task, lease = tx.cancel(m.task_id, t)
-                entries = [audit(t, "task_cancelled", "task", task.id, m.actor)]
-                if lease is not None:
-                    entries.append(audit(t, "lease_released", "lease", lease.id, m.actor, f"task={task.id} cancelled"))
-                return task, entries
-
-            return Write(cancel, m.reply, key=m.task_id)
+            return self.change(m.reply, m.actor, CancelOp(m.task_id), key=m.task_id)
 
         return None

@@ -35,7 +35,17 @@ import msgspec
 from bloom_runtime.actors.base import Tick
 from bloom_runtime.actors.dispatcher import Deliver, Outcome
 
-from .errors import BloomError, Conflict, InvalidInput, MembridgeError, MembridgeUnavailable, NoCapacity, NotFound, UnsafeURL
+from .errors import (
+    BloomError,
+    Conflict,
+    InvalidInput,
+    MembridgeError,
+    MembridgeUnavailable,
+    NoCapacity,
+    NotFound,
+    OutcomeUnknown,
+    UnsafeURL,
+)
 from .models import DELIVERY_STATES, Delivery, LeaseGrant, Task, Worker, new_id
 from .outgoing import MembridgeResponse, upstream_reason
 from .urls import join, validate_outgoing_url
@@ -140,6 +150,11 @@ class DispatchService:
             timeout_s = grant.task.policy.timeout_sec + engine.settings.dispatch_grace_s
             payload = self._payload(grant)
             return engine.call("dispatcher", lambda r: Deliver(grant, url, payload, timeout_s, actor, r, delivery_id or new_id()))
+        except OutcomeUnknown:
+            # The dispatcher was recording it when the ask ran out: it may be sent yet, so
+            # the lease is left to its TTL rather than handed to a second worker.
+            self._release()
+            raise
         except BaseException as exc:
             self._release()
             # Nothing was sent: give the lease back without using its attempt.

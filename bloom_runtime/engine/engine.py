@@ -18,14 +18,14 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 import pykka
 
 from bloom_runtime import __version__
 from bloom_runtime.actors.audit_writer import AuditBacklog, AuditWriter
-from bloom_runtime.actors.base import JobHealth, Record, Tick, Ticker
+from bloom_runtime.actors.base import JobHealth, Record, Reply, Tick, Ticker, not_applied
 from bloom_runtime.actors.dispatcher import Dispatcher, PlanNow
 from bloom_runtime.actors.history_sampler import HistorySampler
 from bloom_runtime.actors.lease_supervisor import LeaseSupervisor
@@ -35,7 +35,7 @@ from bloom_runtime.actors.messages import (
     CancelTask,
     ClaimNext,
     CompleteTask,
-    CreateTask,
+    CreateTasks,
     FailLease,
     Heartbeat,
     PickWorkers,
@@ -60,6 +60,7 @@ from bloom_runtime.engine.errors import (
     InvalidInput,
     NoCapacity,
     NotFound,
+    OutcomeUnknown,
     StoreUnavailable,
     Unauthorized,
 )
@@ -68,6 +69,8 @@ from bloom_runtime.engine.history import HistoryService
 from bloom_runtime.engine.lease_tokens import LeaseTokens
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
+    MAX_CLAIM_TASKS,
+    MAX_CREATE_BATCH,
     MAX_TTL_SECONDS,
     TASK_STATUSES,
     Completion,
@@ -81,7 +84,6 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
-    check_leasable,
     new_id,
     validate,
 )
@@ -91,7 +93,7 @@ from bloom_runtime.engine.stats_cache import StatsCache, summarize
 from bloom_runtime.engine.urls import AllowList
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.engine.worker_trust import checked_registration, with_verification
-from bloom_runtime.sql import store_from_url
+from bloom_runtime.sql import refusals, store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
 
 log = logging.getLogger(__name__)
@@ -347,9 +349,13 @@ class Engine:
         except EngineStopped:
             pass
 
-    def _task_queued(self) -> None:
-        """A task became claimable: wake long-polling claimers, and automatic dispatch."""
-        self.wakeup.notify()
+    def _task_queued(self, tasks: Sequence[Task] | None = None) -> None:
+        """Tasks became claimable (None: an unknown number, queued by another process): wake
+        long-polling claimers, and automatic dispatch."""
+        if tasks is None:
+            self.wakeup.notify()
+        else:
+            self.wakeup.queued(tasks)
         if self.settings.auto_dispatch:
             slot = self._slots.get("dispatcher")
             if slot is not None:
@@ -441,16 +447,12 @@ class Engine:
         if key is not None and slot in self._shards:
             names = self._shards[slot]
             slot = names[zlib.crc32(key.encode()) % len(names)]
-        reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
+        timeout = timeout_s or self.settings.ask_timeout_s
+        reply = Reply(time.monotonic() + timeout)
         self._slots[slot].tell(make(reply))
         try:
-            value = reply.get(timeout=timeout_s or self.settings.ask_timeout_s)
-        except pykka.Timeout:
-            exc = EngineTimeout(f"{self._slots[slot].name} did not answer in time")
-            if write:
-                self.writes.failed(exc, self.clock.now_ms())
-            raise exc from None
-        except StoreUnavailable as exc:
+            value = _answer(reply, timeout, self._slots[slot].name)
+        except (StoreUnavailable, EngineTimeout, OutcomeUnknown) as exc:
             if write:
                 self.writes.failed(exc, self.clock.now_ms())
             raise
@@ -467,12 +469,10 @@ class Engine:
         if not wait:
             self._audit_sink(Record(entries))
             return
-        reply: pykka.ThreadingFuture = pykka.ThreadingFuture()
+        timeout = self.settings.ask_timeout_s
+        reply = Reply(time.monotonic() + timeout)
         self._audit_sink(Record(entries, reply, None))
-        try:
-            reply.get(timeout=self.settings.ask_timeout_s)
-        except pykka.Timeout:
-            raise EngineTimeout("audit writer did not answer in time") from None
+        _answer(reply, timeout, "audit writer")
 
     # --- health ----------------------------------------------------------------
 
@@ -487,6 +487,23 @@ class Engine:
         """Counts by status of tasks, leases and workers, with totals (``summarize``);
         see ``StatsCache`` for freshness."""
         return self._stats.get()
+
+
+def _answer(reply: Reply, timeout_s: float, name: str) -> Any:
+    """Wait for the reply until its deadline. Then either the write never started (and
+    now never will: nothing changed) or it was under way, and its outcome is unknown."""
+    try:
+        return reply.get(timeout=timeout_s)
+    except pykka.Timeout:
+        pass
+    if reply.abandon():
+        raise not_applied(name)
+    try:
+        return reply.get(timeout=0)  # it may have finished just now
+    except pykka.Timeout:
+        raise OutcomeUnknown(
+            f"{name} was still writing when the {timeout_s:g} s ask timeout ran out; whether it was applied is unknown"
+        ) from None
 
 
 def _pick_message(
@@ -513,9 +530,30 @@ class TaskService(_Service):
         new = validate(new)
         # Creates with one idempotency key share a shard, so they serialise in-process.
         key = new.idempotency_key or new_id()
-        task, created = self._engine.call("queue", lambda r: CreateTask(new, actor, r), key=key)
+        task, created = self._engine.call("queue", lambda r: CreateTasks([new], actor, r), key=key)
         self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
         return task, created
+
+    def create_many(self, news: Sequence[NewTask], actor: str = "api") -> builtins.list[tuple[Task, bool]]:
+        """Queue up to ``MAX_CREATE_BATCH`` tasks in one transaction; for each, in order, the
+        task and whether it is new (False: its idempotency key was used before, by an
+        earlier call or earlier in this list). All are validated before any is queued."""
+        if not 1 <= len(news) <= MAX_CREATE_BATCH:
+            raise InvalidInput(f"a batch holds 1 to {MAX_CREATE_BATCH} tasks")
+        checked = []
+        for n, new in enumerate(news):
+            try:
+                checked.append(validate(new))
+            except InvalidInput as exc:
+                raise InvalidInput(f"task {n}: {exc.message}", index=n) from None
+        key = next((t.idempotency_key for t in checked if t.idempotency_key), None) or new_id()
+        answers = self._engine.call("queue", lambda r: CreateTasks(checked, actor, r, many=True), key=key)
+        for answer in answers:
+            if isinstance(answer, BloomError):
+                raise answer  # only an id already taken, which fresh ids never are
+        for task, _ in answers:
+            self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
+        return answers
 
     def get(self, task_id: str) -> Task:
         return self._engine.store.get_task(task_id)
@@ -567,7 +605,9 @@ class TaskService(_Service):
         return self._engine.call("queue", lambda r: RequeueTask(task_id, actor, r), key=task_id)
 
     def cancel(self, task_id: str, actor: str = "api") -> Task:
-        return self._engine.call("queue", lambda r: CancelTask(task_id, actor, r), key=task_id)
+        """queued/leased/running → cancelled; the lease it held is released."""
+        task, _released = self._engine.call("queue", lambda r: CancelTask(task_id, actor, r), key=task_id)
+        return task
 
     def result(self, task_id: str) -> Result:
         self._engine.store.get_task(task_id)  # 404 for an unknown task, not just "no result"
@@ -616,31 +656,56 @@ class LeaseService(_Service):
                     raise  # the store checked the task under its lock: the fleet really is full
         # No worker was asked, so nothing checked the task: a task that can never be
         # leased must not read as "retry later".
-        check_leasable(engine.store.get_task(task_id), engine.clock.now_ms())
+        task = engine.store.get_task(task_id)
+        verdict = refusals.lease_verdict(task.status, task.not_before, task.attempts, task.max_attempts, engine.clock.now_ms())
+        if verdict != refusals.OK:
+            raise refusals.refusal(verdict, task_id=task_id, status=task.status, not_before=task.not_before)
         raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
 
+    @overload
     def claim(
-        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None
-    ) -> LeaseGrant | None:
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None,
+        max_tasks: None = None,
+    ) -> LeaseGrant | None: ...
+
+    @overload
+    def claim(
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None,
+        *, max_tasks: int,
+    ) -> builtins.list[LeaseGrant]: ...
+
+    def claim(
+        self, worker_id: str, wait_seconds: float = 0.0, ttl_seconds: int | None = None, actor: str | None = None,
+        max_tasks: int | None = None,
+    ) -> LeaseGrant | builtins.list[LeaseGrant] | None:
         """Lease the oldest task this worker can take, waiting up to ``wait_seconds`` for one.
 
-        Counts as the worker's heartbeat. Returns ``None`` if nothing arrived in time."""
+        With ``max_tasks``, lease up to that many (and up to the worker's free capacity)
+        in one transaction, oldest first, and answer the list (empty if nothing arrived
+        in time). Counts as the worker's heartbeat. Without, the one grant or ``None``."""
         engine = self._engine
         if isinstance(wait_seconds, bool) or not isinstance(wait_seconds, (int, float)) or not 0 <= wait_seconds <= MAX_CLAIM_WAIT_S:
             raise InvalidInput(f"wait_seconds must be between 0 and {MAX_CLAIM_WAIT_S:g}")
+        if max_tasks is not None and (isinstance(max_tasks, bool) or not isinstance(max_tasks, int)
+                                      or not 1 <= max_tasks <= MAX_CLAIM_TASKS):
+            raise InvalidInput(f"max_tasks must be an integer between 1 and {MAX_CLAIM_TASKS}")
         ttl = check_ttl(ttl_seconds)
+        want = max_tasks or 1
         deadline = time.monotonic() + wait_seconds
         while True:
             seen = engine.wakeup.generation
-            grant = engine.call("leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r), key=worker_id)
-            if grant is not None:
-                return grant
+            grants = engine.call(
+                "leases", lambda r: ClaimNext(worker_id, ttl, actor or worker_id, r, want), key=worker_id
+            )
+            if grants:
+                return grants if max_tasks is not None else grants[0]
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not engine.running:
-                return None
+                break
             engine.wakeup.wait(seen, min(remaining, CLAIM_RECHECK_S))
             if not engine.running:
-                return None  # shutting down: the poll ends empty, not with an error
+                break  # shutting down: the poll ends empty, not with an error
+        return [] if max_tasks is not None else None
 
     def heartbeat(self, task_id: str, fence: Fence = Fence(), actor: str | None = None) -> tuple[Task, Lease]:
         """Renew the task's active lease (now + TTL) and move the task to running."""

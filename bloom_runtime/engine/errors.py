@@ -64,7 +64,8 @@ class StoreFull(StoreUnavailable):
 
 
 class StoreTimeout(StoreUnavailable):
-    """The database did not answer in time (HTTP 503); whether a write was applied is unknown."""
+    """The database did not answer in time (HTTP 503). Nothing of a write was applied:
+    one whose commit went unanswered is ``OutcomeUnknown``."""
 
 
 class SchemaTooNew(BloomError):
@@ -81,7 +82,13 @@ class ConfigError(BloomError):
 
 
 class EngineTimeout(BloomError):
-    """An actor did not answer within the ask timeout (HTTP 503)."""
+    """A write was not started within the ask timeout, and now never will be: nothing
+    changed (HTTP 503)."""
+
+
+class OutcomeUnknown(BloomError):
+    """A write was under way when its time ran out, or the database connection failed
+    while its commit was in flight: it may or may not have been applied (HTTP 504)."""
 
 
 class EngineStopped(BloomError):
@@ -107,6 +114,7 @@ _PUBLIC_SUMMARIES: tuple[tuple[type[BaseException], str], ...] = (
     (StoreFull, "storage is full"),
     (StoreUnavailable, "storage unavailable"),
     (EngineTimeout, "did not answer in time"),
+    (OutcomeUnknown, "a write's outcome is unknown"),
     (MembridgeUnavailable, "membridge circuit open"),
     (MembridgeError, "membridge request failed"),
 )

@@ -78,6 +78,8 @@ OsInfo = Annotated[str, Meta(max_length=512, pattern=NO_NUL)]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
 ArtifactType = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 MAX_TTL_SECONDS = 86_400
+MAX_CLAIM_TASKS = 32  # one claim leases at most this many (a worker's capacity is at most 32)
+MAX_CREATE_BATCH = 1000  # tasks one create of several (one transaction) takes
 LeaseToken = Annotated[str, Meta(max_length=128)]
 # Free-form JSON (metrics) nested deeper than this is refused: it must still encode,
 # decode and display everywhere it goes, and no client needs more.
@@ -179,18 +181,6 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def default_ttl_seconds(self) -> int:
         return self.policy.timeout_sec + LEASE_GRACE_S
-
-
-def check_leasable(task: Task, now: int) -> None:
-    """Raise ``Conflict`` unless ``task`` may be leased at ``now`` (queued, out of backoff, attempts left)."""
-    from bloom_runtime.engine.errors import Conflict
-
-    if task.status not in LEASABLE:
-        raise Conflict(f"task is {task.status}, not queued", task_id=task.id, status=task.status)
-    if task.not_before is not None and task.not_before > now:
-        raise Conflict("task is waiting for its retry backoff", task_id=task.id, not_before=task.not_before)
-    if task.attempts >= task.max_attempts:
-        raise Conflict("task has no attempts left", task_id=task.id)
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):

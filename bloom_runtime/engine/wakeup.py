@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+
+from bloom_runtime.engine.models import Task
 
 
 class ClaimWakeup:
@@ -23,10 +26,21 @@ class ClaimWakeup:
         with self._cond:
             return self._generation
 
-    def notify(self) -> None:
+    def notify(self, count: int | None = None) -> None:
+        """Tasks became claimable: wake ``count`` waiting claimers (None: an unknown
+        number, wake them all). One that is not woken sees the moved generation the
+        next time it looks, at its next re-check at the latest."""
         with self._cond:
             self._generation += 1
-            self._cond.notify_all()
+            if count is None:
+                self._cond.notify_all()
+            else:
+                self._cond.notify(count)
+
+    def queued(self, tasks: Sequence[Task]) -> None:
+        """These tasks became claimable. One claimer per task is woken, not every idle one;
+        all of them when a task needs labels, since a claimer woken might not have them."""
+        self.notify(None if any(t.labels for t in tasks) else len(tasks))
 
     def wait(self, seen: int, timeout_s: float) -> bool:
         """Wait until the generation differs from ``seen``; False on timeout or close."""

@@ -19,6 +19,7 @@ from bloom_runtime.engine.errors import (
     MembridgeUnavailable,
     NoCapacity,
     NotFound,
+    OutcomeUnknown,
     StoreUnavailable,
     Unauthorized,
     public_message,
@@ -38,9 +39,15 @@ STATUS_BY_ERROR: tuple[tuple[type[BloomError], int], ...] = (
     (NoCapacity, 503),
     (StoreUnavailable, 503),
     (EngineTimeout, 503),
+    (OutcomeUnknown, 504),
     (EngineStopped, 503),
     (MembridgeUnavailable, 503),
     (MembridgeError, 502),
+)
+OUTCOME_UNKNOWN_MESSAGE = (
+    "the write was under way when its time ran out or the database connection failed: "
+    "it may or may not have been applied; read the state back before retrying "
+    "(a create retried with the same idempotency key is safe)"
 )
 RETRY_AFTER_S = 1  # what a 503 suggests; capacity and stores usually recover quickly
 
@@ -82,6 +89,11 @@ def handle_bloom_error(req: falcon.Request, resp: falcon.Response, exc: BloomErr
         return
     if status in (502, 503):
         resp.set_header("Retry-After", str(RETRY_AFTER_S))
+    if isinstance(exc, OutcomeUnknown):
+        # The cause may name the database; the client needs to know what to do next.
+        log.warning("outcome unknown on %s %s: %s", req.method, loggable_path(req.path), exc.message)
+        write_error(resp, status, OUTCOME_UNKNOWN_MESSAGE)
+        return
     if isinstance(exc, StoreUnavailable):
         # The driver's message may carry hosts or SQL; keep it in the server log.
         log.warning("store unavailable on %s %s: %s", req.method, loggable_path(req.path), exc.message)

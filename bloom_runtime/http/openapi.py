@@ -23,8 +23,10 @@ ERROR_STATUSES = {
     409: "wrong state or stale lease",
     413: "body too large",
     429: "rate limited (Retry-After, RateLimit-* headers)",
-    503: "overloaded, no capacity or store down (Retry-After)",
+    503: "overloaded, no capacity or store down (Retry-After); a write answered 503 was not applied",
+    504: "a write was under way when its time ran out or the database connection failed: it may or may not have been applied",
 }
+WRITE_ONLY = {504}  # a read never answers these
 
 
 def _path_params(path: str) -> list[dict[str, Any]]:
@@ -61,6 +63,8 @@ def build_document() -> dict[str, Any]:
             relevant = set(ERROR_STATUSES) - {401, 403} if op.access == "open" else set(ERROR_STATUSES)
             if op.access != "admin":
                 relevant.discard(403)
+            if method == "GET":
+                relevant -= WRITE_ONLY
             for status in sorted(relevant):
                 responses.setdefault(str(status), {
                     "description": ERROR_STATUSES[status],

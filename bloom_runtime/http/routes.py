@@ -21,7 +21,6 @@ from bloom_runtime.engine.models import (
     Fence,
     HistoryWindow,
     Lease,
-    NewTask,
     QueueState,
     Result,
     Task,
@@ -72,7 +71,7 @@ class Param:
 class Op:
     summary: str
     responses: dict[int, tuple[Any, str]]  # status → (msgspec type or None, description)
-    body: type | None = None
+    body: Any = None  # a msgspec type (a struct, or a union of one struct and one list)
     body_optional: bool = False
     params: tuple[Param, ...] = ()
     access: Access = "client"
@@ -152,12 +151,18 @@ ROUTES: tuple[Route, ...] = (
                    body=schemas.AgentUpdateRequest if name == "update" else None, body_optional=True, access="admin"),
     }) for name, control in CONTROLS.items()),
     Route(f"{BASE}/workers/{{worker_id}}/claim", lambda c: workers.WorkerClaim(c.engine), {
-        "POST": Op("Pull mode: lease the next task this worker can take, waiting up to wait_seconds",
-                   {200: (schemas.TaskLease, "a task was leased"), 204: (None, "nothing arrived in time")},
+        "POST": Op("Pull mode: lease the next task this worker can take, waiting up to wait_seconds; "
+                   "with max_tasks, up to that many (and its free capacity) in one transaction",
+                   {200: (schemas.ClaimAnswer, "leased: the task, its lease and the lease's token; with max_tasks, a list of them"),
+                    204: (None, "nothing arrived in time")},
                    body=schemas.ClaimRequest, body_optional=True, kind="long_poll"),
     }),
     Route(f"{BASE}/llm-tasks", lambda c: tasks.TaskCollection(c.engine), {
-        "POST": Op("Queue a task", {201: (Task, "created"), 200: (Task, "idempotent retry: the task created first")}, body=NewTask, params=(IDEMPOTENCY,)),
+        "POST": Op("Queue a task, or a list of up to 1000 in one transaction (answered with a list: each task and "
+                   "whether it was created; idempotency_key per task)",
+                   {201: (schemas.CreateAnswer, "created (a list: at least one was)"),
+                    200: (schemas.CreateAnswer, "idempotent retry: the task created first (a list: none was new)")},
+                   body=schemas.CreateBody, params=(IDEMPOTENCY,)),
         "GET": Op("Tasks, newest first", {200: (list[Task], NEXT_LINK)}, params=(_status(TASK_STATUSES), *SEARCH, *PAGED)),
     }),
     Route(f"{BASE}/llm-tasks/{{task_id}}", lambda c: tasks.TaskItem(c.engine), {

@@ -15,6 +15,8 @@ from msgspec import Meta
 
 from bloom_runtime.engine.errors import InvalidInput
 from bloom_runtime.engine.models import (
+    MAX_CLAIM_TASKS,
+    MAX_CREATE_BATCH,
     NO_NUL,
     Artifact,
     Capabilities,
@@ -28,6 +30,7 @@ from bloom_runtime.engine.models import (
     LeaseStatus,
     LeaseToken,
     Name,
+    NewTask,
     ObsCount,
     OsInfo,
     Result,
@@ -62,7 +65,11 @@ class WorkerRegistration(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ClaimRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """With ``max_tasks``, lease up to that many at once (and up to the worker's free
+    capacity); the answer is then a list."""
+
     wait_seconds: WaitSeconds = 0
+    max_tasks: Annotated[int, Meta(ge=1, le=MAX_CLAIM_TASKS)] | None = None
     ttl_seconds: TtlSeconds | None = None
 
 
@@ -111,6 +118,18 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     error: str
 
 
+class CreatedTask(msgspec.Struct, frozen=True, kw_only=True):
+    """One task of a list queued at once: ``created`` false when its idempotency key was used before."""
+
+    task: Task
+    created: bool
+
+
+# POST /llm-tasks takes one task or a list of them (one transaction); a list is answered in kind.
+CreateBody = NewTask | Annotated[list[NewTask], Meta(min_length=1, max_length=MAX_CREATE_BATCH)]
+CreateAnswer = Task | list[CreatedTask]
+
+
 class LeaseResponse(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease
     worker: Worker
@@ -123,6 +142,9 @@ class TaskLease(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     task: Task
     lease: Lease
     lease_token: str | None = None
+
+
+ClaimAnswer = TaskLease | list[TaskLease]  # a list when the claim names max_tasks
 
 
 class HeartbeatAnswer(TaskLease, frozen=True, kw_only=True):

@@ -28,7 +28,7 @@ def send(resp: falcon.Response, value: Any, status: int = 200) -> None:
     resp.data = _encoder.encode(value)
 
 
-def body(req: falcon.Request, kind: type[Any]) -> Any:
+def body(req: falcon.Request, kind: Any) -> Any:
     """Decode the request body (read and size-checked by the middleware) into ``kind``."""
     raw = getattr(req.context, "body", None)
     if raw is None:

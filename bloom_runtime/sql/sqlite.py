@@ -23,35 +23,28 @@ from typing import Any, TypeVar
 import msgspec
 
 from bloom_runtime.engine.errors import (
-    Conflict,
+    BloomError,
     InvalidInput,
-    NoCapacity,
     NotFound,
-    StaleLease,
+    OutcomeUnknown,
     StoreFull,
     StoreRefused,
     StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
-    DEFAULT_TIMEOUT_SEC,
     LEASE_STATUSES,
     TASK_STATUSES,
     UNFINISHED_STATUSES,
     WORKER_STATUSES,
     Artifact,
     AuditEntry,
-    Capabilities,
-    Completion,
     CompletionOutcome,
     Delivery,
     Expiry,
-    Fence,
     HistoryPoint,
     Lease,
     LeaseGrant,
-    NewTask,
     Page,
-    Policy,
     Result,
     Task,
     Worker,
@@ -59,13 +52,22 @@ from bloom_runtime.engine.models import (
     new_worker,
     or_default,
 )
+from bloom_runtime.sql import audit_trail, queries, refusals, stored_json
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
-from bloom_runtime.sql import queries
 from bloom_runtime.sql.queries import AUDIT_QUERIES, SEARCH_QUERIES
 from bloom_runtime.sql.store import (
     MAX_PAGE,
-    RetryDelay,
+    AcquireOp,
+    CancelOp,
+    ClaimOp,
+    CompleteOp,
+    CreateOp,
+    ExpireOp,
+    FailOp,
+    HeartbeatOp,
+    Op,
+    RequeueOp,
     Store,
     Transaction,
     TransientConflict,
@@ -87,42 +89,15 @@ if sqlite3.sqlite_version_info < (3, 35, 0):  # pragma: no cover - depends on th
     raise ImportError(f"bloom-runtime needs SQLite >= 3.35 (RETURNING); this Python has {sqlite3.sqlite_version}")
 
 # --- row decoding ------------------------------------------------------------
-# Decoders are built once and decode each JSON column straight into its type in C.
-# Stored values are read without the request-time limits (Policy, Capabilities
-# carry Meta constraints): a row written by the first version, or before a limit
-# changed, must still load.
+
+_str_list = stored_json.strings
+_dict = stored_json.json_object
+_encode = stored_json.encode
+_policy = stored_json.policy
+_capabilities = stored_json.capabilities
 
 
-class _StoredPolicy(msgspec.Struct):
-    timeout_sec: int = DEFAULT_TIMEOUT_SEC
-    budget: float = 0
-
-
-class _StoredCapabilities(msgspec.Struct):
-    claude_cli: bool = True
-    max_concurrency: int = 1
-    labels: list[str] = []
-
-
-_str_list = msgspec.json.Decoder(list[str]).decode
-_stored_policy = msgspec.json.Decoder(_StoredPolicy).decode
-_stored_capabilities = msgspec.json.Decoder(_StoredCapabilities).decode
-_dict = msgspec.json.Decoder(dict[str, Any]).decode
-_encode = msgspec.json.Encoder().encode
-
-
-def _policy(raw: str) -> Policy:
-    p = _stored_policy(raw)
-    return Policy(timeout_sec=p.timeout_sec, budget=p.budget)
-
-
-def _capabilities(raw: str) -> Capabilities:
-    c = _stored_capabilities(raw)
-    return Capabilities(claude_cli=c.claude_cli, max_concurrency=c.max_concurrency, labels=c.labels)
-
-
-def _json(value: Any) -> str:
-    return _encode(value).decode()
+_json = stored_json.to_json
 
 
 def _task(r: Sequence[Any]) -> Task:
@@ -310,10 +285,51 @@ class SqliteTransaction(Transaction):
         row = self._q1("worker_by_id", {"id": worker_id})
         return _worker(row) if row else None
 
-    # --- tasks -----------------------------------------------------------------
+    # --- the state changes -------------------------------------------------------
 
-    @_atomic
-    def create_task(self, new: NewTask, task_id: str, now: int) -> tuple[Task, bool]:
+    def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
+        """Each operation in list order, in a savepoint of its own: a refusal or a failure
+        undoes only what it wrote. Operations naming an actor get their audit entries
+        in the same transaction. (It commits when the transaction ends: with no round
+        trips to save, ``commit`` changes nothing here.)"""
+        out: list[Any] = []
+        for op in ops:
+            try:
+                with self.savepoint():
+                    answer = self._apply(op, now)
+                    if isinstance(answer, BloomError):
+                        raise answer
+                    if op.actor is not None:
+                        self.insert_audit(audit_trail.entries(op, answer, now, op.actor))
+            except (StoreUnavailable, OutcomeUnknown):
+                raise
+            except BloomError as exc:
+                answer = exc
+            out.append(answer)
+        return out
+
+    def _apply(self, op: Op, now: int) -> Any:
+        """The operation's answer, or the refusal it meets (as a value)."""
+        if isinstance(op, CreateOp):
+            return self._create(op, now)
+        if isinstance(op, AcquireOp):
+            return self._acquire(op, now)
+        if isinstance(op, ClaimOp):
+            return self._claim(op, now)
+        if isinstance(op, (HeartbeatOp, CompleteOp)):
+            return self._fenced(op, now)
+        if isinstance(op, FailOp):
+            return self._fail(op, now)
+        if isinstance(op, RequeueOp):
+            return self._requeue(op, now)
+        if isinstance(op, CancelOp):
+            return self._cancel(op, now)
+        if isinstance(op, ExpireOp):
+            return self._expire(op, now)
+        raise TypeError(f"not an operation: {op!r}")
+
+    def _create(self, op: CreateOp, now: int) -> Any:
+        new = op.new
         if new.idempotency_key is not None:
             row = self._q1("task_by_idempotency_key", {"key": new.idempotency_key})
             if row:
@@ -321,7 +337,7 @@ class SqliteTransaction(Transaction):
         row = self._q1(
             "insert_task",
             {
-                "id": task_id,
+                "id": op.task_id,
                 "context_id": new.context_id,
                 "agent_slug": new.agent_slug,
                 "prompt": new.prompt,
@@ -335,44 +351,41 @@ class SqliteTransaction(Transaction):
             },
         )
         if row is None:
-            raise Conflict("task id already exists", task_id=task_id)
+            return refusals.refusal(refusals.ID_TAKEN, task_id=op.task_id)
         return _task(row), True
 
-    def _task_state(self, task_id: str) -> tuple[Any, ...]:
-        state = self._q1("task_state", {"id": task_id})
-        if state is None:
-            raise NotFound("task not found", task_id=task_id)
-        return state
+    def _task_state(self, task_id: str) -> tuple[Any, ...] | None:
+        """The task's status, not_before, lease_id, worker_id, attempts, max_attempts and its lease's status."""
+        return self._q1("task_state", {"id": task_id})
 
-    @_atomic
-    def acquire_lease(
-        self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int | None, lease_id: str, now: int
-    ) -> LeaseGrant:
-        if ttl_seconds is not None:
-            _check_ttl(ttl_seconds)
-        status, not_before, *_ = self._task_state(task_id)
-        if status != "queued":
-            raise Conflict(f"task is {status}, not queued", task_id=task_id, status=status)
-        if not_before is not None and not_before > now:
-            raise Conflict("task may not be leased before its retry time", task_id=task_id, not_before=not_before)
+    def _acquire(self, op: AcquireOp, now: int) -> Any:
+        if op.ttl_seconds is not None and op.ttl_seconds < 1:
+            return InvalidInput("ttl_seconds must be at least 1", ttl_seconds=op.ttl_seconds)
+        state = self._task_state(op.task_id)
+        verdict = _lease_verdict(state, now)
+        if verdict != refusals.OK:
+            assert state is None or state[0] is not None
+            return refusals.refusal(
+                verdict, task_id=op.task_id, status=state[0] if state else None, not_before=state[1] if state else None
+            )
         chosen = None
-        for worker_id in worker_ids:
+        for worker_id in op.worker_ids:
             cap = self._q1("worker_capacity", {"id": worker_id})
             if cap is None:
-                if len(worker_ids) == 1:
-                    raise NotFound("worker not found", worker_id=worker_id)
+                if len(op.worker_ids) == 1:
+                    return refusals.refusal(refusals.WORKER_NOT_FOUND, worker_id=worker_id)
                 continue  # one of several candidates: skip it
             max_concurrency, _labels, active = cap
             if active < max_concurrency:
                 chosen = worker_id
                 break
         if chosen is None:
-            raise NoCapacity("no candidate worker has free capacity", task_id=task_id)
-        row = self._q1("lease_task", {"id": task_id, "lease_id": lease_id, "worker_id": chosen, "now": now})
+            return refusals.refusal(refusals.NO_CAPACITY, task_id=op.task_id)
+        row = self._q1("lease_task", {"id": op.task_id, "lease_id": op.lease_id, "worker_id": chosen, "now": now})
         if row is None:  # cannot happen under the write lock; refuse rather than write half
-            raise Conflict("task is no longer leasable", task_id=task_id)
+            return refusals.refusal(refusals.NOT_QUEUED, task_id=op.task_id, status=state[0] if state else None)
         task = _task(row)
-        lease = self._insert_lease(task, lease_id, chosen, ttl_seconds or task.default_ttl_seconds, now)
+        lease = self._insert_lease(task, op.lease_id, chosen, op.ttl_seconds or task.default_ttl_seconds, now)
         worker = self._worker_by_id(chosen)
         assert worker is not None
         return LeaseGrant(task=task, lease=lease, worker=worker)
@@ -392,97 +405,68 @@ class SqliteTransaction(Transaction):
         assert row is not None  # an INSERT … RETURNING returns its row
         return _lease(row)
 
-    @_atomic
-    def claim_next(self, worker_id: str, ttl_seconds: int | None, lease_id: str, now: int) -> LeaseGrant | None:
-        if ttl_seconds is not None:
-            _check_ttl(ttl_seconds)
-        cap = self._q1("worker_capacity", {"id": worker_id})
+    def _claim(self, op: ClaimOp, now: int) -> Any:
+        if op.ttl_seconds is not None and op.ttl_seconds < 1:
+            return InvalidInput("ttl_seconds must be at least 1", ttl_seconds=op.ttl_seconds)
+        if not 1 <= op.max_tasks <= len(op.lease_ids):
+            return InvalidInput("max_tasks must be at least 1, with a lease id for each", max_tasks=op.max_tasks)
+        cap = self._q1("worker_capacity", {"id": op.worker_id})
         if cap is None:
-            raise NotFound("worker not found", worker_id=worker_id)
+            return refusals.refusal(refusals.WORKER_NOT_FOUND, worker_id=op.worker_id)
         max_concurrency, labels, active = cap
         # Polling is contact, whether or not there is work: an idle pull worker stays online.
-        self._q("claim_touch_worker", {"id": worker_id, "now": now})
-        if active >= max_concurrency:
-            return None
-        row = self._q1(
-            "claim_task", {"worker_labels": labels, "lease_id": lease_id, "worker_id": worker_id, "now": now}
-        )
-        if row is None:
-            return None
-        task = _task(row)
-        ttl = ttl_seconds if ttl_seconds is not None else task.default_ttl_seconds
-        lease = self._insert_lease(task, lease_id, worker_id, ttl, now)
-        worker = self._worker_by_id(worker_id)
-        assert worker is not None
-        return LeaseGrant(task=task, lease=lease, worker=worker)
+        self._q("claim_touch_worker", {"id": op.worker_id, "now": now})
+        grants: list[LeaseGrant] = []
+        for lease_id in op.lease_ids[: max(0, min(op.max_tasks, max_concurrency - active))]:
+            row = self._q1("claim_task", {"worker_labels": labels, "lease_id": lease_id, "worker_id": op.worker_id, "now": now})
+            if row is None:
+                break
+            task = _task(row)
+            ttl = op.ttl_seconds if op.ttl_seconds is not None else task.default_ttl_seconds
+            lease = self._insert_lease(task, lease_id, op.worker_id, ttl, now)
+            worker = self._worker_by_id(op.worker_id)
+            assert worker is not None
+            grants.append(LeaseGrant(task=task, lease=lease, worker=worker))
+        return grants
 
-    def _fenced(self, task_id: str, fence: Fence) -> tuple[str, Any, int, int]:
-        """Check that the caller may act on the task's active lease; return (lease_id, worker_id, attempts, max).
+    def _fenced(self, op: HeartbeatOp | CompleteOp, now: int) -> Any:
+        """Heartbeat and complete: the fence rule (``refusals.fence_verdict``) first."""
+        state = self._task_state(op.task_id)
+        status, _not_before, lease_id, worker_id, attempts, max_attempts, lease_status = state or (None,) * 7
+        verdict = refusals.fence_verdict(status, lease_id, worker_id, op.fence)
+        if verdict == refusals.OK and (lease_id is None or lease_status != "active"):
+            verdict = refusals.LEASE_INACTIVE
+        if verdict != refusals.OK:
+            return refusals.refusal(verdict, task_id=op.task_id, fence=op.fence, status=status)
+        if isinstance(op, HeartbeatOp):
+            row = self._q1("run_task", {"id": op.task_id, "lease_id": lease_id, "now": now})
+            lease_row = self._q1("renew_lease", {"id": lease_id, "now": now})
+            assert row is not None and lease_row is not None  # under the write lock, the state above holds
+            self._q("heartbeat_worker", {"id": worker_id, "now": now})
+            return _task(row), _lease(lease_row)
+        return self._finish(op, lease_id, worker_id, attempts, max_attempts, now)
 
-        One rule for heartbeat and complete: a fence naming a lease the task does
-        not hold right now is ``StaleLease`` whatever the task's state (a late
-        callback from a lease that already ended); otherwise a task holding no
-        lease is ``Conflict``; then a fence naming another worker is ``StaleLease``.
-        """
-        status, _not_before, lease_id, worker_id, attempts, max_attempts, lease_status = self._task_state(task_id)
-        holding = status in ("leased", "running") and lease_id is not None and lease_status == "active"
-        if fence.lease_id is not None and (not holding or fence.lease_id != lease_id):
-            raise StaleLease("lease is not the task's active lease", task_id=task_id, lease_id=fence.lease_id)
-        if not holding:
-            raise Conflict(f"task is {status} and holds no lease", task_id=task_id, status=status)
-        if fence.worker_id is not None and fence.worker_id != worker_id:
-            raise StaleLease("worker does not hold the task's lease", task_id=task_id, worker_id=fence.worker_id)
-        return lease_id, worker_id, attempts, max_attempts
-
-    @_atomic
-    def heartbeat(self, task_id: str, fence: Fence, now: int) -> tuple[Task, Lease]:
-        lease_id, worker_id, _, _ = self._fenced(task_id, fence)
-        row = self._q1("run_task", {"id": task_id, "lease_id": lease_id, "now": now})
-        lease_row = self._q1("renew_lease", {"id": lease_id, "now": now})
-        if row is None or lease_row is None:  # cannot happen under the write lock
-            raise Conflict("task no longer holds its lease", task_id=task_id)
-        self._q("heartbeat_worker", {"id": worker_id, "now": now})
-        return _task(row), _lease(lease_row)
-
-    @_atomic
-    def complete(
-        self,
-        task_id: str,
-        fence: Fence,
-        completion: Completion,
-        result_id: str,
-        artifact_id: str,
-        retry_delay: RetryDelay,
-        now: int,
-    ) -> CompletionOutcome:
-        lease_id, worker_id, attempts, max_attempts = self._fenced(task_id, fence)
+    def _finish(self, op: CompleteOp, lease_id: str, worker_id: Any, attempts: int, max_attempts: int, now: int) -> CompletionOutcome:
+        completion = op.completion
         not_before = None
         if completion.status == "success":
             status = "completed"
         elif completion.retryable and attempts < max_attempts:
             status = "queued"
-            not_before = now + retry_delay(attempts)
+            not_before = now + op.retry_delay(attempts)
         else:
             status = "failed"
         row = self._q1(
             "finish_task",
-            {
-                "id": task_id,
-                "lease_id": lease_id,
-                "status": status,
-                "not_before": not_before,
-                "keep_lease": status == "completed",
-                "now": now,
-            },
+            {"id": op.task_id, "lease_id": lease_id, "status": status, "not_before": not_before,
+             "keep_lease": status == "completed", "now": now},
         )
         lease_row = self._q1("end_lease", {"id": lease_id, "status": "released"})
-        if row is None or lease_row is None:  # cannot happen under the write lock
-            raise Conflict("task no longer holds its lease", task_id=task_id)
         artifact_row = self._q1(
             "insert_artifact",
             {
-                "id": artifact_id,
-                "task_id": task_id,
+                "id": op.artifact_id,
+                "task_id": op.task_id,
                 "type": completion.artifact_type or DEFAULT_ARTIFACT_TYPE,
                 "now": now,
                 "tags": _json(completion.artifact_tags),
@@ -492,10 +476,10 @@ class SqliteTransaction(Transaction):
         result_row = self._q1(
             "insert_result",
             {
-                "id": result_id,
-                "task_id": task_id,
+                "id": op.result_id,
+                "task_id": op.task_id,
                 "worker_id": worker_id,
-                "artifact_id": artifact_id,
+                "artifact_id": op.artifact_id,
                 "status": completion.status,
                 "output": completion.output,
                 "error_message": completion.error_message,
@@ -503,72 +487,57 @@ class SqliteTransaction(Transaction):
                 "now": now,
             },
         )
-        assert result_row is not None and artifact_row is not None  # INSERT … RETURNING
+        assert row is not None and lease_row is not None and result_row is not None and artifact_row is not None
         return CompletionOutcome(
             task=_task(row), result=_result(result_row), artifact=_artifact(artifact_row), lease=_lease(lease_row)
         )
 
-    @_atomic
-    def fail_lease(
-        self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
-    ) -> tuple[Task, Lease]:
-        # ``reason`` has no column: the caller audits it.
-        row = self._q1("lease_by_id", {"id": lease_id})
+    def _fail(self, op: FailOp, now: int) -> Any:
+        row = self._q1("lease_by_id", {"id": op.lease_id})
         if row is None:
-            raise NotFound("lease not found", lease_id=lease_id)
+            return refusals.refusal(refusals.LEASE_NOT_FOUND, lease_id=op.lease_id)
         lease = _lease(row)
-        if lease.status != "active":
-            raise Conflict(f"lease is {lease.status}, not active", lease_id=lease_id, status=lease.status)
-        status, _nb, task_lease_id, _w, attempts, max_attempts, _ls = self._task_state(lease.task_id)
-        if task_lease_id != lease_id or status not in ("leased", "running"):
-            raise Conflict("the lease's task no longer holds it", lease_id=lease_id, task_id=lease.task_id)
-        not_before = None
-        if refund:
+        state = self._task_state(lease.task_id)
+        if lease.status != "active" or state is None or state[2] != op.lease_id or state[0] not in ("leased", "running"):
+            return refusals.refusal(refusals.LEASE_NOT_ACTIVE, lease_id=op.lease_id)
+        attempts, max_attempts = state[4], state[5]
+        if op.refund:  # the dispatch never reached the worker: the attempt is given back
+            attempts = max(attempts - 1, 0)
             self._q("refund_attempt", {"id": lease.task_id})
-            new_status, not_before = "queued", now + retry_delay(max(attempts - 1, 1))
-        elif attempts < max_attempts:
-            new_status = "queued"
-            not_before = now + retry_delay(attempts)
-        else:
-            new_status = "failed"
+        queued = op.refund or attempts < max_attempts
+        delay_for = max(attempts, 1) if op.refund else attempts
         task_row = self._q1(
             "finish_task",
-            {
-                "id": lease.task_id,
-                "lease_id": lease_id,
-                "status": new_status,
-                "not_before": not_before,
-                "keep_lease": False,
-                "now": now,
-            },
+            {"id": lease.task_id, "lease_id": op.lease_id, "status": "queued" if queued else "failed",
+             "not_before": now + op.retry_delay(delay_for) if queued else None, "keep_lease": False, "now": now},
         )
-        lease_row = self._q1("end_lease", {"id": lease_id, "status": "failed"})
-        if task_row is None or lease_row is None:  # cannot happen under the write lock
-            raise Conflict("lease is no longer active", lease_id=lease_id)
+        lease_row = self._q1("end_lease", {"id": op.lease_id, "status": "failed"})
+        assert task_row is not None and lease_row is not None  # under the write lock, the checks above hold
         return _task(task_row), _lease(lease_row)
 
-    @_atomic
-    def requeue(self, task_id: str, now: int) -> Task:
-        row = self._q1("requeue_task", {"id": task_id, "now": now})
-        if row is None:
-            status = self._task_state(task_id)[0]
-            raise Conflict(f"task is {status}; only failed or dead tasks can be requeued", task_id=task_id, status=status)
-        return _task(row)
+    def _requeue(self, op: RequeueOp, now: int) -> Any:
+        row = self._q1("requeue_task", {"id": op.task_id, "now": now})
+        if row is not None:
+            return _task(row)
+        state = self._task_state(op.task_id)
+        if state is None:
+            return refusals.refusal(refusals.TASK_NOT_FOUND, task_id=op.task_id)
+        return refusals.refusal(refusals.NOT_REQUEUEABLE, task_id=op.task_id, status=state[0])
 
-    @_atomic
-    def cancel(self, task_id: str, now: int) -> tuple[Task, Lease | None]:
-        row = self._q1("cancel_task", {"id": task_id, "now": now})
+    def _cancel(self, op: CancelOp, now: int) -> Any:
+        row = self._q1("cancel_task", {"id": op.task_id, "now": now})
         if row is None:
-            status = self._task_state(task_id)[0]
-            raise Conflict(f"task is {status} and cannot be cancelled", task_id=task_id, status=status)
-        lease_row = self._q1("release_task_lease", {"task_id": task_id})
+            state = self._task_state(op.task_id)
+            if state is None:
+                return refusals.refusal(refusals.TASK_NOT_FOUND, task_id=op.task_id)
+            return refusals.refusal(refusals.NOT_CANCELLABLE, task_id=op.task_id, status=state[0])
+        lease_row = self._q1("release_task_lease", {"task_id": op.task_id})
         return _task(row), _lease(lease_row) if lease_row else None
 
-    @_atomic
-    def expire_due(self, now: int, limit: int) -> list[Expiry]:
-        if limit < 1:
-            return []
-        rows = self._q("expire_due_leases", {"now": now, "limit": limit})
+    def _expire(self, op: ExpireOp, now: int) -> Any:
+        if op.limit < 1:
+            return InvalidInput("limit must be at least 1", limit=op.limit)
+        rows = self._q("expire_due_leases", {"now": now, "limit": op.limit})
         # RETURNING gives no order: report oldest expiry first.
         leases = sorted((_lease(r) for r in rows), key=lambda lease: (lease.expires_at, lease.id))
         out = []
@@ -710,9 +679,11 @@ class SqliteTransaction(Transaction):
         self._q("prune_history", {"before": before})
 
 
-def _check_ttl(ttl_seconds: int) -> None:
-    if ttl_seconds < 1:
-        raise InvalidInput("ttl_seconds must be at least 1", ttl_seconds=ttl_seconds)
+def _lease_verdict(state: tuple[Any, ...] | None, now: int) -> str:
+    """Whether a task (its ``task_state`` row; None: none) may be leased now."""
+    if state is None:
+        return refusals.TASK_NOT_FOUND
+    return refusals.lease_verdict(state[0], state[1], state[4], state[5], now)
 
 
 # --- the store ---------------------------------------------------------------

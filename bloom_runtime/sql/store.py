@@ -1,19 +1,21 @@
 """The one storage interface the engine uses.
 
-A ``Store`` hands out ``Transaction``s. Every write operation lives on the
-transaction so that an actor can group many operations into one commit; the
-``Store`` offers the same operations as one-shot helpers (one transaction each)
-and all the reads, which run on their own connections and never wait for a
-writer.
+A ``Store`` hands out ``Transaction``s. Every change of a task or lease is an
+operation (``CreateOp``, ``ClaimOp``, …) handed to ``Transaction.apply``, which
+takes any number of them at once: a single operation is a batch of one, so each
+store states each transition once. Workers, audit entries and settings have
+their own methods on the transaction. Reads are on the ``Store`` and run on
+their own connections, never waiting for a writer.
 
-Contract for every write operation:
-- it checks the current state with a conditional statement and raises
-  ``NotFound`` / ``Conflict`` / ``StaleLease`` / ``NoCapacity`` when the state
-  forbids it, **leaving nothing written** (so the surrounding transaction stays
-  usable for the next operation in the batch);
-- driver errors are translated to ``StoreUnavailable`` (connection problems) or
-  ``TransientConflict`` (deadlock / serialisation failure: retry the operation
-  in a new transaction), original on ``__cause__``.
+Contract for every write:
+- the current state decides, under row locks; a refusal (``NotFound`` /
+  ``Conflict`` / ``StaleLease`` / ``NoCapacity``, worded in ``refusals.py``)
+  **leaves nothing written**, so the transaction stays usable for the rest;
+- driver errors are translated to ``StoreUnavailable`` (nothing was applied),
+  ``SessionLost`` (the connection failed before anything could commit: retry on
+  another connection), ``TransientConflict`` (deadlock / serialisation failure:
+  retry in a new transaction) or ``OutcomeUnknown`` (the connection failed while
+  the commit was in flight), original on ``__cause__``.
 """
 
 from __future__ import annotations
@@ -56,90 +58,174 @@ class TransientConflict(StoreUnavailable):
     """A deadlock or serialisation failure: the transaction was rolled back; retry it."""
 
 
-# --- operations a transaction can apply as a set (see ``Transaction.apply``) ----------
+class SessionLost(StoreUnavailable):
+    """The database session failed before anything of the transaction could commit:
+    nothing was written, and the same work may run again on another connection."""
+
+
+# --- state changes (see ``Transaction.apply``) -------------------------------------
+#
+# Every change of a task or lease is one of these operations. An operation naming an
+# ``actor`` gets its audit entry written by the store, in the same transaction (one
+# entry per change, naming both the task and its lease); without one the caller
+# records what happened.
 
 
 @dataclass(frozen=True, slots=True)
 class CreateOp:
+    """Queue a task: answers ``(task, created)``; with a used idempotency key the task
+    created first and False."""
+
     new: NewTask
     task_id: str
-    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
-    audit_ids: tuple[str, ...] = ()
+    actor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class AcquireOp:
+    """Lease a queued task to the first of ``worker_ids`` with room: answers a ``LeaseGrant``."""
+
     task_id: str
     worker_ids: tuple[str, ...]
     ttl_seconds: int | None  # None: the task's default
     lease_id: str
-    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
-    audit_ids: tuple[str, ...] = ()
+    actor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOp:
+    """Lease up to ``max_tasks`` of the oldest queued tasks a worker can take, within its
+    free capacity: answers a list of ``LeaseGrant`` (empty: none, or no room). Counts as
+    the worker's heartbeat."""
+
+    worker_id: str
+    max_tasks: int
+    ttl_seconds: int | None  # None: each task's default
+    lease_ids: tuple[str, ...]  # one per task it may lease, in order
+    actor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatOp:
+    """Renew the task's active lease; answers ``(task, lease)``."""
+
     task_id: str
     fence: Fence
-    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
-    audit_ids: tuple[str, ...] = ()
+    actor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class CompleteOp:
+    """Finish the task's active lease with a result; answers a ``CompletionOutcome``."""
+
     task_id: str
     fence: Fence
     completion: Completion
     result_id: str
     artifact_id: str
     retry_delay: RetryDelay
-    actor: str | None = None  # with an actor, a store that can writes the audit entries itself
-    audit_ids: tuple[str, ...] = ()
+    actor: str | None = None
 
 
-Op = CreateOp | AcquireOp | HeartbeatOp | CompleteOp
-"""One hot-path write; ``Transaction.apply`` answers it with what the matching method returns."""
+@dataclass(frozen=True, slots=True)
+class FailOp:
+    """Fail an active lease (its worker could not be reached); answers ``(task, lease)``."""
+
+    lease_id: str
+    reason: str
+    retry_delay: RetryDelay
+    actor: str | None = None
+    refund: bool = False  # the dispatch provably never reached the worker: give the attempt back
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueOp:
+    """``failed``/``dead`` → ``queued``, attempts reset; answers the task."""
+
+    task_id: str
+    actor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOp:
+    """``queued``/``leased``/``running`` → ``cancelled``; answers ``(task, released lease or None)``."""
+
+    task_id: str
+    actor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireOp:
+    """Expire up to ``limit`` active leases past their deadline; answers ``list[Expiry]``."""
+
+    limit: int
+    actor: str | None = None
+
+
+Op = CreateOp | AcquireOp | ClaimOp | HeartbeatOp | CompleteOp | FailOp | RequeueOp | CancelOp | ExpireOp
+"""One state change of a task or a lease."""
 
 
 class Transaction(abc.ABC):
     """One open database transaction. Obtain from ``Store.transaction()``."""
 
-    # --- tasks ---------------------------------------------------------------
+    # --- the one write path of tasks and leases -------------------------------
 
     @abc.abstractmethod
+    def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
+        """Apply ``ops`` in this transaction; answer each, position for position, with its
+        value or the ``BloomError`` it was refused with.
+
+        The operations of one call are concurrent requests: the answers are those of
+        applying them one at a time in an order the store chooses (SQLite: list order;
+        PostgreSQL documents its own), so a caller must not rely on one operation of a
+        call seeing another. A refusal writes nothing and does not stop the others;
+        ``StoreUnavailable`` and ``OutcomeUnknown`` propagate. With ``commit`` the store
+        commits the transaction (where it can, in the same round trip); later
+        statements on it open a new one."""
+
+    def _one(self, op: Op, now: int) -> Any:
+        answer = self.apply([op], now)[0]
+        if isinstance(answer, BloomError):
+            raise answer
+        return answer
+
+    # One operation at a time: a batch of one, its refusal raised.
+
     def create_task(self, new: NewTask, task_id: str, now: int) -> tuple[Task, bool]:
         """Insert a queued task. With an idempotency key already used, return that
         task instead and ``False``; otherwise the new task and ``True``."""
+        return self._one(CreateOp(new, task_id), now)
 
-    @abc.abstractmethod
     def acquire_lease(
         self, task_id: str, worker_ids: Sequence[str], ttl_seconds: int | None, lease_id: str, now: int
     ) -> LeaseGrant:
         """Lease a ``queued`` task to the first of ``worker_ids`` with free capacity.
 
         ``ttl_seconds`` None means the task's default (policy.timeout_sec + 30).
+        Capacity holds across processes: grants to a worker are counted under its row
+        lock. Moves the task to ``leased``, increments ``attempts``, sets
+        ``lease_id``/``worker_id``, inserts the lease (``expires_at = now + ttl``).
+        Raises ``NotFound`` (task, or a single named worker that does not exist),
+        ``Conflict`` (task not queued, or its ``not_before`` is in the future),
+        ``NoCapacity`` (no candidate has room)."""
+        return self._one(AcquireOp(task_id, tuple(worker_ids), ttl_seconds, lease_id), now)
 
-        Locks each candidate worker's row and counts its active leases before
-        granting, so ``max_concurrency`` holds across processes. Moves the task to
-        ``leased``, increments ``attempts``, sets ``lease_id``/``worker_id``,
-        inserts the lease (``expires_at = now + ttl``). Raises ``NotFound`` (task,
-        or a single named worker that does not exist), ``Conflict`` (task not
-        queued, or its ``not_before`` is in the future), ``NoCapacity`` (no
-        candidate has room)."""
-
-    @abc.abstractmethod
     def claim_next(self, worker_id: str, ttl_seconds: int | None, lease_id: str, now: int) -> LeaseGrant | None:
         """Lease the oldest ``queued`` task this worker can take, or ``None``.
 
-        A task can be taken when ``not_before`` is null or <= now and its
-        ``labels`` are all among the worker's labels. Skips rows other
-        transactions hold (``FOR UPDATE SKIP LOCKED`` on PostgreSQL). ``ttl_seconds``
-        None means the task's default (policy.timeout_sec + 30). Also records the
-        claim as the worker's heartbeat (``last_heartbeat = now``, status online,
-        source ``pull``). Returns ``None`` when the worker is at capacity. Raises
-        ``NotFound`` for an unknown worker."""
+        A task can be taken when ``not_before`` is null or <= now, it has attempts
+        left and its ``labels`` are all among the worker's labels; tasks other
+        transactions hold are skipped. Also records the claim as the worker's
+        heartbeat (status online, source ``pull``). Returns ``None`` when the worker
+        is at capacity. Raises ``NotFound`` for an unknown worker."""
+        grants = self._one(ClaimOp(worker_id, 1, ttl_seconds, (lease_id,)), now)
+        return grants[0] if grants else None
 
-    @abc.abstractmethod
+    def claim(self, worker_id: str, max_tasks: int, ttl_seconds: int | None, lease_ids: Sequence[str], now: int) -> list[LeaseGrant]:
+        """Like ``claim_next``, up to ``max_tasks`` tasks (and the worker's free capacity), oldest first."""
+        return self._one(ClaimOp(worker_id, max_tasks, ttl_seconds, tuple(lease_ids)), now)
+
     def heartbeat(self, task_id: str, fence: Fence, now: int) -> tuple[Task, Lease]:
         """Renew the task's active lease to ``now + ttl`` and move ``leased`` → ``running``.
 
@@ -148,8 +234,8 @@ class Transaction(abc.ABC):
         worker's heartbeats on its row). Raises
         ``NotFound`` (task), ``Conflict`` (task holds no lease), ``StaleLease``
         (fence names another lease or worker)."""
+        return self._one(HeartbeatOp(task_id, fence), now)
 
-    @abc.abstractmethod
     def complete(
         self,
         task_id: str,
@@ -168,75 +254,33 @@ class Transaction(abc.ABC):
         ``completion.retryable`` and attempts < max_attempts, else ``failed``.
         Clears ``lease_id``/``worker_id`` unless completed (kept for the record).
         Raises ``NotFound``, ``Conflict`` (no lease held), ``StaleLease``."""
+        return self._one(CompleteOp(task_id, fence, completion, result_id, artifact_id, retry_delay), now)
 
-    @abc.abstractmethod
     def fail_lease(
         self, lease_id: str, reason: str, retry_delay: RetryDelay, now: int, refund: bool = False
     ) -> tuple[Task, Lease]:
         """Mark an active lease ``failed`` (dispatch to its worker failed) and send
-        its task back to ``queued`` (attempts left) or ``failed``. With ``refund``
-        (the dispatch provably never reached the worker) the lease's attempt is
-        given back, so the task is always queued again. Raises ``NotFound`` /
-        ``Conflict`` (lease not active)."""
+        its task back to ``queued`` (attempts left, after ``retry_delay``) or
+        ``failed``. With ``refund`` (the dispatch provably never reached the worker)
+        the lease's attempt is given back, so the task is always queued again.
+        Raises ``NotFound`` / ``Conflict`` (lease not active)."""
+        return self._one(FailOp(lease_id, reason, retry_delay, refund=refund), now)
 
-    @abc.abstractmethod
     def requeue(self, task_id: str, now: int) -> Task:
         """``failed``/``dead`` → ``queued`` with attempts reset to 0 and no ``not_before``."""
+        return self._one(RequeueOp(task_id), now)
 
-    @abc.abstractmethod
     def cancel(self, task_id: str, now: int) -> tuple[Task, Lease | None]:
         """``queued``/``leased``/``running`` → ``cancelled``; its active lease is released."""
+        return self._one(CancelOp(task_id), now)
 
-    @abc.abstractmethod
     def expire_due(self, now: int, limit: int) -> list[Expiry]:
         """Expire up to ``limit`` active leases with ``expires_at <= now``.
 
         Their tasks (``leased`` or ``running`` under that lease) go back to
         ``queued`` while attempts < max_attempts, else to ``dead``; ``lease_id``
-        and ``worker_id`` are cleared. Returns what changed."""
-
-    # --- many at once --------------------------------------------------------
-
-    audited: frozenset[int] = frozenset()
-    """Positions of the last ``apply`` whose audit entries the store wrote itself."""
-    committed: frozenset[int] = frozenset()
-    """Positions of the last ``apply(commit=True)`` whose outcome is already committed."""
-
-    def apply(self, ops: Sequence[Op], now: int, commit: bool = False) -> list[Any]:
-        """Apply ``ops`` in this transaction, each as its own method would.
-
-        The operations of one call are concurrent requests: the answers are those of
-        applying them one at a time in an order the store chooses (here: list order;
-        PostgreSQL documents its own), so a caller must not rely on one operation of a
-        call seeing another. Returns, position for position, the method's value or the
-        ``BloomError`` it refused with (a refusal writes nothing and does not stop the
-        others); ``StoreUnavailable`` propagates. Stores where a statement costs a round trip
-        override this to apply each kind of operation as one set-based statement,
-        write the audit entries of operations that name an ``actor`` (listed in
-        ``audited``), and, with ``commit``, commit them in the same round trip; what
-        the transaction does afterwards then runs in a new one. The entries of the
-        other operations are the caller's to insert."""
-        return [self.answer(op, now) for op in ops]
-
-    def answer(self, op: Op, now: int) -> Any:
-        """``apply_one``'s value, or the ``BloomError`` it refused with (``StoreUnavailable`` propagates)."""
-        try:
-            return self.apply_one(op, now)
-        except StoreUnavailable:
-            raise
-        except BloomError as exc:
-            return exc
-
-    def apply_one(self, op: Op, now: int) -> Any:
-        if isinstance(op, CreateOp):
-            return self.create_task(op.new, op.task_id, now)
-        if isinstance(op, AcquireOp):
-            return self.acquire_lease(op.task_id, op.worker_ids, op.ttl_seconds, op.lease_id, now)
-        if isinstance(op, HeartbeatOp):
-            return self.heartbeat(op.task_id, op.fence, now)
-        if isinstance(op, CompleteOp):
-            return self.complete(op.task_id, op.fence, op.completion, op.result_id, op.artifact_id, op.retry_delay, now)
-        raise TypeError(f"not an operation: {op!r}")
+        and ``worker_id`` are cleared. Returns what changed, oldest expiry first."""
+        return self._one(ExpireOp(limit), now)
 
     # --- workers -------------------------------------------------------------
 
@@ -509,12 +553,18 @@ __all__ = [
     "MAX_PAGE",
     "AcquireOp",
     "Artifact",
+    "CancelOp",
+    "ClaimOp",
     "CompleteOp",
     "CreateOp",
+    "ExpireOp",
+    "FailOp",
     "HeartbeatOp",
     "Op",
+    "RequeueOp",
     "Result",
     "RetryDelay",
+    "SessionLost",
     "Store",
     "Transaction",
     "TransientConflict",

@@ -117,6 +117,12 @@ def _error_text(resp: requests.Response) -> str:
     return str(body)[:200]
 
 
+def _token(grant: Mapping[str, Any]) -> str | None:
+    """The lease token a grant answer carries (None from a runtime that sends none)."""
+    token = grant.get("lease_token")
+    return token if isinstance(token, str) else None
+
+
 def _retry_after(resp: requests.Response) -> float | None:
     raw = resp.headers.get("Retry-After")
     if not raw:
@@ -169,23 +175,28 @@ class RuntimeClient:
             return _json(resp)
         raise self._refusal("register", resp)
 
-    def claim(self, name: str, wait_s: float, ttl_seconds: int | None) -> Grant | None:
-        """Long-poll for one task; None when nothing arrived within ``wait_s``."""
+    def claim(self, name: str, wait_s: float, ttl_seconds: int | None, max_tasks: int = 1) -> list[Grant]:
+        """Long-poll for up to ``max_tasks`` tasks (one transaction on the runtime); an
+        empty list when nothing arrived within ``wait_s``."""
         body: dict[str, Any] = {"wait_seconds": wait_s}
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
+        if max_tasks > 1:
+            body["max_tasks"] = max_tasks
         resp = self._post(f"/workers/{quote(name, safe='')}/claim", body, timeout_s=wait_s + LONG_POLL_SLACK_S)
         if resp.status_code == 204:
             retry_after = _retry_after(resp)
             if retry_after:
                 raise Busy("runtime is short of long-poll capacity", retry_after)
-            return None
+            return []
         if resp.status_code == 200:
             data = _json(resp)
-            if not isinstance(data, dict) or not isinstance(data.get("task"), dict) or not isinstance(data.get("lease"), dict):
+            items = data if isinstance(data, list) else [data]
+            if not items or not all(
+                isinstance(d, dict) and isinstance(d.get("task"), dict) and isinstance(d.get("lease"), dict) for d in items
+            ):
                 raise Transient("claim answered 200 without a task and a lease")
-            token = data.get("lease_token")
-            return Grant(task=data["task"], lease=data["lease"], token=token if isinstance(token, str) else None)
+            return [Grant(task=d["task"], lease=d["lease"], token=_token(d)) for d in items]
         if resp.status_code == 404:
             raise UnknownWorker(_error_text(resp))
         if resp.status_code == 409:

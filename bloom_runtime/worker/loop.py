@@ -194,8 +194,10 @@ class Worker:
                     self._cond.wait_for(lambda: self._stop.is_set() or len(self._slots) < self.config.concurrency)
                     if self._stop.is_set():
                         break
+                    free = self.config.concurrency - len(self._slots)
                 try:
-                    grant = self._client.claim(self.config.name, self.config.poll_wait_s, self.config.ttl_seconds)
+                    # One claim for every free slot: the runtime leases them in one transaction.
+                    grants = self._client.claim(self.config.name, self.config.poll_wait_s, self.config.ttl_seconds, free)
                 except UnknownWorker:
                     # Paced like a failure: a runtime that forgets us at once must not be hammered.
                     delay = backoff.next_delay()
@@ -210,7 +212,7 @@ class Worker:
                     self._pause(delay, self._stop)
                     continue
                 backoff.reset()
-                if grant is not None:
+                for grant in grants:
                     # Taken even if a stop arrived during the poll: the lease is ours now,
                     # and running the task beats burning one of its attempts.
                     self._start(grant)

@@ -114,3 +114,4 @@ def test_a_store_that_is_down_keeps_entries_pending_without_splitting(sqlite_sto
         assert reply.get(timeout=10) == "done" and len(sqlite_store.list_audit(10, None).items) == 8
     finally:
         ref.stop()
+

@@ -125,3 +125,22 @@ def test_postgres_writes_failing_and_a_hung_audit_writer_show_in_health(proxied_
     assert s.post(server.url + "/llm-tasks", json={"context_id": "c", "agent_slug": "a", "prompt": "p"}).status_code == 201
     wait_for(lambda: s.get(server.url + "/health", timeout=5).json()["status"] == "ok", timeout_s=20)
 
+
+
+def test_entries_whose_caller_gave_up_are_not_written_and_leave_the_backlog(sqlite_store):
+    from bloom_runtime.actors.audit_writer import AuditBacklog, AuditWriter
+    from bloom_runtime.actors.base import JobHealth, Record, Reply
+
+    backlog = AuditBacklog()
+    ref = AuditWriter.start(sqlite_store, ManualClock(), JobHealth("audit_flush", 0.5), backlog=backlog)
+    try:
+        gone, waiting = Reply(), Reply()
+        assert gone.abandon()  # its caller was told nothing changed
+        for reply in (gone, waiting):
+            backlog.added(1, 0)
+            ref.tell(Record([audit(1, "probe", "test", new_id(), "test")], reply, "done"))
+        assert waiting.get(timeout=10) == "done"
+        assert backlog.snapshot(0) == {"pending": 0, "oldest_age_s": None}
+        assert len(sqlite_store.list_audit(10, None).items) == 1
+    finally:
+        ref.stop()

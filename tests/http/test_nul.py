@@ -91,12 +91,12 @@ def test_nul_in_the_idempotency_key_header_is_400(api):
     assert _state(server, s) == before
 
 
-@pytest.mark.parametrize("listing", ["llm-tasks", "leases", "artifacts", "runs", "audit"])
+@pytest.mark.parametrize("listing", ["llm-tasks", "leases", "artifacts", "results", "runs", "audit"])
 def test_nul_in_a_cursor_or_filter_is_400(api, listing):
     server, s = api
     cursor = base64.urlsafe_b64encode(json.dumps([1, f"id{NUL}"]).encode()).decode().rstrip("=")
     assert s.get(f"{server.url}/{listing}", params={"cursor": cursor}).status_code == 400
-    if listing in ("artifacts", "runs"):
+    if listing in ("artifacts", "results"):
         assert s.get(f"{server.url}/{listing}", params={"task_id": f"t{NUL}"}).status_code == 400
     if listing == "audit":
         assert s.get(f"{server.url}/{listing}", params={"entity_id": f"e{NUL}"}).status_code == 400

@@ -1,12 +1,13 @@
-"""``Transaction.apply`` against the one-at-a-time methods it stands for, on both stores.
+"""``Transaction.apply`` of a batch against the same operations one at a time, on both stores.
 
-``apply`` must answer each operation exactly as its own method would if the list ran
+A batch must answer each operation exactly as a batch of one would if the list ran
 in order in one transaction. Each scenario therefore runs twice on identically
-prepared databases (fixed ids, explicit times): first through ``Transaction.apply``
-called unbound, the base-class loop over the single methods (the reference), then
-through the store's own ``apply`` (PostgreSQL's set statements). The answers must
-match position by position, and every table must end the same. On SQLite both runs
-take the same path, so there the scenarios check the expected outcomes only.
+prepared databases (fixed ids, explicit times): first each operation as a batch of
+its own (the reference), then the whole list as one batch (PostgreSQL: one set
+statement per kind, where rows of one statement cannot see each other). The
+answers must match position by position, and every table must end the same. On
+SQLite a batch is the loop over its operations, so there the scenarios check the
+expected outcomes more than the store against itself.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.sql.store import (
     MAX_PAGE,
     AcquireOp,
+    CancelOp,
+    ClaimOp,
     CompleteOp,
     CreateOp,
+    ExpireOp,
+    FailOp,
     HeartbeatOp,
     Op,
+    RequeueOp,
     Store,
-    Transaction,
 )
 
 from ..conftest import TABLES, run_together, truncate_pg
@@ -149,12 +154,9 @@ def run_apply(
             tx.upsert_worker(WorkerUpsert(id="w-bystander"), now)
         if not reference:
             return tx.apply(ops, now)
-        if order is None:
-            return Transaction.apply(tx, ops, now)
-        answers = Transaction.apply(tx, [ops[i] for i in order], now)
         out: list[Any] = [None] * len(ops)
-        for i, answer in zip(order, answers, strict=True):
-            out[i] = answer
+        for i in order if order is not None else range(len(ops)):
+            out[i] = tx.apply([ops[i]], now)[0]  # a batch of one
         return out
 
 
@@ -326,6 +328,86 @@ def test_mixed_batch_answers_like_the_single_methods(db: Db, begun: bool) -> Non
     assert store.get_worker("w-b").active_leases == 2
     assert store.get_task("t-k5").status == "leased"  # refused: untouched
     assert store.get_task("t-q9").status == "queued"
+
+
+# --- 1b. every other kind of change in one batch -------------------------------------
+
+
+def kinds_setup(store: Store) -> None:
+    add_worker(store, "w-c", max_concurrency=20)
+    add_worker(store, "w-p", max_concurrency=3, labels=("gpu",))
+    hold(store, "t-p-held", "w-p", "l-p-held")  # w-p has room for two more
+    add_task(store, task_id="t-c0", labels=["tpu"])  # oldest, but not for w-p
+    for tid in ("t-c1", "t-c2", "t-c3"):
+        add_task(store, task_id=tid, labels=["gpu"] if tid == "t-c2" else [])
+    add_task(store, task_id="t-cancel-q")
+    hold(store, "t-cancel-l", "w-c", "l-cancel-l")
+    for tid, done in (("t-done", OK), ("t-failed", ERR_FINAL)):
+        hold(store, tid, "w-c", "l-" + tid[2:], max_attempts=1)
+        store.run(lambda tx, tid=tid, done=done: tx.complete(tid, Fence(), done, f"r-setup-{tid}", f"a-setup-{tid}", delay, T0 + 2))
+    hold(store, "t-fail", "w-c", "l-fail")
+    hold(store, "t-fail-last", "w-c", "l-fail-last", max_attempts=1)
+    add_task(store, task_id="t-expire")
+    acquire(store, "t-expire", ["w-c"], now=T0 + 1, ttl=1, lease_id="l-expire")
+
+
+KIND_OPS: list[Op] = [
+    ClaimOp("w-p", 3, 60, ("lc-1", "lc-2", "lc-3")),
+    ClaimOp("w-nobody", 1, None, ("lc-x",)),
+    ClaimOp("w-c", 1, 0, ("lc-y",)),
+    CancelOp("t-cancel-q"),
+    CancelOp("t-cancel-l"),
+    CancelOp("t-done"),
+    CancelOp("t-missing"),
+    RequeueOp("t-failed"),
+    RequeueOp("t-c3"),
+    RequeueOp("t-missing2"),
+    FailOp("l-fail", "agent unreachable", delay),
+    FailOp("l-fail-last", "agent unreachable", delay),
+    FailOp("l-done", "too late", delay),
+    FailOp("l-bogus", "no such lease", delay),
+    ExpireOp(100),
+]
+
+
+def test_claims_cancels_requeues_fails_and_the_sweep_answer_like_the_single_methods(db: Db) -> None:
+    out = check_apply(db, kinds_setup, KIND_OPS)
+    grants = out[0]
+    assert [g.task.id for g in grants] == ["t-c1", "t-c2"]  # up to its free capacity, oldest first, labels fit
+    assert [(g.lease.id, g.lease.ttl_seconds, g.worker.active_leases) for g in grants] == [("lc-1", 60, 2), ("lc-2", 60, 3)]
+    expect_refusal(out[1], NotFound)
+    expect_refusal(out[2], InvalidInput)
+    assert out[3][0].status == "cancelled" and out[3][1] is None
+    assert out[4][0].status == "cancelled" and out[4][1].id == "l-cancel-l" and out[4][1].status == "released"
+    expect_refusal(out[5], Conflict)
+    expect_refusal(out[6], NotFound)
+    assert (out[7].status, out[7].attempts) == ("queued", 0)
+    expect_refusal(out[8], Conflict)
+    expect_refusal(out[9], NotFound)
+    task, lease = out[10]
+    assert (task.status, task.not_before, lease.status) == ("queued", NOW + delay(1), "failed")
+    assert out[11][0].status == "failed"
+    expect_refusal(out[12], Conflict)
+    expect_refusal(out[13], NotFound)
+    assert [(e.lease.id, e.task.status) for e in out[14]] == [("l-expire", "queued")]
+    worker = db.store.get_worker("w-p")
+    assert (worker.status, worker.source, worker.last_heartbeat) == ("online", "pull", NOW)
+
+
+def claimers_setup(store: Store) -> None:
+    for wid in ("w-1", "w-2"):
+        add_worker(store, wid, max_concurrency=3)
+    for n in range(5):
+        add_task(store, task_id=f"t-{n}")
+
+
+def test_claims_of_several_workers_in_one_batch_take_different_tasks(db: Db) -> None:
+    ops = [ClaimOp("w-1", 3, 60, ("l-1a", "l-1b", "l-1c")), ClaimOp("w-2", 3, 60, ("l-2a", "l-2b", "l-2c")),
+           ClaimOp("w-1", 1, 60, ("l-1d",))]
+    first, second, third = check_apply(db, claimers_setup, ops)
+    assert [g.task.id for g in first] == ["t-0", "t-1", "t-2"]
+    assert [g.task.id for g in second] == ["t-3", "t-4"]
+    assert third == []  # w-1 is full
 
 
 # --- 2. the same task more than once in a batch -----------------------------------

@@ -446,6 +446,39 @@ def test_claim_next_with_nothing_to_do_still_records_contact(store: Store) -> No
     assert idle.last_heartbeat == T0 and idle.status == "online" and idle.source == "pull"
 
 
+def test_a_fresh_claim_leaves_the_worker_row_alone(store: Store) -> None:
+    # Liveness needs no finer grain than 5 s: a busy pull worker's claims need not queue on its row.
+    add_worker(store, "w-1", max_concurrency=5, status="online", source="pull", last_heartbeat=T0)
+    store.run(lambda tx: tx.claim_next("w-1", None, new_id(), T0 + 4000))
+    assert store.get_worker("w-1").last_heartbeat == T0
+    store.run(lambda tx: tx.claim_next("w-1", None, new_id(), T0 + 5001))
+    assert store.get_worker("w-1").last_heartbeat == T0 + 5001
+
+
+def test_claim_of_several_takes_the_oldest_within_free_capacity(store: Store) -> None:
+    worker = add_worker(store, "w-1", max_concurrency=4, labels=("gpu",))
+    held = add_task(store, now=T0 + 1, task_id="t-held")
+    acquire(store, held.id, [worker.id], now=T0 + 2)
+    add_task(store, now=T0 + 3, task_id="t-tpu", labels=["tpu"])
+    for n in range(5):
+        add_task(store, now=T0 + 10 + n, task_id=f"t-{n}", labels=["gpu"] if n % 2 else [])
+    lease_ids = [f"l-{n}" for n in range(8)]
+    grants = store.run(lambda tx: tx.claim(worker.id, 8, 60, lease_ids, T0 + 100))
+    assert [g.task.id for g in grants] == ["t-0", "t-1", "t-2"]  # three slots were free
+    assert [g.lease.id for g in grants] == ["l-0", "l-1", "l-2"]
+    assert [g.worker.active_leases for g in grants] == [2, 3, 4]
+    assert all(g.task.status == "leased" and g.task.worker_id == "w-1" and g.lease.ttl_seconds == 60 for g in grants)
+    assert store.run(lambda tx: tx.claim(worker.id, 2, None, ["l-x", "l-y"], T0 + 200)) == []  # full
+    assert store.get_worker(worker.id).active_leases == 4
+
+
+@pytest.mark.parametrize("max_tasks, lease_ids", [(0, ["l-1"]), (3, ["l-1", "l-2"])])
+def test_claim_of_several_needs_a_lease_id_for_each(store: Store, max_tasks: int, lease_ids: list[str]) -> None:
+    worker = add_worker(store, max_concurrency=4)
+    add_task(store)
+    assert_refused(store, lambda tx: tx.claim(worker.id, max_tasks, None, lease_ids, T0), InvalidInput)
+
+
 @pytest.mark.parametrize("ttl", [0, -5])
 def test_lease_ttl_below_one_second_is_invalid(store: Store, ttl: int) -> None:
     worker = add_worker(store)
@@ -685,15 +718,12 @@ def test_complete_error_with_attempts_left_requeues_after_backoff(store: Store) 
     worker = add_worker(store)
     task = add_task(store, max_attempts=3)
     acquire(store, task.id, [worker.id])
-    seen: list[int] = []
 
     def backoff(attempts: int) -> int:
-        seen.append(attempts)
-        return 7000
+        return 7000 + attempts  # the delay for the attempts used, here 1
 
     out = store.run(lambda tx: tx.complete(task.id, Fence(), ERR, "r-1", "a-1", backoff, T0 + 50))
-    assert seen == [1]
-    assert out.task.status == "queued" and out.task.not_before == T0 + 50 + 7000
+    assert out.task.status == "queued" and out.task.not_before == T0 + 50 + 7001
     assert out.task.lease_id is None and out.task.worker_id is None
     assert out.task.attempts == 1
     assert out.result.status == "error" and out.result.error_message == "boom" and out.result.output is None
@@ -765,6 +795,17 @@ def test_fail_lease_out_of_attempts_fails_the_task(store: Store) -> None:
     t, lease = store.run(lambda tx: tx.fail_lease("l-1", "connection refused", delay, T0 + 20))
     assert lease.status == "failed"
     assert t.status == "failed" and t.lease_id is None
+
+
+def test_fail_lease_that_never_reached_the_worker_gives_the_attempt_back(store: Store) -> None:
+    worker = add_worker(store)
+    task = add_task(store, max_attempts=1)
+    acquire(store, task.id, [worker.id], lease_id="l-1")
+    t, lease = store.run(lambda tx: tx.fail_lease("l-1", "connection refused", delay, T0 + 20, refund=True))
+    assert lease.status == "failed"
+    assert (t.status, t.attempts, t.not_before) == ("queued", 0, T0 + 20 + delay(1))
+    acquire(store, task.id, [worker.id], now=T0 + 20 + delay(1), lease_id="l-2")  # its one attempt is still there
+    assert store.get_task(task.id).attempts == 1
 
 
 @pytest.mark.parametrize("ended_by", ["complete", "expire", "fail", "cancel"])

@@ -17,9 +17,14 @@ import psycopg
 import pytest
 import requests
 
-from bloom_runtime.engine.errors import StoreTimeout, StoreUnavailable
+from bloom_runtime.engine.errors import OutcomeUnknown, StoreTimeout, StoreUnavailable
+from bloom_runtime.engine.models import NewTask, new_id
+from bloom_runtime.sql.pg_connection import Unanswered
+from bloom_runtime.sql.pg_errors import session_lost, translate
 from bloom_runtime.sql.postgres import PING_TIMEOUT_S, PostgresStore
+from bloom_runtime.sql.store import CreateOp, SessionLost
 
+from ..conftest import backend_pids, terminate
 from ..http.conftest import new_task, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -90,6 +95,33 @@ def test_a_store_read_and_ping_give_up_in_time(proxied_pg_url, fault_proxy):
         store.close()
 
 
+def test_a_commit_the_database_does_not_answer_is_reported_as_an_unknown_outcome(proxied_pg_url, fault_proxy):
+    """It may have been applied: 504, not a 503."""
+    store = PostgresStore(proxied_pg_url, pool_min=1, pool_max=1, statement_timeout_s=STATEMENT_TIMEOUT_S)
+    store.open(wait_s=10)
+    try:
+        def create() -> None:
+            with store.transaction() as tx:
+                tx.apply([CreateOp(NewTask(**new_task()), new_id())], 0, commit=True)
+
+        create()  # the one connection has its statements prepared, and is lent again unchecked
+        fault_proxy.hang()
+        with pytest.raises(OutcomeUnknown):
+            create()
+    finally:
+        fault_proxy.forward()
+        store.close()
+
+
+def test_a_server_that_did_not_answer_is_a_timeout_not_a_lost_session():
+    """A lost session is retried once on another connection; an unanswered one is not,
+    since that would only double the wait."""
+    silent = Unanswered("did not answer within 2.0 s")
+    assert not session_lost(silent)
+    assert isinstance(translate(silent, "db"), StoreTimeout)
+    assert not isinstance(translate(silent, "db"), SessionLost)
+
+
 def _pings(store: PostgresStore) -> bool:
     try:
         store.ping()
@@ -157,12 +189,7 @@ def test_reads_after_the_sessions_were_terminated_do_not_fail(pg_url):
     try:
         for _ in range(8):
             store.list_tasks(None, 10, None)  # every connection was just used: the pool will lend them unchecked
-        dbname = pg_url.rsplit("/", 1)[1]
-        with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = 'bloom-runtime'",
-                          (dbname,))
-            wait_for(lambda: admin.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'bloom-runtime'",
-                                           (dbname,)).fetchone() == (0,))
+        terminate(pg_url, backend_pids(pg_url))
         for _ in range(8):
             store.list_tasks(None, 10, None)
             store.stats()

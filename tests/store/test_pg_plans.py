@@ -47,14 +47,14 @@ def _scans(cur: psycopg.Cursor[Any], name: str, params: dict[str, Any]) -> set[s
 def test_sequential_scan_is_what_the_planner_would_pick_otherwise(analysed_empty: PostgresStore, pg_url: str) -> None:
     # The premise of the tests below: without the transaction's setting, this is a seq scan.
     with psycopg.connect(pg_url) as conn:
-        scans = _scans(conn.cursor(), "lock_tasks", {"ids": IDS})
+        scans = _scans(conn.cursor(), "lock_tasks", {"ids": IDS, "leases": []})
     assert "Seq Scan on llm_tasks" in scans
 
 
 def test_lock_of_a_batch_uses_the_primary_key(analysed_empty: PostgresStore) -> None:
     with analysed_empty.transaction() as tx:
-        tx._begin()
-        scans = _scans(tx._cur, "lock_tasks", {"ids": IDS})
+        tx._messages.begin()
+        scans = _scans(tx._messages.cur, "lock_tasks", {"ids": IDS, "leases": ["lease-a"]})
     assert not any(s.startswith("Seq Scan") for s in scans), scans
     assert any("llm_tasks" in s for s in scans)
 
@@ -63,7 +63,7 @@ def test_set_statements_of_a_batch_use_indexes(analysed_empty: PostgresStore) ->
     # apply() opens the transaction through its own message: the setting must ride in it.
     with analysed_empty.transaction() as tx:
         tx.apply([HeartbeatOp("task-a", Fence())], T0)
-        rows = json.dumps([{"task_id": t, "fence_lease_id": None, "fence_worker_id": None} for t in IDS])
-        scans = _scans(tx._cur, "renew_leases", {"rows": rows, "now": T0})
+        rows = json.dumps([{"ord": n, "finish": False, "task_id": t} for n, t in enumerate(IDS)])
+        scans = _scans(tx._messages.cur, "fenced_writes", {"rows": rows, "now": T0})
     assert not any(s.startswith("Seq Scan") for s in scans), scans
     assert {"llm_tasks", "leases"} <= {s.rsplit(" on ", 1)[1] for s in scans}

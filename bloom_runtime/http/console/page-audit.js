@@ -5,9 +5,13 @@ import { h, problem, replace, table } from "./dom.js";
 import { when } from "./format.js";
 
 const PAGE_SIZE = 50;
+// The actions the runtime writes (task_dead only when a first version's database is adopted).
 const ACTIONS = ["task_created", "task_leased", "task_dispatched", "task_completed", "task_retry", "task_failed", "task_dead",
-  "task_cancelled", "task_requeued", "lease_renewed", "lease_released", "lease_expired", "lease_failed", "worker_registered",
-  "worker_updated", "worker_status_changed", "worker_offline", "worker_removed", "config_updated", "leadership_select_failed"];
+  "task_cancelled", "task_requeued", "lease_renewed", "lease_expired", "lease_failed",
+  "dispatch_answered", "dispatch_agent_error", "dispatch_callback_missing", "dispatch_refused", "dispatch_unreachable",
+  "dispatch_unknown", "worker_registered", "worker_updated", "worker_online", "worker_offline", "worker_refreshed",
+  "worker_removed", "agent_updated", "agent_restarted", "agent_uninstalled", "config_updated", "leadership_selected",
+  "leadership_select_refused", "leadership_select_failed"];
 
 function entityLink(e) {
   if (e.entity_type === "task") return h("a", { href: `#/tasks/${encodeURIComponent(e.entity_id)}` }, h("code", { class: "id" }, e.entity_id));

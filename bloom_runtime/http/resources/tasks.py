@@ -20,8 +20,15 @@ class TaskCollection:
         self.engine = engine
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        new: NewTask = body(req, NewTask)
+        new: NewTask | list[NewTask] = body(req, schemas.CreateBody)
         key = req.get_header(IDEMPOTENCY_HEADER)
+        if isinstance(new, list):
+            if key is not None:
+                raise InvalidInput(f"a list of tasks takes idempotency_key per task, not an {IDEMPOTENCY_HEADER} header")
+            answers = self.engine.tasks.create_many(new, actor=actor(req))
+            made = [schemas.CreatedTask(task=task, created=created) for task, created in answers]
+            send(resp, made, 201 if any(m.created for m in made) else 200)
+            return
         if key is not None:
             key = key.strip()
             if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LEN:

@@ -6,7 +6,7 @@ import falcon
 import msgspec
 
 from bloom_runtime.engine.engine import Engine
-from bloom_runtime.engine.models import WorkerUpsert
+from bloom_runtime.engine.models import LeaseGrant, WorkerUpsert
 from bloom_runtime.http import schemas
 from bloom_runtime.http.util import actor, body, is_admin, path_id, query_str, send
 
@@ -40,7 +40,8 @@ class WorkerItem:
 
 
 class WorkerClaim:
-    """Long poll: 200 {task, lease} as soon as a task is leased to this worker, 204 after the wait."""
+    """Long poll: 200 {task, lease, lease_token} (a list of them with ``max_tasks``) as soon as
+    a task is leased to this worker, 204 after the wait."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -53,8 +54,19 @@ class WorkerClaim:
             # Over the long-poll budget: answer at once so threads stay free for heartbeats.
             wait_s = 0
             resp.set_header("Retry-After", "1")
+        if ask.max_tasks is not None:
+            grants = self.engine.leases.claim(worker_id, wait_s, ask.ttl_seconds, actor=worker_id, max_tasks=ask.max_tasks)
+            if not grants:
+                resp.status = 204
+                return
+            send(resp, [self._answer(g) for g in grants])
+            return
         grant = self.engine.leases.claim(worker_id, wait_s, ask.ttl_seconds, actor=worker_id)
         if grant is None:
             resp.status = 204
             return
-        send(resp, schemas.TaskLease(task=grant.task, lease=grant.lease, lease_token=self.engine.leases.token(grant.lease.id)))
+        send(resp, self._answer(grant))
+
+    def _answer(self, grant: LeaseGrant) -> schemas.TaskLease:
+        """A grant as the worker gets it: with its lease's token."""
+        return schemas.TaskLease(task=grant.task, lease=grant.lease, lease_token=self.engine.leases.token(grant.lease.id))

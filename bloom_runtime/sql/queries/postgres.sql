@@ -7,7 +7,7 @@
 --   lease   (9): id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat, context_id
 --   worker (15): id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
 --                registered_at, agent_version, os_info, install_method, source, active_leases (computed)
--- Lock order (see postgres.py): task row -> worker rows (by id) -> lease rows.
+-- Lock order (see pg_transaction.py): task rows (by id) -> worker rows (by id) -> lease rows.
 
 -- ---------------------------------------------------------------- migrations
 
@@ -47,19 +47,7 @@ SELECT pg_notify('bloom_tasks', '')
 -- name: listen_tasks
 LISTEN bloom_tasks
 
--- ---------------------------------------------------------------- tasks
-
--- name: create_task
--- A used idempotency key (or task id) inserts nothing; the caller then finds out which.
-INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, context_hints, policy, desired_format,
-                       status, created_at, updated_at, attempts, max_attempts, labels, idempotency_key)
-VALUES (%(id)s, %(context_id)s, %(agent_slug)s, %(prompt)s, %(context_hints)s::jsonb, %(policy)s::jsonb,
-        %(desired_format)s, 'queued', %(now)s, %(now)s, 0, %(max_attempts)s, %(labels)s::jsonb,
-        %(idempotency_key)s)
-ON CONFLICT DO NOTHING
-RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-          not_before, idempotency_key
+-- ---------------------------------------------------------------- tasks (reads)
 
 -- name: get_task
 SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
@@ -67,23 +55,11 @@ SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format
        not_before, idempotency_key
 FROM llm_tasks WHERE id = %(id)s
 
--- name: lock_task
--- First step of every task transition: later statements run in a fresh snapshot
--- taken after this lock, so they see everything its previous holder committed.
-SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-       not_before, idempotency_key
-FROM llm_tasks WHERE id = %(id)s
-FOR UPDATE
-
 -- name: get_task_by_idempotency_key
 SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
        created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
        not_before, idempotency_key
 FROM llm_tasks WHERE idempotency_key = %(key)s
-
--- name: task_status
-SELECT status FROM llm_tasks WHERE id = %(id)s
 
 -- name: list_tasks
 -- Keyset page, newest first; the first page passes the largest bigint as the bound.
@@ -104,261 +80,44 @@ WHERE status = %(status)s AND (created_at, id) < (%(after_at)s, %(after_id)s)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 
--- name: requeue_task
-UPDATE llm_tasks
-SET status = 'queued', attempts = 0, not_before = NULL, lease_id = NULL, worker_id = NULL,
-    updated_at = %(now)s
-WHERE id = %(id)s AND status IN ('failed', 'dead')
-RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-          not_before, idempotency_key
+-- ---------------------------------------------------------------- state changes
+--
+-- The one write path of tasks and leases (Transaction.apply): each kind of change is
+-- one statement over a JSON array of rows, one row per operation, so a single
+-- operation is a batch of one. A batch goes out as one message: lock_tasks (ascending
+-- id), lock_workers (ascending id), the set statements, the audit entries, NOTIFY,
+-- COMMIT. Each statement takes its own snapshot, so it sees everything committed
+-- before the locks were granted and what the statements before it wrote.
+--
+-- Each statement decides, row by row, whether its operation may run and answers one
+-- row per operation: its position (ord), a verdict ('ok', or why not: see
+-- refusals.py) and what it wrote. These statements are where PostgreSQL states the
+-- rules; a refused row writes nothing.
+--
+-- Rows naming an actor get their audit entry in the same statement, one per change,
+-- worded as in audit_trail.py.
 
--- ---------------------------------------------------------------- leasing
+-- name: lock_tasks
+-- Every task a batch changes, by id or through its lease, locked in id order.
+SELECT id FROM llm_tasks
+WHERE id = ANY(%(ids)s::text[] || ARRAY(SELECT task_id FROM leases WHERE id = ANY(%(leases)s::text[])))
+ORDER BY id
+FOR UPDATE
 
 -- name: lock_workers
--- Lock the candidate workers in id order: two acquirers never wait on each other in a cycle.
+-- The workers the batch grants leases to, in id order: two batches never wait on each other in a cycle.
 SELECT id FROM workers WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR UPDATE
 
--- name: grant_lease
--- Runs after lock_task and lock_workers, so the active-lease counts are exact: every
--- lease insert for a worker happens under that worker's row lock.
-WITH cand AS (
-    SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
-           w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info,
-           w.install_method, w.source,
-           (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active,
-           array_position(%(ids)s::text[], w.id) AS pos
-    FROM workers w
-    WHERE w.id = ANY(%(ids)s::text[])
-), chosen AS (
-    SELECT * FROM cand
-    WHERE active < COALESCE((capabilities ->> 'max_concurrency')::int, 1)
-    ORDER BY pos
-    LIMIT 1
-), t AS (
-    UPDATE llm_tasks
-    SET status = 'leased', attempts = attempts + 1, lease_id = %(lease_id)s,
-        worker_id = chosen.id, updated_at = %(now)s
-    FROM chosen
-    WHERE llm_tasks.id = %(task_id)s
-    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
-              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
-              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
-              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
-              llm_tasks.idempotency_key
-), l AS (
-    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id)
-    SELECT %(lease_id)s, t.id, t.worker_id, %(now)s, %(now)s::bigint + %(ttl)s::bigint * 1000,
-           %(ttl)s, 'active', %(now)s, t.context_id
-    FROM t
-    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-              context_id
-)
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
-       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
-       t.labels, t.not_before, t.idempotency_key,
-       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
-       l.last_heartbeat, l.context_id,
-       c.id, c.node_id, c.url, c.status, c.capabilities, c.last_heartbeat, c.ip_addrs, c.obs_count,
-       c.db_sha, c.registered_at, c.agent_version, c.os_info, c.install_method, c.source,
-       c.active + 1
-FROM t, l, chosen c
-
--- name: claim_touch_worker
--- Lock the claiming worker (first lock of claim_next) and record the claim as its heartbeat.
-UPDATE workers SET last_heartbeat = %(now)s, status = 'online', source = 'pull'
-WHERE id = %(worker_id)s
-RETURNING id, node_id, url, status, capabilities, last_heartbeat, ip_addrs, obs_count, db_sha,
-          registered_at, agent_version, os_info, install_method, source
-
--- name: claim_task
--- Runs after claim_touch_worker holds the worker row, so the count is exact. Task rows
--- are taken with SKIP LOCKED: claim_next never waits for a task lock.
-WITH w AS (
-    SELECT (SELECT count(*) FROM leases l
-            WHERE l.worker_id = %(worker_id)s AND l.status = 'active') AS active,
-           COALESCE((capabilities ->> 'max_concurrency')::int, 1) AS cap,
-           COALESCE(capabilities -> 'labels', '[]'::jsonb) AS labels
-    FROM workers WHERE id = %(worker_id)s
-), pick AS (
-    SELECT t.id
-    FROM llm_tasks t, w
-    WHERE t.status = 'queued'
-      AND w.active < w.cap
-      AND (t.not_before IS NULL OR t.not_before <= %(now)s)
-      AND t.attempts < t.max_attempts
-      AND t.labels <@ w.labels
-    ORDER BY t.created_at, t.id
-    LIMIT 1
-    FOR UPDATE OF t SKIP LOCKED
-), t AS (
-    UPDATE llm_tasks
-    SET status = 'leased', attempts = attempts + 1, lease_id = %(lease_id)s,
-        worker_id = %(worker_id)s, updated_at = %(now)s
-    FROM pick
-    WHERE llm_tasks.id = pick.id
-    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
-              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
-              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
-              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
-              llm_tasks.idempotency_key
-), l AS (
-    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
-                        last_heartbeat, context_id)
-    SELECT %(lease_id)s, t.id, t.worker_id, %(now)s,
-           %(now)s::bigint + 1000::bigint * COALESCE(%(ttl)s::int, (t.policy ->> 'timeout_sec')::int + %(grace)s::int),
-           COALESCE(%(ttl)s::int, (t.policy ->> 'timeout_sec')::int + %(grace)s::int),
-           'active', %(now)s, t.context_id
-    FROM t
-    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-              context_id
-)
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
-       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
-       t.labels, t.not_before, t.idempotency_key,
-       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
-       l.last_heartbeat, l.context_id,
-       w.active + 1
-FROM t, l, w
-
--- name: heartbeat_fenced
--- Heartbeat in one statement: lock the task only if it holds a lease the fence
--- accepts, renew that lease, move the task to running. No row: refused (the caller
--- reads the task to say why); nothing was written.
-WITH h AS (
-    SELECT id, lease_id, worker_id FROM llm_tasks
-    WHERE id = %(task_id)s AND status IN ('leased', 'running')
-      AND (%(fence_lease_id)s::text IS NULL OR lease_id = %(fence_lease_id)s::text)
-      AND (%(fence_worker_id)s::text IS NULL OR worker_id = %(fence_worker_id)s::text)
-    FOR UPDATE
-), l AS (
-    UPDATE leases
-    SET expires_at = %(now)s::bigint + ttl_seconds::bigint * 1000, last_heartbeat = %(now)s
-    FROM h
-    WHERE leases.id = h.lease_id AND leases.status = 'active'
-    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
-              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
-), t AS (
-    UPDATE llm_tasks SET status = 'running', updated_at = %(now)s
-    FROM l
-    WHERE llm_tasks.id = l.task_id AND llm_tasks.lease_id = l.id
-    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
-              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
-              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
-              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
-              llm_tasks.idempotency_key
-), w AS (
-    -- See renew_lease: the worker row is refreshed at most every 5 s.
-    UPDATE workers SET last_heartbeat = %(now)s
-    FROM l
-    WHERE workers.id = l.worker_id
-      AND (workers.last_heartbeat IS NULL OR workers.last_heartbeat < %(now)s::bigint - 5000)
-    RETURNING 1
-)
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
-       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
-       t.labels, t.not_before, t.idempotency_key,
-       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
-       l.last_heartbeat, l.context_id
-FROM t, l;
-
--- name: renew_lease
--- Heartbeat after lock_task and the fence check. The worker row is updated last
--- (an unreferenced data-modifying CTE runs after the main query): task -> lease -> worker.
-WITH l AS (
-    UPDATE leases
-    SET expires_at = %(now)s::bigint + ttl_seconds::bigint * 1000, last_heartbeat = %(now)s
-    WHERE id = %(lease_id)s AND status = 'active'
-    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-              context_id
-), t AS (
-    UPDATE llm_tasks SET status = 'running', updated_at = %(now)s
-    WHERE id = %(task_id)s AND lease_id = %(lease_id)s AND EXISTS (SELECT 1 FROM l)
-    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-              not_before, idempotency_key
-), w AS (
-    -- Liveness needs no finer grain than WORKER_TOUCH_MS; skipping fresher rows keeps
-    -- heartbeats of one worker from queueing on its row lock.
-    UPDATE workers SET last_heartbeat = %(now)s
-    WHERE id = %(worker_id)s AND EXISTS (SELECT 1 FROM l)
-      AND (last_heartbeat IS NULL OR last_heartbeat < %(now)s::bigint - 5000)
-    RETURNING 1
-)
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
-       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
-       t.labels, t.not_before, t.idempotency_key,
-       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
-       l.last_heartbeat, l.context_id
-FROM t, l
-
--- name: finish_task
--- complete() after lock_task and the fence check: release the lease, move the task,
--- insert the artifact and the result, all in one statement.
-WITH l AS (
-    UPDATE leases SET status = 'released'
-    WHERE id = %(lease_id)s AND status = 'active'
-    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-              context_id
-), t AS (
-    UPDATE llm_tasks
-    SET status = %(status)s, not_before = COALESCE(%(not_before)s::bigint, not_before),
-        lease_id = %(keep_lease_id)s, worker_id = %(keep_worker_id)s, updated_at = %(now)s
-    WHERE id = %(task_id)s
-    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-              not_before, idempotency_key
-), a AS (
-    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
-                                   entity_refs, tags, content)
-    VALUES (%(artifact_id)s, %(task_id)s, NULL, %(artifact_type)s, %(now)s, true, NULL,
-            '[]'::jsonb, %(tags)s::jsonb, %(content)s)
-    RETURNING id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
-), r AS (
-    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
-                             metrics, completed_at)
-    VALUES (%(result_id)s, %(task_id)s, %(worker_id)s, %(artifact_id)s, %(result_status)s,
-            %(output)s, %(error_message)s, %(metrics)s::jsonb, %(now)s)
-    RETURNING id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-              completed_at
-)
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
-       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
-       t.labels, t.not_before, t.idempotency_key,
-       a.id, a.task_id, a.job_id, a.type, a.created_at, a.finalized, a.url, a.entity_refs, a.tags,
-       a.content,
-       r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
-       r.completed_at,
-       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
-       l.last_heartbeat, l.context_id
-FROM t CROSS JOIN a CROSS JOIN r LEFT JOIN l ON true
-
--- ---------------------------------------------------------------- many at once
---
--- Transaction.apply sends a batch's hot-path writes in one round trip, each kind as one
--- statement over a JSON array of rows (one parameter: cheap to quote and to parse): lock_tasks first (ascending id), then lock_workers,
--- then the set statements. Each statement of a multi-statement message takes its own
--- snapshot, so the set statements see everything committed before the locks were
--- granted, and decide in SQL, row by row, what the one-at-a-time paths decide in Python.
-
 -- name: insert_audit
--- The audit entries of a batch, as a JSON array of objects named like the columns.
+-- Audit entries written apart from a change, as a JSON array of objects named like the columns.
 INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
 SELECT * FROM json_to_recordset(%(rows)s::json)
     AS a(id text, timestamp bigint, action text, entity_type text, entity_id text, actor text,
          detail text)
 
--- name: lock_tasks
--- What a refusal is explained from (see _TaskState); the rows stay locked to commit.
-SELECT id, status, lease_id, worker_id, not_before, attempts, max_attempts
-FROM llm_tasks WHERE id = ANY(%(ids)s::text[])
-ORDER BY id
-FOR UPDATE
-
 -- name: create_tasks
--- A used idempotency key or task id inserts nothing; the caller sorts those out one by one.
--- Rows naming an actor get their task_created entry here (worded as in task_queue.py).
+-- A used idempotency key or task id inserts nothing: tasks_by_keys, later in the
+-- message, finds the task a key names; a row found by neither was refused (id taken).
 WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
         AS i(id text, context_id text, agent_slug text, prompt text, context_hints jsonb,
@@ -387,9 +146,17 @@ SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format
        not_before, idempotency_key
 FROM ins
 
+-- name: tasks_by_keys
+-- The tasks the batch's idempotency keys name, as the batch left them.
+SELECT id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
+       not_before, idempotency_key
+FROM llm_tasks WHERE idempotency_key = ANY(%(keys)s::text[])
+
 -- name: grant_leases
--- Acquires of tasks held by lock_tasks, each naming one worker held by lock_workers. A
--- worker takes the batch's requests in order while active + rank <= max_concurrency.
+-- Acquires, each naming one worker held by lock_workers. A task must be queued, past
+-- its backoff, with attempts left; a worker takes the batch's acquires in order while
+-- active + rank <= max_concurrency (counted under its row lock, so exact across processes).
 WITH i AS (
     SELECT * FROM json_to_recordset(%(rows)s::json)
                   AS i(ord int, task_id text, lease_id text, worker_id text, ttl int, actor text,
@@ -399,24 +166,30 @@ WITH i AS (
     -- through a status index, whose scan grows with the table.
     SELECT id, status, not_before, attempts, max_attempts, policy FROM llm_tasks
     WHERE id = ANY(ARRAY(SELECT task_id FROM i))
-), ok AS (
-    SELECT i.task_id, i.lease_id, i.worker_id, i.actor, i.audit_id,
+), v AS (
+    SELECT i.*, t.status, t.not_before,
+           CASE WHEN t.id IS NULL THEN 'task_not_found'
+                WHEN t.status <> 'queued' THEN 'not_queued'
+                WHEN t.not_before IS NOT NULL AND t.not_before > %(now)s THEN 'backoff'
+                WHEN t.attempts >= t.max_attempts THEN 'no_attempts'
+                ELSE 'ok' END AS verdict,
            COALESCE(i.ttl, COALESCE((t.policy ->> 'timeout_sec')::int, %(default_timeout)s::int)
-                           + %(grace)s::int) AS ttl,
-           row_number() OVER (PARTITION BY i.worker_id ORDER BY i.ord) AS rank
-    FROM i JOIN cur t ON t.id = i.task_id
-    WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= %(now)s)
-      AND t.attempts < t.max_attempts
+                           + %(grace)s::int) AS lease_ttl
+    FROM i LEFT JOIN cur t ON t.id = i.task_id
 ), w AS (
     SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
            w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
            w.source,
            (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active,
            COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS cap
-    FROM workers w WHERE w.id IN (SELECT worker_id FROM ok)
+    FROM workers w WHERE w.id IN (SELECT worker_id FROM i)
 ), g AS (
-    SELECT ok.*, w.active + ok.rank AS load FROM ok JOIN w ON w.id = ok.worker_id
-    WHERE w.active + ok.rank <= w.cap
+    SELECT r.ord, r.task_id, r.lease_id, r.worker_id, r.actor, r.audit_id, r.lease_ttl,
+           w.active + r.rank AS load
+    FROM (SELECT v.*, row_number() OVER (PARTITION BY v.worker_id ORDER BY v.ord) AS rank
+          FROM v WHERE v.verdict = 'ok') r
+    JOIN w ON w.id = r.worker_id
+    WHERE w.active + r.rank <= w.cap
 ), t AS (
     UPDATE llm_tasks
     SET status = 'leased', attempts = attempts + 1, lease_id = g.lease_id, worker_id = g.worker_id,
@@ -431,13 +204,12 @@ WITH i AS (
 ), l AS (
     INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
                         last_heartbeat, context_id)
-    SELECT g.lease_id, t.id, g.worker_id, %(now)s, %(now)s::bigint + g.ttl::bigint * 1000, g.ttl,
-           'active', %(now)s, t.context_id
+    SELECT g.lease_id, t.id, g.worker_id, %(now)s, %(now)s::bigint + g.lease_ttl::bigint * 1000,
+           g.lease_ttl, 'active', %(now)s, t.context_id
     FROM g JOIN t ON t.id = g.task_id
     RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
               context_id
 ), aud AS (
-    -- task_leased, worded as in lease_supervisor.py
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
     SELECT g.audit_id, %(now)s, 'task_leased', 'task', t.id, g.actor,
            'lease=' || l.id || ' worker=' || l.worker_id || ' ttl=' || l.ttl_seconds
@@ -445,7 +217,11 @@ WITH i AS (
     FROM t JOIN l ON l.task_id = t.id JOIN g ON g.task_id = t.id
     WHERE g.actor IS NOT NULL
 )
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+SELECT v.ord,
+       CASE WHEN v.verdict <> 'ok' THEN v.verdict WHEN w.id IS NULL THEN 'worker_not_found'
+            WHEN g.ord IS NULL THEN 'no_capacity' ELSE 'ok' END,
+       v.status, v.not_before,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
        t.labels, t.not_before, t.idempotency_key,
        l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
@@ -453,42 +229,168 @@ SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.
        w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs, w.obs_count,
        w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method, w.source,
        g.load
-FROM t JOIN l ON l.task_id = t.id JOIN g ON g.task_id = t.id JOIN w ON w.id = g.worker_id
+FROM v LEFT JOIN w ON w.id = v.worker_id LEFT JOIN g ON g.ord = v.ord
+       LEFT JOIN t ON t.id = g.task_id LEFT JOIN l ON l.task_id = g.task_id
 
--- name: renew_leases
--- Heartbeats of tasks held by lock_tasks whose fence accepts them. Worker rows are
--- refreshed at most every 5 s (see renew_lease), locked in id order, last.
-WITH i AS (
-    SELECT * FROM json_to_recordset(%(rows)s::json)
-                  AS i(task_id text, fence_lease_id text, fence_worker_id text, actor text,
-                       audit_id text)
-), cur AS MATERIALIZED (
-    -- by primary key, not through a status index (see grant_leases)
-    SELECT id, status, lease_id, worker_id FROM llm_tasks WHERE id = ANY(ARRAY(SELECT task_id FROM i))
-), h AS (
-    SELECT t.id, t.lease_id FROM cur t JOIN i ON t.id = i.task_id
-    WHERE t.status IN ('leased', 'running')
-      AND (i.fence_lease_id IS NULL OR t.lease_id = i.fence_lease_id)
-      AND (i.fence_worker_id IS NULL OR t.worker_id = i.fence_worker_id)
-), l AS (
-    UPDATE leases
-    SET expires_at = %(now)s::bigint + ttl_seconds::bigint * 1000, last_heartbeat = %(now)s
-    FROM h
-    WHERE leases.id = h.lease_id AND leases.status = 'active'
-    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
-              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
+-- name: claim_tasks
+-- One worker's claim, its row held by lock_workers: the oldest queued tasks it can take
+-- (past their backoff, attempts left, labels among its own), up to want and its free
+-- capacity. Tasks other transactions hold are skipped: a claim never waits for a task
+-- lock, so taking the worker before the tasks cannot close a cycle. A claim is the
+-- worker's heartbeat; its row is written only when that changes something (a heartbeat
+-- older than 5 s, not online, not a pull worker). One row per grant, or one without a
+-- task when there is none.
+WITH w AS (
+    SELECT w.id, w.node_id, w.url, w.status, w.capabilities, w.last_heartbeat, w.ip_addrs,
+           w.obs_count, w.db_sha, w.registered_at, w.agent_version, w.os_info, w.install_method,
+           w.source,
+           (SELECT count(*) FROM leases l WHERE l.worker_id = w.id AND l.status = 'active') AS active,
+           COALESCE((w.capabilities ->> 'max_concurrency')::int, 1) AS cap,
+           COALESCE(w.capabilities -> 'labels', '[]'::jsonb) AS labels,
+           (w.last_heartbeat IS NULL OR w.last_heartbeat < %(now)s::bigint - 5000
+            OR w.status <> 'online' OR w.source <> 'pull') AS stale
+    FROM workers w WHERE w.id = %(worker_id)s
+), touch AS (
+    UPDATE workers SET last_heartbeat = %(now)s, status = 'online', source = 'pull'
+    FROM w
+    WHERE workers.id = w.id AND w.stale
+    RETURNING workers.id
+), pick AS (
+    SELECT t.id, t.created_at
+    FROM llm_tasks t, w
+    WHERE t.status = 'queued'
+      AND (t.not_before IS NULL OR t.not_before <= %(now)s)
+      AND t.attempts < t.max_attempts
+      AND t.labels <@ w.labels
+    ORDER BY t.created_at, t.id
+    LIMIT (SELECT GREATEST(LEAST(%(want)s::int, cap - active), 0) FROM w)
+    FOR UPDATE OF t SKIP LOCKED
+), n AS (
+    SELECT id, row_number() OVER (ORDER BY created_at, id) AS n FROM pick
 ), t AS (
-    UPDATE llm_tasks SET status = 'running', updated_at = %(now)s
-    FROM l
-    WHERE llm_tasks.id = l.task_id AND llm_tasks.lease_id = l.id
+    UPDATE llm_tasks
+    SET status = 'leased', attempts = attempts + 1, lease_id = %(lease_ids)s::jsonb ->> (n.n::int - 1),
+        worker_id = %(worker_id)s, updated_at = %(now)s
+    FROM n
+    WHERE llm_tasks.id = n.id
     RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
               llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
               llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
               llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
-              llm_tasks.idempotency_key
+              llm_tasks.idempotency_key, n.n
+), l AS (
+    INSERT INTO leases (id, task_id, worker_id, started_at, expires_at, ttl_seconds, status,
+                        last_heartbeat, context_id)
+    SELECT t.lease_id, t.id, t.worker_id, %(now)s,
+           %(now)s::bigint + 1000::bigint * COALESCE(%(ttl)s::int, (t.policy ->> 'timeout_sec')::int + %(grace)s::int),
+           COALESCE(%(ttl)s::int, (t.policy ->> 'timeout_sec')::int + %(grace)s::int),
+           'active', %(now)s, t.context_id
+    FROM t
+    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
+              context_id
+), aud AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT %(audit_ids)s::jsonb ->> (t.n::int - 1), %(now)s, 'task_leased', 'task', t.id, %(actor)s,
+           'lease=' || l.id || ' worker=' || l.worker_id || ' ttl=' || l.ttl_seconds
+           || 's attempt=' || t.attempts || ' claimed'
+    FROM t JOIN l ON l.task_id = t.id
+    WHERE %(actor)s::text IS NOT NULL
+)
+SELECT CASE WHEN w.id IS NULL THEN 'worker_not_found' ELSE 'ok' END,
+       w.id, w.node_id, w.url, CASE WHEN w.stale THEN 'online' ELSE w.status END, w.capabilities,
+       CASE WHEN w.stale THEN %(now)s ELSE w.last_heartbeat END, w.ip_addrs, w.obs_count, w.db_sha,
+       w.registered_at, w.agent_version, w.os_info, w.install_method,
+       CASE WHEN w.stale THEN 'pull' ELSE w.source END,
+       w.active + t.n,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key,
+       l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
+       l.last_heartbeat, l.context_id
+FROM (SELECT 1) one LEFT JOIN w ON true LEFT JOIN t ON true LEFT JOIN l ON l.task_id = t.id
+ORDER BY t.n
+
+-- name: fenced_writes
+-- Heartbeats and completions, which act under the task's active lease. The fence rule
+-- (refusals.fence_verdict says the same): the task must hold a lease; a named lease
+-- must be the one it holds, a named worker the one holding it. A heartbeat renews the
+-- lease (expires_at = now + ttl) and moves the task to running; its worker's row is
+-- refreshed at most every 5 s (finer grain buys nothing and would queue a busy
+-- worker's heartbeats on its row), locked in id order, last. A completion releases
+-- the lease, stores the artifact and the result, and moves the task: success ->
+-- completed (keeping who ran it); a retryable error with attempts left -> queued after
+-- delays[attempts] ms; else failed.
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+         AS i(ord int, finish boolean, task_id text, fence_lease_id text, fence_worker_id text,
+              retryable boolean, delays jsonb, artifact_id text, artifact_type text, tags jsonb,
+              content text, result_id text, result_status text, output text, error_message text,
+              metrics jsonb, actor text, audit_id text)
+), cur AS MATERIALIZED (
+    -- by primary key, not through a status index (see grant_leases)
+    SELECT id, status, lease_id, worker_id, attempts, max_attempts FROM llm_tasks
+    WHERE id = ANY(ARRAY(SELECT task_id FROM i))
+), v AS (
+    SELECT i.*, t.status, t.lease_id AS held_lease_id, t.worker_id AS held_worker_id, t.attempts,
+           CASE WHEN t.id IS NULL THEN 'task_not_found'
+                WHEN t.status NOT IN ('leased', 'running') THEN
+                     CASE WHEN i.fence_lease_id IS NULL THEN 'no_lease' ELSE 'lease_gone' END
+                WHEN i.fence_lease_id IS NOT NULL AND i.fence_lease_id IS DISTINCT FROM t.lease_id
+                     THEN 'stale_lease'
+                WHEN i.fence_worker_id IS NOT NULL AND i.fence_worker_id IS DISTINCT FROM t.worker_id
+                     THEN 'stale_worker'
+                ELSE 'ok' END AS verdict,
+           CASE WHEN NOT i.finish THEN 'running'
+                WHEN i.result_status = 'success' THEN 'completed'
+                WHEN i.retryable AND t.attempts < t.max_attempts THEN 'queued'
+                ELSE 'failed' END AS next_status
+    FROM i LEFT JOIN cur t ON t.id = i.task_id
+), l AS (
+    UPDATE leases
+    SET status = CASE WHEN v.finish THEN 'released' ELSE leases.status END,
+        expires_at = CASE WHEN v.finish THEN leases.expires_at
+                          ELSE %(now)s::bigint + leases.ttl_seconds::bigint * 1000 END,
+        last_heartbeat = CASE WHEN v.finish THEN leases.last_heartbeat ELSE %(now)s END
+    FROM v
+    WHERE leases.id = v.held_lease_id AND v.verdict = 'ok' AND leases.status = 'active'
+    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id, v.ord
+), t AS (
+    UPDATE llm_tasks
+    SET status = v.next_status,
+        not_before = CASE WHEN v.next_status = 'queued'
+                          THEN %(now)s::bigint + (v.delays ->> v.attempts)::bigint
+                          ELSE llm_tasks.not_before END,
+        lease_id = CASE WHEN v.next_status IN ('running', 'completed') THEN llm_tasks.lease_id END,
+        worker_id = CASE WHEN v.next_status IN ('running', 'completed') THEN llm_tasks.worker_id END,
+        updated_at = %(now)s
+    FROM v JOIN l ON l.ord = v.ord
+    WHERE llm_tasks.id = v.task_id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key, v.ord
+), a AS (
+    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
+                                   entity_refs, tags, content)
+    SELECT v.artifact_id, v.task_id, NULL, v.artifact_type, %(now)s, true, NULL, '[]'::jsonb,
+           v.tags, v.content
+    FROM v JOIN l ON l.ord = v.ord
+    WHERE v.finish
+    RETURNING id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
+), r AS (
+    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
+                             metrics, completed_at)
+    SELECT v.result_id, v.task_id, v.held_worker_id, v.artifact_id, v.result_status, v.output,
+           v.error_message, v.metrics, %(now)s
+    FROM v JOIN l ON l.ord = v.ord
+    WHERE v.finish
+    RETURNING id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
+              completed_at
 ), stale AS (
     SELECT workers.id FROM workers
-    WHERE workers.id IN (SELECT worker_id FROM l)
+    WHERE workers.id IN (SELECT l.worker_id FROM l WHERE l.status = 'active')
       AND (workers.last_heartbeat IS NULL OR workers.last_heartbeat < %(now)s::bigint - 5000)
     ORDER BY workers.id
     FOR UPDATE
@@ -498,138 +400,178 @@ WITH i AS (
     WHERE workers.id = stale.id
     RETURNING 1
 ), aud AS (
-    -- lease_renewed, worded as in lease_supervisor.py
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT i.audit_id, %(now)s, 'lease_renewed', 'lease', l.id, i.actor,
-           'task=' || t.id || ' expires_at=' || l.expires_at
-    FROM t JOIN l ON l.task_id = t.id JOIN i ON i.task_id = t.id
-    WHERE i.actor IS NOT NULL
+    SELECT v.audit_id, %(now)s,
+           CASE WHEN NOT v.finish THEN 'lease_renewed' WHEN t.status = 'completed' THEN 'task_completed'
+                WHEN t.status = 'queued' THEN 'task_retry' ELSE 'task_failed' END,
+           CASE WHEN v.finish THEN 'task' ELSE 'lease' END,
+           CASE WHEN v.finish THEN t.id ELSE l.id END,
+           v.actor,
+           CASE WHEN NOT v.finish THEN 'task=' || t.id || ' expires_at=' || l.expires_at
+                ELSE 'result=' || v.result_status || ' attempts=' || t.attempts || '/' || t.max_attempts
+                     || CASE WHEN t.status = 'queued' THEN ' not_before=' || t.not_before ELSE '' END
+                     || ' lease=' || l.id END
+    FROM v JOIN l ON l.ord = v.ord JOIN t ON t.ord = v.ord
+    WHERE v.actor IS NOT NULL
 )
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+SELECT v.ord,
+       CASE WHEN v.verdict <> 'ok' THEN v.verdict WHEN l.id IS NULL THEN 'lease_inactive' ELSE 'ok' END,
+       v.status,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
        t.labels, t.not_before, t.idempotency_key,
        l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
-       l.last_heartbeat, l.context_id
-FROM t JOIN l ON l.task_id = t.id
+       l.last_heartbeat, l.context_id,
+       a.id, a.task_id, a.job_id, a.type, a.created_at, a.finalized, a.url, a.entity_refs, a.tags,
+       a.content,
+       r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
+       r.completed_at
+FROM v LEFT JOIN l ON l.ord = v.ord LEFT JOIN t ON t.ord = v.ord
+       LEFT JOIN a ON a.id = v.artifact_id LEFT JOIN r ON r.id = v.result_id
 
--- name: finish_tasks
--- Completions of tasks held by lock_tasks whose fence accepts them: release each lease,
--- move each task (success -> completed; a retryable error with attempts left -> queued
--- after delays[attempts] ms; else failed), insert each artifact and result.
+-- name: cancel_tasks
+-- queued/leased/running -> cancelled; an active lease the task holds is released.
 WITH i AS (
-    SELECT * FROM json_to_recordset(%(rows)s::json)
-         AS i(task_id text, fence_lease_id text, fence_worker_id text, retryable boolean, delays jsonb,
-              artifact_id text, artifact_type text, tags jsonb, content text, result_id text,
-              result_status text, output text, error_message text, metrics jsonb, actor text,
-              audit_id text, audit_id2 text)
+    SELECT * FROM json_to_recordset(%(rows)s::json) AS i(ord int, task_id text, actor text, audit_id text)
 ), cur AS MATERIALIZED (
-    -- by primary key, not through a status index (see grant_leases)
-    SELECT id, status, lease_id, worker_id, attempts, max_attempts FROM llm_tasks
-    WHERE id = ANY(ARRAY(SELECT task_id FROM i))
-), h AS (
-    SELECT i.*, t.lease_id AS held_lease_id, t.worker_id AS held_worker_id, t.attempts,
-           CASE WHEN i.result_status = 'success' THEN 'completed'
-                WHEN i.retryable AND t.attempts < t.max_attempts THEN 'queued'
-                ELSE 'failed' END AS next_status
-    FROM i JOIN cur t ON t.id = i.task_id
-    WHERE t.status IN ('leased', 'running')
-      AND (i.fence_lease_id IS NULL OR t.lease_id = i.fence_lease_id)
-      AND (i.fence_worker_id IS NULL OR t.worker_id = i.fence_worker_id)
+    SELECT id, status, lease_id FROM llm_tasks WHERE id = ANY(ARRAY(SELECT task_id FROM i))
+), v AS (
+    SELECT i.*, t.status, t.lease_id AS held_lease_id,
+           CASE WHEN t.id IS NULL THEN 'task_not_found'
+                WHEN t.status NOT IN ('queued', 'leased', 'running') THEN 'not_cancellable'
+                ELSE 'ok' END AS verdict
+    FROM i LEFT JOIN cur t ON t.id = i.task_id
 ), l AS (
     UPDATE leases SET status = 'released'
-    FROM h
-    WHERE leases.id = h.held_lease_id AND leases.status = 'active'
+    FROM v
+    WHERE leases.id = v.held_lease_id AND v.verdict = 'ok' AND leases.status = 'active'
     RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
-              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id, v.ord
 ), t AS (
-    UPDATE llm_tasks
-    SET status = h.next_status,
-        not_before = CASE WHEN h.next_status = 'queued'
-                          THEN %(now)s::bigint + (h.delays ->> h.attempts)::bigint
-                          ELSE llm_tasks.not_before END,
-        lease_id = CASE WHEN h.next_status = 'completed' THEN h.held_lease_id END,
-        worker_id = CASE WHEN h.next_status = 'completed' THEN h.held_worker_id END,
-        updated_at = %(now)s
-    FROM h
-    WHERE llm_tasks.id = h.task_id
+    UPDATE llm_tasks SET status = 'cancelled', lease_id = NULL, worker_id = NULL, updated_at = %(now)s
+    FROM v
+    WHERE llm_tasks.id = v.task_id AND v.verdict = 'ok'
     RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
               llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
               llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
               llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
-              llm_tasks.idempotency_key
-), a AS (
-    INSERT INTO runtime_artifacts (id, task_id, job_id, type, created_at, finalized, url,
-                                   entity_refs, tags, content)
-    SELECT h.artifact_id, h.task_id, NULL, h.artifact_type, %(now)s, true, NULL, '[]'::jsonb,
-           h.tags, h.content
-    FROM h
-    RETURNING id, task_id, job_id, type, created_at, finalized, url, entity_refs, tags, content
-), r AS (
-    INSERT INTO llm_results (id, task_id, worker_id, artifact_id, status, output, error_message,
-                             metrics, completed_at)
-    SELECT h.result_id, h.task_id, h.held_worker_id, h.artifact_id, h.result_status, h.output,
-           h.error_message, h.metrics, %(now)s
-    FROM h
-    RETURNING id, task_id, worker_id, artifact_id, status, output, error_message, metrics,
-              completed_at
+              llm_tasks.idempotency_key, v.ord
 ), aud AS (
-    -- task_completed / task_retry / task_failed and lease_released, worded as in task_queue.py
     INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
-    SELECT h.audit_id, %(now)s,
-           CASE t.status WHEN 'completed' THEN 'task_completed' WHEN 'queued' THEN 'task_retry'
-                         ELSE 'task_failed' END,
-           'task', t.id, h.actor,
-           'result=' || h.result_status || ' attempts=' || t.attempts || '/' || t.max_attempts
-           || CASE WHEN t.status = 'queued' THEN ' not_before=' || t.not_before ELSE '' END
-    FROM t JOIN h ON h.task_id = t.id
-    WHERE h.actor IS NOT NULL
-    UNION ALL
-    SELECT h.audit_id2, %(now)s, 'lease_released', 'lease', l.id, h.actor, 'task=' || l.task_id
-    FROM l JOIN h ON h.task_id = l.task_id
-    WHERE h.actor IS NOT NULL
+    SELECT v.audit_id, %(now)s, 'task_cancelled', 'task', t.id, v.actor,
+           CASE WHEN l.id IS NOT NULL THEN 'lease=' || l.id || ' released' END
+    FROM v JOIN t ON t.ord = v.ord LEFT JOIN l ON l.ord = v.ord
+    WHERE v.actor IS NOT NULL
 )
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+SELECT v.ord, v.verdict, v.status,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
        t.labels, t.not_before, t.idempotency_key,
-       a.id, a.task_id, a.job_id, a.type, a.created_at, a.finalized, a.url, a.entity_refs, a.tags,
-       a.content,
-       r.id, r.task_id, r.worker_id, r.artifact_id, r.status, r.output, r.error_message, r.metrics,
-       r.completed_at,
        l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
        l.last_heartbeat, l.context_id
-FROM t JOIN a ON a.task_id = t.id JOIN r ON r.task_id = t.id LEFT JOIN l ON l.task_id = t.id
+FROM v LEFT JOIN t ON t.ord = v.ord LEFT JOIN l ON l.ord = v.ord
 
--- name: lease_task_id
-SELECT task_id FROM leases WHERE id = %(id)s
-
--- name: end_lease
--- fail_lease() and cancel() after lock_task: end the task's lease (if any) and move the task.
-WITH l AS (
-    UPDATE leases SET status = %(lease_status)s
-    WHERE id = %(lease_id)s AND status = 'active'
-    RETURNING id, task_id, worker_id, started_at, expires_at, ttl_seconds, status, last_heartbeat,
-              context_id
+-- name: requeue_tasks
+-- failed/dead -> queued, attempts reset, no backoff.
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json) AS i(ord int, task_id text, actor text, audit_id text)
+), cur AS MATERIALIZED (
+    SELECT id, status FROM llm_tasks WHERE id = ANY(ARRAY(SELECT task_id FROM i))
+), v AS (
+    SELECT i.*, t.status,
+           CASE WHEN t.id IS NULL THEN 'task_not_found'
+                WHEN t.status NOT IN ('failed', 'dead') THEN 'not_requeueable'
+                ELSE 'ok' END AS verdict
+    FROM i LEFT JOIN cur t ON t.id = i.task_id
 ), t AS (
     UPDATE llm_tasks
-    SET status = %(status)s, not_before = COALESCE(%(not_before)s::bigint, not_before),
-        lease_id = NULL, worker_id = NULL, updated_at = %(now)s
-    WHERE id = %(task_id)s
-    RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-              created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-              not_before, idempotency_key
+    SET status = 'queued', attempts = 0, not_before = NULL, lease_id = NULL, worker_id = NULL,
+        updated_at = %(now)s
+    FROM v
+    WHERE llm_tasks.id = v.task_id AND v.verdict = 'ok'
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key, v.ord
+), aud AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT v.audit_id, %(now)s, 'task_requeued', 'task', t.id, v.actor, 'attempts reset'
+    FROM v JOIN t ON t.ord = v.ord
+    WHERE v.actor IS NOT NULL
 )
-SELECT t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+SELECT v.ord, v.verdict, v.status,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+       t.labels, t.not_before, t.idempotency_key
+FROM v LEFT JOIN t ON t.ord = v.ord
+
+-- name: fail_leases
+-- Leases whose worker could not be reached: the lease must be active and its task's;
+-- it becomes failed and the task goes back to queued after delays[attempts] ms while
+-- it has attempts left, else to failed. A refund (the dispatch provably never reached
+-- the worker) gives the attempt back and always queues the task.
+WITH i AS (
+    SELECT * FROM json_to_recordset(%(rows)s::json)
+        AS i(ord int, lease_id text, delays jsonb, reason text, refund boolean, actor text, audit_id text)
+), cur AS MATERIALIZED (
+    SELECT l.id, l.status AS lease_status, l.task_id, t.status, t.lease_id AS held_lease_id,
+           t.attempts, t.max_attempts
+    FROM leases l LEFT JOIN llm_tasks t ON t.id = l.task_id
+    WHERE l.id = ANY(ARRAY(SELECT lease_id FROM i))
+), v AS (
+    SELECT i.*, c.task_id,
+           CASE WHEN i.refund THEN GREATEST(c.attempts - 1, 0) ELSE c.attempts END AS attempts,
+           CASE WHEN c.id IS NULL THEN 'lease_not_found'
+                WHEN c.lease_status <> 'active' OR c.held_lease_id IS DISTINCT FROM c.id
+                     OR c.status NOT IN ('leased', 'running') THEN 'lease_not_active'
+                ELSE 'ok' END AS verdict,
+           CASE WHEN i.refund OR c.attempts < c.max_attempts THEN 'queued' ELSE 'failed' END AS next_status
+    FROM i LEFT JOIN cur c ON c.id = i.lease_id
+), l AS (
+    UPDATE leases SET status = 'failed'
+    FROM v
+    WHERE leases.id = v.lease_id AND v.verdict = 'ok' AND leases.status = 'active'
+    RETURNING leases.id, leases.task_id, leases.worker_id, leases.started_at, leases.expires_at,
+              leases.ttl_seconds, leases.status, leases.last_heartbeat, leases.context_id, v.ord
+), t AS (
+    UPDATE llm_tasks
+    SET status = v.next_status, attempts = v.attempts,
+        not_before = CASE WHEN v.next_status = 'queued'
+                          THEN %(now)s::bigint + (v.delays ->> CASE WHEN v.refund THEN GREATEST(v.attempts, 1)
+                                                                    ELSE v.attempts END)::bigint
+                          ELSE llm_tasks.not_before END,
+        lease_id = NULL, worker_id = NULL, updated_at = %(now)s
+    FROM v JOIN l ON l.ord = v.ord
+    WHERE llm_tasks.id = v.task_id
+    RETURNING llm_tasks.id, llm_tasks.context_id, llm_tasks.agent_slug, llm_tasks.prompt,
+              llm_tasks.context_hints, llm_tasks.policy, llm_tasks.desired_format, llm_tasks.status,
+              llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
+              llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
+              llm_tasks.idempotency_key, v.ord
+), aud AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT v.audit_id, %(now)s, 'lease_failed', 'task', t.id, v.actor,
+           left('lease=' || l.id || ' ' || t.status || ' attempts=' || t.attempts || '/'
+                || t.max_attempts || CASE WHEN v.refund THEN ' (attempt given back)' ELSE '' END
+                || ': ' || v.reason, 1000)
+    FROM v JOIN l ON l.ord = v.ord JOIN t ON t.ord = v.ord
+    WHERE v.actor IS NOT NULL
+)
+SELECT v.ord, CASE WHEN v.verdict <> 'ok' THEN v.verdict WHEN l.id IS NULL THEN 'lease_not_active' ELSE 'ok' END,
+       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
        t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
        t.labels, t.not_before, t.idempotency_key,
        l.id, l.task_id, l.worker_id, l.started_at, l.expires_at, l.ttl_seconds, l.status,
        l.last_heartbeat, l.context_id
-FROM t LEFT JOIN l ON true
+FROM v LEFT JOIN l ON l.ord = v.ord LEFT JOIN t ON t.ord = v.ord
 
--- name: expire_due
--- Sweep: lock the tasks of due leases first (SKIP LOCKED: a task busy elsewhere is
--- taken next sweep), then expire the leases and move the tasks. Conditions are repeated
--- in the updates so a lease renewed or released meanwhile is left alone. An active lease
--- its task does not point at (should not exist) is expired and reported with its task as is.
+-- name: expire_leases
+-- The sweep: lock the tasks of due leases first (SKIP LOCKED: a task busy elsewhere is
+-- taken next sweep), then expire the leases and move the tasks: queued while attempts
+-- are left, else dead. Conditions are repeated in the updates so a lease renewed or
+-- released meanwhile is left alone. An active lease its task does not point at
+-- (should not exist) is expired and reported with its task as it is.
 WITH due AS (
     SELECT l.id AS lease_id, t.id AS task_id
     FROM leases l JOIN llm_tasks t ON t.id = l.task_id
@@ -655,21 +597,33 @@ WITH due AS (
               llm_tasks.created_at, llm_tasks.updated_at, llm_tasks.lease_id, llm_tasks.worker_id,
               llm_tasks.attempts, llm_tasks.max_attempts, llm_tasks.labels, llm_tasks.not_before,
               llm_tasks.idempotency_key
+), x AS (
+    SELECT el.id AS l_id, el.task_id AS l_task_id, el.worker_id AS l_worker_id,
+           el.started_at AS l_started_at, el.expires_at AS l_expires_at, el.ttl_seconds AS l_ttl,
+           el.status AS l_status, el.last_heartbeat AS l_last_heartbeat, el.context_id AS l_context_id,
+           et.*
+    FROM el JOIN et ON et.id = el.task_id
+    UNION ALL
+    SELECT el.id, el.task_id, el.worker_id, el.started_at, el.expires_at, el.ttl_seconds, el.status,
+           el.last_heartbeat, el.context_id,
+           t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
+           t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
+           t.labels, t.not_before, t.idempotency_key
+    FROM el JOIN llm_tasks t ON t.id = el.task_id
+    WHERE NOT EXISTS (SELECT 1 FROM et WHERE et.id = el.task_id)
+), aud AS (
+    INSERT INTO audit_logs (id, timestamp, action, entity_type, entity_id, actor, detail)
+    SELECT gen_random_uuid()::text, %(now)s, 'lease_expired', 'task', x.id, %(actor)s,
+           'lease=' || x.l_id || ' worker=' || x.l_worker_id || ' ' || x.status || ' attempts='
+           || x.attempts || '/' || x.max_attempts
+    FROM x
+    WHERE %(actor)s::text IS NOT NULL
 )
-SELECT el.id, el.task_id, el.worker_id, el.started_at, el.expires_at, el.ttl_seconds, el.status,
-       el.last_heartbeat, el.context_id,
-       et.id, et.context_id, et.agent_slug, et.prompt, et.context_hints, et.policy, et.desired_format,
-       et.status, et.created_at, et.updated_at, et.lease_id, et.worker_id, et.attempts,
-       et.max_attempts, et.labels, et.not_before, et.idempotency_key
-FROM el JOIN et ON et.id = el.task_id
-UNION ALL
-SELECT el.id, el.task_id, el.worker_id, el.started_at, el.expires_at, el.ttl_seconds, el.status,
-       el.last_heartbeat, el.context_id,
-       t.id, t.context_id, t.agent_slug, t.prompt, t.context_hints, t.policy, t.desired_format,
-       t.status, t.created_at, t.updated_at, t.lease_id, t.worker_id, t.attempts, t.max_attempts,
-       t.labels, t.not_before, t.idempotency_key
-FROM el JOIN llm_tasks t ON t.id = el.task_id
-WHERE NOT EXISTS (SELECT 1 FROM et WHERE et.id = el.task_id)
+SELECT l_id, l_task_id, l_worker_id, l_started_at, l_expires_at, l_ttl, l_status, l_last_heartbeat,
+       l_context_id, id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
+       created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels, not_before,
+       idempotency_key
+FROM x
 
 -- ---------------------------------------------------------------- leases (reads)
 
@@ -876,14 +830,6 @@ UNION ALL
 SELECT 'workers', status, count(*) FROM workers GROUP BY status
 
 -- ---------------------------------------------------------------- push dispatch
-
--- name: refund_attempt
--- A dispatch that provably never reached the agent gives its attempt back.
-UPDATE llm_tasks SET attempts = attempts - 1
-WHERE id = %(id)s AND attempts > 0
-RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-          not_before, idempotency_key
 
 -- name: due_tasks
 -- Queued tasks that may be leased now, oldest first (llm_tasks_queue_idx): what

@@ -165,6 +165,10 @@ RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_for
           created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
           not_before, idempotency_key;
 
+-- name: refund_attempt
+-- A dispatch that provably never reached the agent gives its attempt back.
+UPDATE llm_tasks SET attempts = attempts - 1 WHERE id = :id AND attempts > 0;
+
 -- name: requeue_task
 UPDATE llm_tasks
 SET status = 'queued', attempts = 0, not_before = NULL, lease_id = NULL, worker_id = NULL, updated_at = :now
@@ -342,8 +346,11 @@ WHERE id = :id;
 DELETE FROM workers WHERE id = :id;
 
 -- name: claim_touch_worker
--- A claim is contact from a pull worker.
-UPDATE workers SET last_heartbeat = :now, status = 'online', source = 'pull' WHERE id = :id;
+-- A claim is contact from a pull worker; its row is written only when that changes
+-- something worth keeping (a heartbeat older than 5 s, not online, not a pull worker).
+UPDATE workers SET last_heartbeat = :now, status = 'online', source = 'pull'
+WHERE id = :id
+  AND (last_heartbeat IS NULL OR last_heartbeat < :now - 5000 OR status <> 'online' OR source <> 'pull');
 
 -- name: heartbeat_worker
 -- Refreshed at most every 5 s, as on PostgreSQL (see Transaction.heartbeat).
@@ -467,14 +474,6 @@ SELECT 'workers', status, count(*) FROM workers GROUP BY status;
 
 -- ---------------------------------------------------------------------------
 -- push dispatch
-
--- name: refund_attempt
--- A dispatch that provably never reached the agent gives its attempt back.
-UPDATE llm_tasks SET attempts = attempts - 1
-WHERE id = :id AND attempts > 0
-RETURNING id, context_id, agent_slug, prompt, context_hints, policy, desired_format, status,
-          created_at, updated_at, lease_id, worker_id, attempts, max_attempts, labels,
-          not_before, idempotency_key;
 
 -- name: due_tasks
 -- Queued tasks that may be leased now, oldest first (llm_tasks_queue_idx): what
