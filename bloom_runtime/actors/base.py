@@ -24,7 +24,7 @@ from typing import Any
 import pykka
 
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreUnavailable, public_summary
+from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreTimeout, StoreUnavailable, public_summary
 from bloom_runtime.engine.models import AuditEntry
 from bloom_runtime.sql import audit_trail
 from bloom_runtime.sql.store import Op, SessionLost, Store, Transaction, TransientConflict
@@ -347,11 +347,15 @@ class BatchingActor(pykka.ThreadingActor):
                     _fail(w.reply, exc)
                 return
             except StoreUnavailable as exc:
-                if len(batch) == 1 and not isinstance(exc, TransientConflict):
-                    _fail(batch[0].reply, exc)
+                if (len(batch) == 1 or isinstance(exc, StoreTimeout)) and not isinstance(exc, TransientConflict):
+                    # Nothing of it was applied. A database that did not answer the batch
+                    # would not answer each write either: one by one, the wait would multiply.
+                    for w in batch:
+                        _fail(w.reply, exc)
                     return
-                # One bad write or a deadlock must not fail its neighbours: go one by one.
-                for w in batch:
+                # One bad write or a deadlock must not fail its neighbours: go one by one,
+                # those whose callers still wait.
+                for w in self._still_awaited(batch):
                     self._run_single(w)
                 return
             except Exception:
