@@ -84,6 +84,7 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    clean_text,
     new_id,
     validate,
 )
@@ -717,6 +718,7 @@ class LeaseService(_Service):
     def fail(self, lease_id: str, reason: str, actor: str = "dispatch", refund: bool = False) -> tuple[Task, Lease]:
         """Mark an active lease failed (its worker could not be reached) and requeue its task;
         ``refund``: the dispatch provably never reached the worker, so the attempt is given back."""
+        reason = clean_text(reason)  # free text, often an agent's answer: stored in the audit entry with the change
         return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r, refund))
 
     # --- lease tokens ----------------------------------------------------------------

@@ -115,3 +115,18 @@ def test_a_store_that_is_down_keeps_entries_pending_without_splitting(sqlite_sto
     finally:
         ref.stop()
 
+
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_a_fail_reason_holding_nul_is_stored_replaced_with_its_change(make_engine, raw_sql, group_commit):
+    """The reason (often an agent's answer) goes into the change's audit entry, written in the
+    change's own transaction (group commit) or by the audit writer: neither may refuse it."""
+    from .conftest import new_task, worker
+
+    engine = make_engine(audit_group_commit=group_commit)
+    engine.workers.register(worker("w1"))
+    task, _ = engine.tasks.create(new_task())
+    grant = engine.leases.acquire(task.id)
+    failed, lease = engine.leases.fail(grant.lease.id, f"agent said a{POISON['nul']}b")
+    assert failed.status == "queued" and lease.status == "failed"
+    [(detail,)] = raw_sql(f"SELECT detail FROM audit_logs WHERE action = 'lease_failed' AND entity_id = '{task.id}'")
+    assert detail.endswith(f"agent said a{REPLACED}b")
