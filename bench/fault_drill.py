@@ -7,9 +7,10 @@ tests' fault proxy, then:
    fresh worker, /health) from several clients while the proxy hangs for
    ``--hang-seconds`` (nothing forwarded, nothing closed), and prints the worst
    request latency (and the p50) per kind;
-2. once the database answers again, counts the requests answered 503/504 (or not
-   at all) whose write was in fact applied: creates whose idempotency key exists,
-   claims whose worker holds a lease. Read from the database directly;
+2. once the database answers again, counts the requests answered 503 whose write
+   was in fact applied (there must be none), and apart from them those answered 504
+   or not at all (outcome unknown: either way is true): creates whose idempotency
+   key exists, claims whose worker holds a lease. Read from the database directly;
 3. terminates every session of the runtime (``pg_terminate_backend``), sends
    ``--after-requests`` requests one by one and counts the errors.
 
@@ -189,15 +190,16 @@ def main() -> int:
             print(f"  {kind:<7} n={len(took):>5}  p50={pct(took, .5):7.3f} s  worst={max(took, default=float('nan')):7.3f} s  statuses={statuses}")
         print(f"  worst request latency during the hang: {max((x.seconds for x in during), default=float('nan')):.3f} s")
 
-        # 2. refused, yet applied?
-        refused = [x for x in during if x.status in (503, 504, UNANSWERED)]
-        creates = [x.key for x in refused if x.kind == "create"]
-        claims = [x.key for x in refused if x.kind == "claim"]
+        # 2. refused, yet applied? Never after a 503 (not applied); a 504 or no answer may have been.
         with psycopg.connect(direct_url, autocommit=True) as db:
-            applied_creates = db.execute("SELECT COUNT(*) FROM llm_tasks WHERE idempotency_key = ANY(%s)", (creates,)).fetchone()[0]
-            applied_claims = db.execute("SELECT COUNT(DISTINCT worker_id) FROM leases WHERE worker_id = ANY(%s)", (claims,)).fetchone()[0]
-        print(f"answered 503/504 or not at all, yet applied: {applied_creates + applied_claims} "
-              f"(creates {applied_creates} of {len(creates)}, claims {applied_claims} of {len(claims)})")
+            for label, statuses in (("503", {503}), ("504 or not at all", {504, UNANSWERED})):
+                answered = [x for x in during if x.status in statuses]
+                creates = [x.key for x in answered if x.kind == "create"]
+                claims = [x.key for x in answered if x.kind == "claim"]
+                applied_creates = db.execute("SELECT COUNT(*) FROM llm_tasks WHERE idempotency_key = ANY(%s)", (creates,)).fetchone()[0]
+                applied_claims = db.execute("SELECT COUNT(DISTINCT worker_id) FROM leases WHERE worker_id = ANY(%s)", (claims,)).fetchone()[0]
+                print(f"answered {label}, yet applied: {applied_creates + applied_claims} "
+                      f"(creates {applied_creates} of {len(creates)}, claims {applied_claims} of {len(claims)})")
 
         # 3. every session of the runtime terminated
         with psycopg.connect(direct_url, autocommit=True) as db:
