@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from bloom_runtime.sql import store_from_url
 
     settings = Settings.from_env(database_url=args.database_url)
-    store = store_from_url(settings.database_url, pool_min=1, pool_max=2, connect_timeout_s=settings.db_connect_timeout_s)
+    store = store_from_url(
+        settings.database_url, pool_min=1, pool_max=2, connect_timeout_s=settings.db_connect_timeout_s,
+        statement_timeout_s=settings.db_statement_timeout_s,
+    )
     store.open(wait_s=settings.db_open_wait_s)
     try:
         applied = store.migrate()

@@ -16,8 +16,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from bloom_runtime.engine.settings import Settings
 from bloom_runtime.sql.store import Store
 
+from .fault_proxy import FaultProxy
+from .live_server import LiveServer
 from .pgcluster import ClusterUnavailable, ThrowawayCluster
 
 
@@ -121,6 +124,25 @@ def truncate_pg(url: str) -> None:
         conn.execute("TRUNCATE " + ", ".join(TABLES))
 
 
+def backend_pids(url: str) -> list[int]:
+    """The server processes of every session on the database of ``url`` but the caller's."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def terminate(url: str, pids: list[int]) -> None:
+    """``pg_terminate_backend`` each session and wait until the server has ended it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # The server ends each process asynchronously.
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone() == (0,),
+                 what=f"sessions {pids} ended")
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path) -> str:
     """A database URL for an engine, the same test on both stores: a SQLite file of this
@@ -179,3 +201,40 @@ def agents() -> Iterator[Callable[..., Any]]:
     yield start
     for agent in running:
         agent.close()
+
+
+# --- faults and real servers ------------------------------------------------------------
+
+
+@pytest.fixture
+def fault_proxy(pg_url: str) -> Iterator[FaultProxy]:
+    """A ``FaultProxy`` in front of the test PostgreSQL server (forwarding)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxied_pg_url(pg_url: str, fault_proxy: FaultProxy) -> str:
+    """The (truncated) test database, reached through ``fault_proxy``."""
+    truncate_pg(pg_url)
+    return fault_proxy.url_for(pg_url)
+
+
+@pytest.fixture
+def live_server() -> Iterator[Callable[..., LiveServer]]:
+    """Start ``LiveServer``s from ``Settings`` fields; all are closed at the end.
+
+    With ``fault_proxy``, ask for this one after it, so the servers stop before the proxy does."""
+    started: list[LiveServer] = []
+
+    def start(**fields: Any) -> LiveServer:
+        server = LiveServer(Settings(**fields))
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.close()

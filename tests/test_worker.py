@@ -6,6 +6,7 @@ Every wait is on a condition with a deadline (``FakeRuntime.wait_for``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -493,6 +494,77 @@ def test_second_sigterm_skips_the_grace(fake: FakeRuntime, tmp_path: Path) -> No
     assert time.monotonic() - started < 15, "the second signal must not wait out the 25 s grace"
     done = fake.completions[task["id"]][0]
     assert done["status"] == "error" and done["retryable"] is True
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "echo $$ > {pids}.tmp; mv {pids}.tmp {pids}; exec sleep 300",  # the shell becomes the command
+        "sleep 300 & echo $! > {pids}.tmp; sleep 300 | cat & echo $! >> {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait",
+    ],
+    ids=["exec", "background-and-pipeline"],
+)
+def test_sigkilled_worker_takes_its_command_with_it(fake: FakeRuntime, tmp_path: Path, script: str) -> None:
+    """Else the command runs on while the runtime leases the task elsewhere: two runs at once."""
+    pidfile = tmp_path / "pids"
+    fake.add_task()
+    pids: list[int] = []
+    try:
+        with worker_process(fake, "--exec", script.format(pids=pidfile)) as proc:
+            pids = [int(p) for p in wait_until(lambda: pidfile.exists() and pidfile.read_text().split(), 15, "command started")]
+            assert not any(process_gone(pid) for pid in pids)
+            proc.kill()  # SIGKILL: no handler, no finally, no atexit
+            proc.wait(timeout=30)
+        wait_until(lambda: all(process_gone(pid) for pid in pids), 10, "the command died with its worker")
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_an_interrupt_during_the_drain_still_kills_running_commands(fake: FakeRuntime, tmp_path: Path) -> None:
+    """Every way out of ``Worker.run``, not only the end of the grace, takes its commands along.
+
+    Here a second Ctrl-C of an embedding program arrives while the worker drains (the
+    clock raises it at the drain's first reading): the 30 s grace is never waited out."""
+    from bloom_runtime.worker import build_config, command_factory
+    from bloom_runtime.worker.loop import Worker
+
+    pidfile = tmp_path / "pid"
+    fake.add_task()
+    stop = threading.Event()
+
+    def clock() -> float:
+        if stop.is_set() and threading.current_thread().name == "test-worker":
+            raise KeyboardInterrupt
+        return time.monotonic()
+
+    config = build_config(fake.url, "w1", api_key=None, concurrency=1, labels=(), ttl_seconds=None, grace_s=30,
+                          poll_wait_s=POLL_WAIT_S)
+    worker = Worker(config, command_factory(f"sleep 300 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait"),
+                    backoff=fast_backoff, clock=clock)
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            worker.run(stop)
+        except BaseException as exc:  # asserted below
+            raised.append(exc)
+
+    thread = threading.Thread(target=body, name="test-worker")
+    thread.start()
+    pid = 0
+    try:
+        pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, "command started"))
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive() and raised and isinstance(raised[0], KeyboardInterrupt)
+        wait_until(lambda: process_gone(pid), 10, "the command was killed on the way out")
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        thread.join(60)
 
 
 def test_cli_reports_missing_exec_as_a_configuration_error(fake: FakeRuntime) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import pykka
 
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, EngineTimeout, OutcomeUnknown, StoreTimeout, StoreUnavailable, public_summary
 from bloom_runtime.engine.models import AuditEntry
 from bloom_runtime.sql import audit_trail
 from bloom_runtime.sql.store import Op, SessionLost, Store, Transaction, TransientConflict
@@ -131,7 +131,8 @@ class JobHealth:
     name: str
     interval_s: float
     last_success_ms: int | None = None
-    last_error: str | None = None
+    last_error: str | None = None  # while the latest run failed
+    last_failure_ms: int | None = None
     runs: int = 0
     failures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -142,11 +143,12 @@ class JobHealth:
             self.last_success_ms = now_ms
             self.last_error = None
 
-    def failed(self, error: BaseException) -> None:
+    def failed(self, error: BaseException, now_ms: int | None = None) -> None:
         with self._lock:
             self.runs += 1
             self.failures += 1
-            self.last_error = type(error).__name__ + (f": {error}" if isinstance(error, BloomError) else "")
+            self.last_error = public_summary(error)  # shown by the open /health; details are logged where it failed
+            self.last_failure_ms = now_ms
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -154,6 +156,7 @@ class JobHealth:
                 "interval_s": self.interval_s,
                 "last_success": self.last_success_ms,
                 "last_error": self.last_error,
+                "last_failure": self.last_failure_ms,
                 "runs": self.runs,
                 "failures": self.failures,
             }
@@ -344,11 +347,15 @@ class BatchingActor(pykka.ThreadingActor):
                     _fail(w.reply, exc)
                 return
             except StoreUnavailable as exc:
-                if len(batch) == 1 and not isinstance(exc, TransientConflict):
-                    _fail(batch[0].reply, exc)
+                if (len(batch) == 1 or isinstance(exc, StoreTimeout)) and not isinstance(exc, TransientConflict):
+                    # Nothing of it was applied. A database that did not answer the batch
+                    # would not answer each write either: one by one, the wait would multiply.
+                    for w in batch:
+                        _fail(w.reply, exc)
                     return
-                # One bad write or a deadlock must not fail its neighbours: go one by one.
-                for w in batch:
+                # One bad write or a deadlock must not fail its neighbours: go one by one,
+                # those whose callers still wait.
+                for w in self._still_awaited(batch):
                     self._run_single(w)
                 return
             except Exception:

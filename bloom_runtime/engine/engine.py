@@ -24,7 +24,7 @@ import msgspec
 import pykka
 
 from bloom_runtime import __version__
-from bloom_runtime.actors.audit_writer import AuditWriter
+from bloom_runtime.actors.audit_writer import AuditBacklog, AuditWriter
 from bloom_runtime.actors.base import JobHealth, Record, Reply, Tick, Ticker, not_applied
 from bloom_runtime.actors.dispatcher import Dispatcher, PlanNow
 from bloom_runtime.actors.history_sampler import HistorySampler
@@ -56,12 +56,15 @@ from bloom_runtime.engine.dispatch import DispatchService
 from bloom_runtime.engine.errors import (
     BloomError,
     EngineStopped,
+    EngineTimeout,
     InvalidInput,
     NoCapacity,
     NotFound,
     OutcomeUnknown,
+    StoreUnavailable,
     Unauthorized,
 )
+from bloom_runtime.engine.health import health_report
 from bloom_runtime.engine.history import HistoryService
 from bloom_runtime.engine.lease_tokens import LeaseTokens
 from bloom_runtime.engine.membridge_service import MembridgeService
@@ -81,6 +84,7 @@ from bloom_runtime.engine.models import (
     Task,
     Worker,
     WorkerUpsert,
+    clean_text,
     new_id,
     validate,
 )
@@ -90,7 +94,7 @@ from bloom_runtime.engine.stats_cache import StatsCache, summarize
 from bloom_runtime.engine.urls import AllowList
 from bloom_runtime.engine.wakeup import ClaimWakeup
 from bloom_runtime.engine.worker_trust import checked_registration, with_verification
-from bloom_runtime.sql import store_from_url
+from bloom_runtime.sql import refusals, store_from_url
 from bloom_runtime.sql.store import MAX_PAGE, Store
 
 log = logging.getLogger(__name__)
@@ -103,7 +107,7 @@ MAX_CLAIM_WAIT_S = 30.0
 # A claimer re-checks at least this often, so tasks whose retry backoff ends
 # (not_before) are found without a notification.
 CLAIM_RECHECK_S = 1.0
-SWEEP_UNHEALTHY_AFTER_INTERVALS = 3
+MAX_HEARTBEAT_SKEW_MS = 60_000  # how far a registration's last_heartbeat may run ahead of our clock
 DELIVERY_EXPIRY_INTERVAL_S = 10.0  # how often deliveries left unanswered are looked for, with probes off
 MAX_TASK_FILTER = 100  # task ids one lease listing may name
 
@@ -165,6 +169,8 @@ class Engine:
         self.wakeup = ClaimWakeup()
         self._stats = StatsCache(lambda: summarize(store.stats()))
         self.routing_keys = RoutingKeys()
+        self.writes = JobHealth("writes", 0.0)  # every write the facade asks an actor for
+        self.audit_backlog = AuditBacklog()
         self.lease_tokens = LeaseTokens.load(store, clock)
         self.allowed = AllowList.from_env(settings.membridge_allowed_hosts)  # ConfigError at boot if malformed
         self.jobs = {
@@ -212,6 +218,7 @@ class Engine:
                 pool_min=settings.pool_min,
                 pool_max=settings.pool_max,
                 connect_timeout_s=settings.db_connect_timeout_s,
+                statement_timeout_s=settings.db_statement_timeout_s,
             )
             store.open(wait_s=settings.db_open_wait_s)
         try:
@@ -245,7 +252,8 @@ class Engine:
         self._slots["audit"] = _ActorSlot(
             "audit-writer",
             lambda: AuditWriter.start(
-                store, clock, self.jobs["audit_flush"], group_commit=s.audit_group_commit, batch_max=s.audit_batch_max
+                store, clock, self.jobs["audit_flush"], group_commit=s.audit_group_commit, batch_max=s.audit_batch_max,
+                backlog=self.audit_backlog,
             ),
         )
         sink = self._audit_sink
@@ -420,6 +428,7 @@ class Engine:
     # --- plumbing --------------------------------------------------------------
 
     def _audit_sink(self, record: Record) -> None:
+        self.audit_backlog.added(len(record.entries), self.clock.now_ms())
         self._slots["audit"].ref.tell(record)
 
     def call(
@@ -428,10 +437,12 @@ class Engine:
         make: Callable[[pykka.ThreadingFuture], Any],
         timeout_s: float | None = None,
         key: str | None = None,
+        write: bool = True,
     ) -> Any:
         """Send a command built around a fresh reply future; wait for the answer.
 
-        ``key`` (a task id) picks the shard of a sharded actor; without it, shard 0."""
+        ``key`` (a task id) picks the shard of a sharded actor; without it, shard 0.
+        The outcome of a ``write`` tells ``/health`` whether writes succeed."""
         if self._stopping.is_set():
             raise EngineStopped("the engine is stopping")
         if key is not None and slot in self._shards:
@@ -440,7 +451,19 @@ class Engine:
         timeout = timeout_s or self.settings.ask_timeout_s
         reply = Reply(time.monotonic() + timeout)
         self._slots[slot].tell(make(reply))
-        return _answer(reply, timeout, self._slots[slot].name)
+        try:
+            value = _answer(reply, timeout, self._slots[slot].name)
+        except (StoreUnavailable, EngineTimeout, OutcomeUnknown) as exc:
+            if write:
+                self.writes.failed(exc, self.clock.now_ms())
+            raise
+        except BloomError:
+            if write:
+                self.writes.succeeded(self.clock.now_ms())  # the store answered, and refused
+            raise
+        if write:
+            self.writes.succeeded(self.clock.now_ms())
+        return value
 
     def record(self, entries: list[Any], wait: bool = True) -> None:
         """Write audit entries not tied to another write (e.g. configuration changes)."""
@@ -455,30 +478,11 @@ class Engine:
     # --- health ----------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """Liveness of the store, the actors and the periodic jobs."""
-        store_ok, store_error = True, None
-        try:
-            self.store.ping()
-        except BloomError as exc:
-            store_ok, store_error = False, exc.message
-        now = self.clock.now_ms()
-        sweep = self.jobs["lease_sweep"].snapshot()
-        limit_ms = SWEEP_UNHEALTHY_AFTER_INTERVALS * self.settings.lease_sweep_interval_s * 1000
-        # Judged on the engine clock; a sweep that never succeeded counts from start.
-        sweep_ok = (sweep["last_success"] or self.started_ms) >= now - limit_ms - 1000
-        actors = {slot.name: {"alive": slot.ref.is_alive(), "restarts": slot.restarts} for slot in self._slots.values()}
-        healthy = store_ok and sweep_ok and all(a["alive"] for a in actors.values()) and self.running
-        return {
-            "status": "ok" if healthy else "unhealthy",
-            "service": "bloom-runtime",
-            "version": self.version,
-            "uptime": round(time.monotonic() - self.started_at, 3),
-            "storage": self.store.kind,
-            "storage_ok": store_ok,
-            "storage_error": store_error,
-            "jobs": {name: job.snapshot() for name, job in self.jobs.items()},
-            "actors": actors,
-        }
+        """Liveness of the store, the writes, the audit backlog, the actors and the periodic jobs."""
+        return health_report(self)
+
+    def actor_states(self) -> dict[str, dict[str, Any]]:
+        return {slot.name: {"alive": slot.ref.is_alive(), "restarts": slot.restarts} for slot in self._slots.values()}
 
     def stats(self) -> dict[str, Any]:
         """Counts by status of tasks, leases and workers, with totals (``summarize``);
@@ -642,7 +646,7 @@ class LeaseService(_Service):
         context_id, labels = routing
         for fresh in (False, True):
             pick = functools.partial(_pick_message, context_id, list(labels), fresh=fresh, push=push, exclude=exclude)
-            candidates = engine.call("registry", pick)
+            candidates = engine.call("registry", pick, write=False)
             if not candidates:
                 break
             best = candidates[0]
@@ -650,7 +654,13 @@ class LeaseService(_Service):
                 return engine.call("leases", functools.partial(_acquire_message, task_id, best, ttl, actor), key=best)
             except NoCapacity:
                 if fresh:
-                    raise  # the routing snapshot was current: the fleet really is full
+                    raise  # the store checked the task under its lock: the fleet really is full
+        # No worker was asked, so nothing checked the task: a task that can never be
+        # leased must not read as "retry later".
+        task = engine.store.get_task(task_id)
+        verdict = refusals.lease_verdict(task.status, task.not_before, task.attempts, task.max_attempts, engine.clock.now_ms())
+        if verdict != refusals.OK:
+            raise refusals.refusal(verdict, task_id=task_id, status=task.status, not_before=task.not_before)
         raise NoCapacity("no online worker with free capacity can take this task", task_id=task_id)
 
     @overload
@@ -708,6 +718,7 @@ class LeaseService(_Service):
     def fail(self, lease_id: str, reason: str, actor: str = "dispatch", refund: bool = False) -> tuple[Task, Lease]:
         """Mark an active lease failed (its worker could not be reached) and requeue its task;
         ``refund``: the dispatch provably never reached the worker, so the attempt is given back."""
+        reason = clean_text(reason)  # free text, often an agent's answer: stored in the audit entry with the change
         return self._engine.call("leases", lambda r: FailLease(lease_id, reason, actor, r, refund))
 
     # --- lease tokens ----------------------------------------------------------------
@@ -771,7 +782,14 @@ class WorkerService(_Service):
         the worker may then be pushed tasks. Without ``admin`` (a client key: an
         agent registering itself) a new worker's URL is kept unverified, and
         changing an existing worker's URL raises ``Forbidden``."""
-        upsert = checked_registration(validate(upsert), admin, self._engine.allowed, current_url=self._current_url)
+        upsert = validate(upsert)
+        beat = upsert.last_heartbeat
+        if beat is not None and beat > self._engine.clock.now_ms() + MAX_HEARTBEAT_SKEW_MS:
+            # A heartbeat from the future would keep the worker online long after it went quiet.
+            raise InvalidInput(
+                f"last_heartbeat is more than {MAX_HEARTBEAT_SKEW_MS // 1000} s ahead of the server's clock", last_heartbeat=beat
+            )
+        upsert = checked_registration(upsert, admin, self._engine.allowed, current_url=self._current_url)
         worker, created = self._engine.call("registry", lambda r: RegisterWorker(upsert, actor, r, vouch=admin))
         return self.vouched(worker), created
 
@@ -819,7 +837,7 @@ class WorkerService(_Service):
 
     def pick(self, context_id: str, labels: Sequence[str] = ()) -> builtins.list[str]:
         """Worker ids that could take a task of this context and labels, best first."""
-        return self._engine.call("registry", lambda r: PickWorkers(context_id, list(labels), r))
+        return self._engine.call("registry", lambda r: PickWorkers(context_id, list(labels), r), write=False)
 
 
 class AuditService(_Service):

@@ -55,6 +55,19 @@ class StoreUnavailable(BloomError):
     """The database cannot be reached or failed mid-transaction (HTTP 503)."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The database refused a value of the write (retrying it as it is cannot succeed) (HTTP 503)."""
+
+
+class StoreFull(StoreUnavailable):
+    """The database has no room left to write (a full disk, a size limit) (HTTP 503)."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """The database did not answer in time (HTTP 503). Nothing of a write was applied:
+    one whose commit went unanswered is ``OutcomeUnknown``."""
+
+
 class SchemaTooNew(BloomError):
     """The database was migrated by a newer bloom-runtime than this one."""
 
@@ -92,3 +105,30 @@ class MembridgeUnavailable(MembridgeError):
 
 class UnsafeURL(InvalidInput):
     """An outgoing URL failed validation (scheme, credentials, allow-list)."""
+
+
+# What an open endpoint (/health) may say about an error: its kind, never its message,
+# which can name database hosts, ports and names or outgoing URLs (those go to the log).
+_PUBLIC_SUMMARIES: tuple[tuple[type[BaseException], str], ...] = (
+    (StoreTimeout, "storage did not answer in time"),
+    (StoreFull, "storage is full"),
+    (StoreUnavailable, "storage unavailable"),
+    (EngineTimeout, "did not answer in time"),
+    (OutcomeUnknown, "a write's outcome is unknown"),
+    (MembridgeUnavailable, "membridge circuit open"),
+    (MembridgeError, "membridge request failed"),
+)
+
+
+def public_message(exc: BaseException) -> str | None:
+    """What ``exc`` means, in words safe to show to anyone (None: no more than its kind)."""
+    for cls, summary in _PUBLIC_SUMMARIES:
+        if isinstance(exc, cls):
+            return summary
+    return None
+
+
+def public_summary(exc: BaseException) -> str:
+    """``"Kind: what it means"`` for ``exc``, safe to show to anyone."""
+    message = public_message(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -50,6 +50,10 @@ LEASE_GRACE_S = 30  # default lease TTL = policy.timeout_sec + this
 
 
 # --- field constraints (checked when a request is decoded or ``validate`` runs) ---
+# NUL: identifiers and names refuse it (PostgreSQL cannot store it, and no name needs
+# it); free text keeps its place with U+FFFD (``clean_text``), on both stores alike.
+NO_NUL = r"^[^\x00]*$"
+NUL_REPLACEMENT = "\ufffd"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
 Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
 # Context ids and slugs come from many clients: any printable text, bounded.
@@ -66,15 +70,47 @@ MaxAttempts = Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS_LIMIT)]
 MaxConcurrency = Annotated[int, Meta(ge=1, le=32)]
 TtlSeconds = Annotated[int, Meta(ge=1, le=86_400)]
 EpochMs = Annotated[int, Meta(ge=0, le=2**53)]
-WorkerUrl = Annotated[str, Meta(max_length=2048)]
-IpAddrs = Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=64)]
+WorkerUrl = Annotated[str, Meta(max_length=2048, pattern=NO_NUL)]
+IpAddrs = Annotated[list[Annotated[str, Meta(max_length=64, pattern=NO_NUL)]], Meta(max_length=64)]
 ObsCount = Annotated[int, Meta(ge=0, le=2**31 - 1)]
-Tag = Annotated[str, Meta(max_length=128)]  # db_sha, agent_version, install_method
-OsInfo = Annotated[str, Meta(max_length=512)]
+Tag = Annotated[str, Meta(max_length=128, pattern=NO_NUL)]  # db_sha, agent_version, install_method, artifact tags
+OsInfo = Annotated[str, Meta(max_length=512, pattern=NO_NUL)]
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+ArtifactType = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 MAX_TTL_SECONDS = 86_400
 MAX_CLAIM_TASKS = 32  # one claim leases at most this many (a worker's capacity is at most 32)
 MAX_CREATE_BATCH = 1000  # tasks one create of several (one transaction) takes
 LeaseToken = Annotated[str, Meta(max_length=128)]
+# Free-form JSON (metrics) nested deeper than this is refused: it must still encode,
+# decode and display everywhere it goes, and no client needs more.
+MAX_JSON_DEPTH = 32
+
+
+def clean_text(text: str) -> str:
+    """Free text as the stores keep it: each NUL replaced by U+FFFD."""
+    return text.replace("\x00", NUL_REPLACEMENT)
+
+
+def free_json(value: Any, what: str, depth: int = 1) -> Any:
+    """Free-form JSON as the stores keep it: NUL replaced in every string (keys too).
+
+    Returns ``value`` itself when nothing changes. Raises ``ValueError`` (a
+    ``ValidationError`` when decoding) if it nests deeper than ``MAX_JSON_DEPTH``."""
+    if isinstance(value, str):
+        return clean_text(value) if "\x00" in value else value
+    if isinstance(value, dict):
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        items = [(free_json(k, what), free_json(v, what, depth + 1)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, list):
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{what} is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+        cleaned = [free_json(v, what, depth + 1) for v in value]
+        return value if all(c is v for c, v in zip(cleaned, value, strict=True)) else cleaned
+    return value
 
 
 _id_lock = threading.Lock()
@@ -261,7 +297,13 @@ class NewTask(msgspec.Struct, frozen=True, kw_only=True):
     desired_format: DesiredFormat = "text"
     max_attempts: MaxAttempts = DEFAULT_MAX_ATTEMPTS
     labels: Labels = []
-    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+    def __post_init__(self) -> None:
+        if "\x00" in self.prompt:
+            msgspec.structs.force_setattr(self, "prompt", clean_text(self.prompt))
+        if any("\x00" in hint for hint in self.context_hints):
+            msgspec.structs.force_setattr(self, "context_hints", [clean_text(hint) for hint in self.context_hints])
 
 
 class WorkerUpsert(msgspec.Struct, frozen=True, kw_only=True):
@@ -314,9 +356,19 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     output: LongText | None = None
     error_message: LongText | None = None
     metrics: Annotated[dict[Annotated[str, Meta(max_length=64)], Any], Meta(max_length=64)] = {}
-    artifact_type: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
-    artifact_tags: Annotated[list[Annotated[str, Meta(max_length=128)]], Meta(max_length=256)] = []
+    artifact_type: ArtifactType | None = None
+    artifact_tags: Annotated[list[Tag], Meta(max_length=256)] = []
     retryable: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("output", "error_message"):
+            text = getattr(self, name)
+            if text is not None and "\x00" in text:
+                msgspec.structs.force_setattr(self, name, clean_text(text))
+        if self.metrics:
+            metrics = free_json(self.metrics, "metrics")
+            if metrics is not self.metrics:
+                msgspec.structs.force_setattr(self, "metrics", metrics)
 
 
 class Fence(msgspec.Struct, frozen=True, kw_only=True):
@@ -409,4 +461,10 @@ def validate(value: msgspec.Struct) -> Any:
     try:
         return msgspec.convert(msgspec.to_builtins(value), type(value))
     except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc)) from None
+        raise InvalidInput(validation_message(exc)) from None
+
+
+def validation_message(exc: msgspec.ValidationError) -> str:
+    """msgspec's message, with the NUL rule said in words rather than as its regex."""
+    text = str(exc)
+    return text.replace(f"Expected `str` matching regex {NO_NUL!r}", "Expected text without NUL (U+0000)")

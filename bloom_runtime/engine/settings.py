@@ -69,9 +69,16 @@ class ApiKey:
     secret: Secret
 
 
-def parse_api_keys(spec: str | None, *, default_prefix: str = "key") -> tuple[ApiKey, ...]:
-    """Parse ``"ops=k1,ci=k2,k3"``: named pairs, or bare keys named ``key1``, ``key2``…"""
-    if not spec:
+def _printable_ascii(value: str) -> bool:
+    # What a client can send in a header and we compare byte for byte: no spaces, no controls.
+    return value.isascii() and value.isprintable() and " " not in value
+
+
+def parse_api_keys(spec: str | None, *, default_prefix: str = "key", variable: str = "RUNTIME_API_KEY") -> tuple[ApiKey, ...]:
+    """Parse ``"ops=k1,ci=k2,k3"``: named pairs, or bare keys named ``key1``, ``key2``…
+
+    A list that names no key at all (``","``) is refused rather than read as "no auth"."""
+    if not spec or not spec.strip():
         return ()
     keys: list[ApiKey] = []
     for i, part in enumerate(p.strip() for p in spec.split(",")):
@@ -82,14 +89,28 @@ def parse_api_keys(spec: str | None, *, default_prefix: str = "key") -> tuple[Ap
             name, secret = f"{default_prefix}{i + 1}", part
         name, secret = name.strip(), secret.strip()
         if not name or not secret:
-            raise ConfigError("API keys must be 'name=key' pairs or bare keys, separated by commas")
+            raise ConfigError(f"{variable}: API keys must be 'name=key' pairs or bare keys, separated by commas")
         if len(secret) < 8:
-            raise ConfigError(f"API key {name!r} is shorter than 8 characters")
+            raise ConfigError(f"{variable}: API key {name!r} is shorter than 8 characters")
+        if not _printable_ascii(secret):
+            raise ConfigError(f"{variable}: API key {name!r} must be printable ASCII without spaces (no header could match it)")
         keys.append(ApiKey(name, Secret(secret)))
+    if not keys:
+        raise ConfigError(f"{variable} names no key (it holds only commas and spaces); unset it to run without auth")
+    check_distinct(keys, variable)
+    return tuple(keys)
+
+
+def check_distinct(keys: list[ApiKey], where: str) -> None:
+    """Refuse two keys with one name (one would shadow the other) or one value under two names."""
     names = [k.name for k in keys]
     if len(set(names)) != len(names):
-        raise ConfigError("API key names must be unique")
-    return tuple(keys)
+        raise ConfigError(f"{where}: API key names must be unique")
+    seen: dict[str, str] = {}
+    for k in keys:
+        other = seen.setdefault(k.secret.reveal(), k.name)
+        if other != k.name:
+            raise ConfigError(f"{where}: keys {other!r} and {k.name!r} have the same value; give each key its own")
 
 
 def is_loopback(host: str) -> bool:
@@ -121,7 +142,9 @@ class Settings:
     pool_max: int = 16
     db_connect_timeout_s: float = 5.0
     db_open_wait_s: float = 10.0
+    db_statement_timeout_s: float = 5.0  # PostgreSQL: longest statement, and round trip (+1 s); 0: unbounded
     ask_timeout_s: float = 30.0
+    audit_backlog_max_s: float = 10.0  # /health is unhealthy while an audit entry waits longer than this
     audit_group_commit: bool = True
     audit_batch_max: int = 2000
     write_batch_max: int = 256
@@ -133,6 +156,7 @@ class Settings:
     max_in_flight: int = 256
     rate_limit_per_s: float = 50.0
     rate_limit_burst: int = 200
+    rate_limit_fleet_factor: float = 4.0  # a key's worker calls in total: this many times rate and burst
     insecure_no_auth: bool = False
     # Push dispatch: the wait for an agent's answer is policy.timeout_sec + this grace
     # (the agent answers only once the run is over and its result was sent).
@@ -199,8 +223,8 @@ class Settings:
         values["host"] = text("HOST")
         values["port"] = number("PORT", int, 0, 65535)
         values["threads"] = number("THREADS", int, 4, 1024)
-        values["api_keys"] = parse_api_keys(text("RUNTIME_API_KEY")) or None
-        values["admin_keys"] = parse_api_keys(text("RUNTIME_ADMIN_KEY"), default_prefix="admin") or None
+        values["api_keys"] = parse_api_keys(env.get("RUNTIME_API_KEY")) or None
+        values["admin_keys"] = parse_api_keys(env.get("RUNTIME_ADMIN_KEY"), default_prefix="admin", variable="RUNTIME_ADMIN_KEY") or None
         values["membridge_server_url"] = text("MEMBRIDGE_SERVER_URL")
         for name in ("MEMBRIDGE_ADMIN_KEY", "MEMBRIDGE_AGENT_KEY"):
             raw = text(name)
@@ -212,11 +236,13 @@ class Settings:
         values["worker_offline_after_s"] = number("WORKER_OFFLINE_AFTER", float, 1, 86400 * 30)
         values["pool_max"] = number("DB_POOL_SIZE", int, 1, 500)
         values["db_open_wait_s"] = number("DB_OPEN_WAIT", float, 0.1, 3600)
+        values["db_statement_timeout_s"] = number("DB_STATEMENT_TIMEOUT", float, 0, 86400)
         values["lease_fencing"] = text("LEASE_FENCING")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", int, 1024, 1024 * MIB)
         values["max_in_flight"] = number("MAX_IN_FLIGHT", int, 1, 100_000)
         values["rate_limit_per_s"] = number("RATE_LIMIT_PER_S", float, 0, 1e9)
         values["rate_limit_burst"] = number("RATE_LIMIT_BURST", int, 1, 10**9)
+        values["rate_limit_fleet_factor"] = number("RATE_LIMIT_FLEET_FACTOR", float, 1, 10_000)
         values["dispatch_grace_s"] = number("DISPATCH_GRACE", float, 1, 86400)
         values["dispatch_max_in_flight"] = number("DISPATCH_MAX_IN_FLIGHT", int, 1, 10_000)
         values["auto_dispatch"] = flag("AUTO_DISPATCH")
@@ -239,6 +265,15 @@ class Settings:
         if self.agent_probe_interval_s and self.agent_probe_interval_s > self.worker_offline_after_s / 2:
             # A probe success must come before the worker counts as silent, or it flaps.
             raise ConfigError("AGENT_PROBE_INTERVAL must be at most half of WORKER_OFFLINE_AFTER (or 0: no probes)")
+        admin_names = {k.name for k in self.admin_keys}
+        for k in self.api_keys:
+            if k.name in admin_names:
+                # The authenticator keys principals by name: one of the two would be dropped.
+                raise ConfigError(
+                    f"API key name {k.name!r} is both a client key and an admin key; "
+                    "admin keys are valid client keys already, so list it once (in RUNTIME_ADMIN_KEY) or rename one"
+                )
+        check_distinct([*self.api_keys, *self.admin_keys], "RUNTIME_API_KEY and RUNTIME_ADMIN_KEY")
 
     @property
     def auth_enabled(self) -> bool:

@@ -23,6 +23,11 @@ def long_poll_budget(threads: int) -> int:
     return max(1, threads - max(MIN_HEARTBEAT_THREADS, threads // 8))
 
 
+def client_thread_budget(threads: int) -> int:
+    """Threads client calls may hold: the rest stay free for heartbeats and completions."""
+    return long_poll_budget(threads)
+
+
 @dataclass
 class AppContext:
     engine: Engine
@@ -42,7 +47,9 @@ class RuntimeApp(falcon.App):
 def create_app(engine: Engine, settings: Settings, *, backlog: Callable[[], int] | None = None) -> RuntimeApp:
     """Build the WSGI app over a started engine. ``backlog``: requests queued in the server."""
     metrics = Metrics(engine)
-    shedder = LoadShedder(settings.max_in_flight, long_poll_budget(settings.threads), metrics)
+    shedder = LoadShedder(
+        settings.max_in_flight, long_poll_budget(settings.threads), metrics, client_threads=client_thread_budget(settings.threads)
+    )
     if backlog is not None:
         shedder.backlog = backlog
     ctx = AppContext(engine, settings, metrics, shedder, MetricsResource(metrics), OpenApiResource())

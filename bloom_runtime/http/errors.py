@@ -22,6 +22,7 @@ from bloom_runtime.engine.errors import (
     OutcomeUnknown,
     StoreUnavailable,
     Unauthorized,
+    public_message,
 )
 from bloom_runtime.http.util import loggable_path
 
@@ -90,13 +91,13 @@ def handle_bloom_error(req: falcon.Request, resp: falcon.Response, exc: BloomErr
         resp.set_header("Retry-After", str(RETRY_AFTER_S))
     if isinstance(exc, OutcomeUnknown):
         # The cause may name the database; the client needs to know what to do next.
-        log.warning("outcome unknown on %s %s: %s", req.method, req.path, exc.message)
+        log.warning("outcome unknown on %s %s: %s", req.method, loggable_path(req.path), exc.message)
         write_error(resp, status, OUTCOME_UNKNOWN_MESSAGE)
         return
     if isinstance(exc, StoreUnavailable):
         # The driver's message may carry hosts or SQL; keep it in the server log.
         log.warning("store unavailable on %s %s: %s", req.method, loggable_path(req.path), exc.message)
-        write_error(resp, status, "storage unavailable")
+        write_error(resp, status, public_message(exc) or "storage unavailable")
         return
     write_error(resp, status, exc.message, exc.details)
 

@@ -77,6 +77,11 @@ class Op:
     access: Access = "client"
     kind: Kind = "client"
     content: str = "application/json"  # of the 2xx answer
+    waits: bool = False  # may hold its thread for a while (wait_seconds): drawn from the long-poll budget
+
+    @property
+    def long_poll(self) -> bool:
+        return self.kind == "long_poll" or self.waits
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,7 @@ ROUTES: tuple[Route, ...] = (
                                                     "(an unreachable agent costs no attempt)"),
                     503: (schemas.ErrorBody, "no push worker free, or the worker's circuit breaker is open (Retry-After)"),
                     504: (schemas.DispatchResponse, "no answer in time: the run may still be going; the lease is left to its TTL")},
-                   body=schemas.DispatchRequest, body_optional=True),
+                   body=schemas.DispatchRequest, body_optional=True, waits=True),
     }),
     Route(f"{TOKEN_BASE}{BASE}/llm-tasks/{{task_id}}/heartbeat", lambda c: dispatch.TokenHeartbeat(c.engine), {
         "POST": Op("Heartbeat of a dispatched agent: the lease token in its runtime_url is the credential, no API key "

@@ -17,6 +17,7 @@ from bloom_runtime.engine.errors import InvalidInput
 from bloom_runtime.engine.models import (
     MAX_CLAIM_TASKS,
     MAX_CREATE_BATCH,
+    NO_NUL,
     Artifact,
     Capabilities,
     Completion,
@@ -40,6 +41,7 @@ from bloom_runtime.engine.models import (
     Worker,
     WorkerStatus,
     WorkerUrl,
+    validation_message,
 )
 
 WaitSeconds = Annotated[float, Meta(ge=0, le=30)]
@@ -105,8 +107,8 @@ class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ConfigUpdate(msgspec.Struct, frozen=True, kw_only=True):
-    membridge_server_url: Annotated[str, Meta(max_length=2048)] | None = None
-    admin_key: Annotated[str, Meta(max_length=1024)] | None = None
+    membridge_server_url: Annotated[str, Meta(max_length=2048, pattern=NO_NUL)] | None = None
+    admin_key: Annotated[str, Meta(max_length=1024, pattern=NO_NUL)] | None = None
 
 
 # --- responses ----------------------------------------------------------------
@@ -230,6 +232,8 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     storage: str
     storage_ok: bool
     storage_error: str | None = None
+    writes: dict[str, Any] = {}  # ok, last_success, last_error, last_failure, last_error_age_s, failures
+    audit: dict[str, Any] = {}  # pending, oldest_age_s
     membridge: dict[str, Any] = {}
     dispatch: dict[str, Any] = {}
     jobs: dict[str, Any] = {}
@@ -300,6 +304,9 @@ def decode(body: bytes, kind: type[Any]) -> Any:
     try:
         return dec.decode(body)
     except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc)) from None
+        raise InvalidInput(validation_message(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        # msgspec counts nesting against the interpreter's recursion limit.
+        raise InvalidInput("JSON nested too deeply") from None

@@ -10,11 +10,14 @@ import threading
 import time
 from typing import Any
 
-from waitress.server import create_server
+import msgspec
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, create_server
+from waitress.task import ErrorTask
 
 from bloom_runtime.engine.engine import Engine
 from bloom_runtime.engine.settings import Settings, is_loopback
-from bloom_runtime.http.app import create_app
+from bloom_runtime.http.app import RuntimeApp, create_app
 
 log = logging.getLogger("bloom_runtime.http.server")
 
@@ -99,7 +102,30 @@ def run(args: argparse.Namespace) -> int:
         engine.stop()
 
 
-def _serve(engine: Engine, settings: Settings) -> int:
+class JsonErrorTask(ErrorTask):
+    """Waitress's own refusals (400 malformed request, 413, 431, 501) in our JSON error shape."""
+
+    SIZE_MESSAGES = {413: "request body too large", 431: "request headers too large"}
+
+    def execute(self) -> None:
+        error = self.request.error
+        # Some of waitress's messages quote the offending request line; keep only its own words.
+        detail = str(error.body or "").split('"', 1)[0].strip().rstrip(":.").lower()
+        message = self.SIZE_MESSAGES.get(error.code) or detail or error.reason.lower()
+        body = msgspec.json.encode({"error": message})
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
+def make_server(engine: Engine, settings: Settings) -> tuple[Any, RuntimeApp]:
+    """The app and the waitress server bound to ``settings.host``/``port`` (not yet running)."""
     holder: dict[str, Any] = {}
 
     def backlog() -> int:
@@ -107,8 +133,10 @@ def _serve(engine: Engine, settings: Settings) -> int:
         return len(server.task_dispatcher.queue) if server is not None else 0
 
     app = create_app(engine, settings, backlog=backlog)
+    sockets: dict[int, Any] = {}
     server = create_server(
         app,
+        map=sockets,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
@@ -119,7 +147,15 @@ def _serve(engine: Engine, settings: Settings) -> int:
         ident="bloom-runtime",
         asyncore_use_poll=True,  # select() is capped at 1024 descriptors and costs more per call
     )
+    for listener in {server, *sockets.values()}:
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = JsonErrorChannel
     holder["server"] = server
+    return server, app
+
+
+def _serve(engine: Engine, settings: Settings) -> int:
+    server, app = make_server(engine, settings)
     received: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -142,16 +178,41 @@ def _serve(engine: Engine, settings: Settings) -> int:
         _drain(server, app.context.shedder, engine)
     except BaseException:
         # Never leave the (non-daemon) loop thread serving with a stopped engine.
-        from waitress import wasyncore
-
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+        close_connections(server)
         raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         loop.join(timeout=DRAIN_TIMEOUT_S)
+        if not loop.is_alive():
+            server.trigger.close()
     log.info("stopped")
     return 0
+
+
+def close_connections(server: Any) -> None:
+    """From any thread: close the listener and every connection, so the loop ends.
+
+    The trigger (the pipe that carries this request to the loop) stays open: closed
+    inside the loop, it would race with our own write to it and with task threads
+    waking the loop, and a write could then land on a descriptor reused meanwhile.
+    Close it with ``server.trigger.close()`` once the loop thread has ended."""
+    from waitress import wasyncore
+
+    trigger = server.trigger
+
+    def close_all_but_trigger() -> None:
+        for dispatcher in list(server._map.values()):
+            if dispatcher is trigger:
+                continue
+            try:
+                # The server's own close() would close the trigger as well.
+                wasyncore.dispatcher.close(dispatcher) if dispatcher is server else dispatcher.close()
+            except OSError:
+                pass
+        server._map.clear()
+
+    trigger.pull_trigger(close_all_but_trigger)
 
 
 def _wait(condition: Any, timeout_s: float) -> bool:
@@ -181,5 +242,5 @@ def _drain(server: Any, shedder: Any, engine: Engine) -> None:
     engine.stop()  # wakes long polls (they answer 204), writes pending audit entries
     dispatcher = server.task_dispatcher
     _wait(lambda: shedder.busy == 0 and not dispatcher.queue and dispatcher.active_count == 0, DRAIN_TIMEOUT_S)
-    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+    close_connections(server)
     dispatcher.shutdown(timeout=DRAIN_TIMEOUT_S)

@@ -19,7 +19,14 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-def store_from_url(url: str | None, *, pool_min: int = 2, pool_max: int = 10, connect_timeout_s: float = 5.0) -> Store:
+def store_from_url(
+    url: str | None,
+    *,
+    pool_min: int = 2,
+    pool_max: int = 10,
+    connect_timeout_s: float = 5.0,
+    statement_timeout_s: float | None = 5.0,
+) -> Store:
     """Build (not open) the store a ``DATABASE_URL`` names; unset → SQLite file in the working directory."""
     if not url:
         from bloom_runtime.sql.sqlite import SqliteStore
@@ -29,7 +36,9 @@ def store_from_url(url: str | None, *, pool_min: int = 2, pool_max: int = 10, co
     if scheme in ("postgresql", "postgres"):
         from bloom_runtime.sql.postgres import PostgresStore
 
-        return PostgresStore(url, pool_min=pool_min, pool_max=pool_max, connect_timeout_s=connect_timeout_s)
+        return PostgresStore(
+            url, pool_min=pool_min, pool_max=pool_max, connect_timeout_s=connect_timeout_s, statement_timeout_s=statement_timeout_s
+        )
     if scheme == "sqlite":
         if not url.startswith("sqlite:///"):
             raise ConfigError("DATABASE_URL for SQLite must look like sqlite:///path/to/file.db")

@@ -9,6 +9,8 @@ import json
 from bloom_runtime.engine.errors import InvalidInput
 
 MAX_CURSOR_LEN = 512
+# Sort values are BIGINT (epoch ms); anything outside would overflow the query's parameter.
+MIN_SORT_VALUE, MAX_SORT_VALUE = -(2**63), 2**63 - 1
 
 
 def encode(sort_value: int, row_id: str) -> str:
@@ -29,8 +31,10 @@ def decode(cursor: str) -> tuple[int, str]:
         not isinstance(value, list)
         or len(value) != 2
         or type(value[0]) is not int
+        or not MIN_SORT_VALUE <= value[0] <= MAX_SORT_VALUE
         or not isinstance(value[1], str)
         or len(value[1]) > 256
+        or "\x00" in value[1]
     ):
         raise InvalidInput("invalid cursor")
     return value[0], value[1]

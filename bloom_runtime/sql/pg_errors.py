@@ -10,7 +10,8 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import PoolTimeout
 
-from bloom_runtime.engine.errors import BloomError, StoreUnavailable
+from bloom_runtime.engine.errors import BloomError, StoreFull, StoreRefused, StoreTimeout, StoreUnavailable
+from bloom_runtime.sql.pg_connection import Unanswered
 from bloom_runtime.sql.store import SessionLost, TransientConflict
 
 
@@ -35,8 +36,9 @@ SESSION_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "26000"})
 
 
 def session_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the session failed rather than the statement."""
-    if isinstance(exc, PoolTimeout):
+    """Whether ``exc`` says the session failed rather than the statement. A server that
+    did not answer in time is not a lost session: trying again would only double the wait."""
+    if isinstance(exc, (PoolTimeout, Unanswered)):
         return False
     sqlstate = getattr(exc, "sqlstate", None)
     if sqlstate is not None:
@@ -50,8 +52,17 @@ def translate(exc: BaseException, where: str) -> BloomError:
     a message that carried a commit are classified by ``Messages.send`` before they get here."""
     if isinstance(exc, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
         return TransientConflict(f"PostgreSQL rolled the transaction back ({reason(exc)}); retry it")
+    if isinstance(exc, Unanswered):
+        return StoreTimeout(f"PostgreSQL at {where} {exc}")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return StoreTimeout(f"PostgreSQL at {where} cancelled a statement: {reason(exc)}")
     if isinstance(exc, PoolTimeout):
-        return StoreUnavailable(f"no PostgreSQL connection available at {where} in time")
+        return StoreTimeout(f"no PostgreSQL connection available at {where} in time")
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StoreFull(f"PostgreSQL at {where} cannot write: {reason(exc)}")
+    if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        sqlstate = getattr(exc, "sqlstate", None)
+        return StoreRefused(f"PostgreSQL at {where} refused a value: {reason(exc)}" + (f" (sqlstate {sqlstate})" if sqlstate else ""))
     if session_lost(exc):
         return SessionLost(f"PostgreSQL at {where} lost the session: {reason(exc)}")
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):

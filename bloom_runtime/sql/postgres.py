@@ -1,8 +1,9 @@
 """The PostgreSQL store: psycopg 3, a connection pool, every statement by name.
 
-This module holds the store's lifecycle (pool, migrations), its reads and the
-cross-process wake-ups; writes go through ``PostgresTransaction`` (see
-``pg_transaction.py`` for the write path and its lock order).
+This module holds the store's lifecycle (pool, migrations) and its reads. Its
+connections, and the bounds on every wait for the server, are ``pg_connection.py``'s;
+the cross-process wake-ups ``pg_listener.py``'s; writes go through
+``PostgresTransaction`` (see ``pg_transaction.py`` for the write path and its lock order).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bloom_runtime.engine.errors import ConfigError, InvalidInput, NotFound, StoreUnavailable
@@ -36,10 +37,12 @@ from bloom_runtime.engine.models import (
 from bloom_runtime.sql import adopt
 from bloom_runtime.sql import cursor as cursors
 from bloom_runtime.sql import migrate as migrations
+from bloom_runtime.sql.pg_connection import BoundedConnection, connect_once, parse_url, session_params
 from bloom_runtime.sql.pg_errors import reason as _reason
 from bloom_runtime.sql.pg_errors import session_lost as _session_lost
 from bloom_runtime.sql.pg_errors import translate as _translate
 from bloom_runtime.sql.pg_errors import translating as _translating
+from bloom_runtime.sql.pg_listener import TaskListener
 from bloom_runtime.sql.pg_messages import Q
 from bloom_runtime.sql.pg_records import (
     RawJsonbLoader,
@@ -60,12 +63,22 @@ from bloom_runtime.sql.store import MAX_PAGE, Store, history_point
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "bloom_tasks"
-POOL_GETCONN_TIMEOUT_S = 10.0  # how long a caller waits for a free pooled connection
+POOL_GETCONN_TIMEOUT_S = 10.0  # how long a write waits for a free pooled connection
+READ_POOL_WAIT_S = 2.0  # how long a read waits for one: a busy or hung database answers 503 soon
+PING_TIMEOUT_S = 0.5  # /health's ping, pool wait included: /health answers within a second
+CHECK_TIMEOUT_S = 1.0  # the check of an idle connection before lending it
+IO_GRACE_S = 1.0  # a round trip may take the statement timeout plus this before we give up on it
 # A connection handed back less than this long ago is lent out again unchecked: it
 # answered moments ago, and a check is one more round trip on every batch and read.
 POOL_CHECK_IDLE_S = 1.0
 OPEN_RETRY_INITIAL_S = 0.05  # first pause between connection attempts in open()
 OPEN_RETRY_MAX_S = 1.0
+POOL_FILL_MIN_S = 0.2  # filling the pool after a successful probe gets at least this
+# The pool retries a lost connection with doubling pauses until this long has passed,
+# then leaves the slot to the next caller that needs one (which tries at once). Its
+# default (5 min) let the pauses grow past a minute: the pool refilled long after
+# the database was back.
+RECONNECT_TIMEOUT_S = 10.0
 # First page of a keyset listing: every real row sorts below this bound.
 _FIRST_PAGE = (2**63 - 1, "")
 
@@ -85,43 +98,34 @@ def _page(items: list[Any], limit: int, key: Callable[[Any], int]) -> Page:
     return Page(items=items, next_cursor=None)
 
 
-def _parse_url(url: str) -> tuple[dict[str, Any], str]:
-    """Validate a PostgreSQL URL (or libpq ``key=value`` string); return its parameters
-    and a password-free label for messages."""
-    if "://" in url:
-        if url.split("://", 1)[0].lower() not in ("postgresql", "postgres"):
-            raise ConfigError("DATABASE_URL for PostgreSQL must start with postgresql:// or postgres://")
-    elif "=" not in url:
-        raise ConfigError("DATABASE_URL for PostgreSQL must look like postgresql://user@host:port/dbname")
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.Error:
-        raise ConfigError("DATABASE_URL is not a valid PostgreSQL URL") from None
-    port = params.get("port")
-    if port is not None and not all(p.isdigit() and 0 < int(p) < 65536 for p in str(port).split(",")):
-        raise ConfigError("DATABASE_URL has an invalid port")
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    where = f"{host}:{port or 5432}/{params.get('dbname') or params.get('user') or ''}"
-    return params, where
-
-
 class PostgresStore(Store):
     """A ``Store`` on PostgreSQL through a psycopg connection pool."""
 
     kind = "postgresql"
 
     def __init__(
-        self, url: str, *, pool_min: int = 2, pool_max: int = 10, connect_timeout_s: float = 5.0
+        self,
+        url: str,
+        *,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        connect_timeout_s: float = 5.0,
+        statement_timeout_s: float | None = 5.0,
     ) -> None:
         if not 1 <= pool_min <= pool_max:
             raise ConfigError("pool sizes must satisfy 1 <= pool_min <= pool_max")
-        self._params, self._where = _parse_url(url)
+        self._params, self._where = parse_url(url)
         self._url = url
         self._pool_min = pool_min
         self._pool_max = pool_max
+        self._connect_timeout_s = connect_timeout_s
         # libpq counts connect_timeout in whole seconds and treats anything below 2 as 2.
         self._connect_timeout = max(2, round(connect_timeout_s))
-        self._pool: ConnectionPool[Any] | None = None
+        # None or 0: statements are not bounded, by the server or by us.
+        self._statement_timeout_s = statement_timeout_s or None
+        self._io_timeout_s = self._statement_timeout_s + IO_GRACE_S if self._statement_timeout_s else None
+        self._session = session_params(self._params, self._io_timeout_s)
+        self._pool: ConnectionPool[BoundedConnection] | None = None
         self._lock = threading.Lock()
         self._returned_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
         self._prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], set[str]] = weakref.WeakKeyDictionary()
@@ -131,70 +135,80 @@ class PostgresStore(Store):
 
     # --- lifecycle -----------------------------------------------------------
 
-    @staticmethod
-    def _configure(conn: psycopg.Connection[Any]) -> None:
+    def _configure(self, conn: BoundedConnection) -> None:
         conn.adapters.register_loader("jsonb", RawJsonbLoader)
         # The store prepares the statements it runs often itself (SCRIPTED). The driver's
         # own cache must stay off: after any rollback it deallocates every prepared
         # statement of the session, ours included, and the next batch would fail.
         conn.prepare_threshold = None
+        conn.io_timeout_s = self._io_timeout_s
+        if self._statement_timeout_s:
+            with conn.bounded(io_timeout_s=CHECK_TIMEOUT_S + self._connect_timeout):
+                conn.execute(Q["set_statement_timeout"], {"ms": str(round(self._statement_timeout_s * 1000))})
 
-    def _live(self, conn: psycopg.Connection[Any]) -> bool:
+    def _live(self, conn: BoundedConnection, deadline: float | None) -> bool:
         """Whether a pooled connection can be used. One handed back moments ago is lent
         as it is (a check is one more round trip on every batch and read); should its
         session have died meanwhile, the server's answer says so and nothing is lost
-        (see ``SessionLost``)."""
+        (see ``SessionLost``). The check of the others is bounded, by the caller's
+        ``deadline`` too: /health must not wait out a full check."""
         if conn.closed or conn.broken:
             return False
         returned = self._returned_at.get(conn)
         if returned is not None and time.monotonic() - returned < POOL_CHECK_IDLE_S:
             return True
         try:
-            ConnectionPool.check_connection(conn)
+            with conn.bounded(deadline=deadline, io_timeout_s=CHECK_TIMEOUT_S):
+                ConnectionPool.check_connection(conn)
         except psycopg.Error:
             return False
         return True
 
     def _probe(self, deadline: float) -> None:
-        """Connect once directly until ``deadline``, so a failure can name its reason."""
+        """Connect directly until ``deadline`` and no later, so a failure can name its reason."""
+        conninfo = make_conninfo(self._url, **self._session).encode()
         pause = OPEN_RETRY_INITIAL_S
         while True:
             remaining = deadline - time.monotonic()
-            try:
-                psycopg.connect(self._url, connect_timeout=self._connect_timeout).close()
+            failure = connect_once(conninfo, min(self._connect_timeout_s, max(remaining, 0.0)))
+            if failure is None:
                 return
-            except psycopg.Error as exc:
-                reason = _reason(exc)
-                permanent = any(
-                    s in reason
-                    for s in ("authentication failed", "does not exist", "no pg_hba.conf entry", "invalid")
-                )
-                if permanent or remaining <= pause:
-                    raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: {reason}") from exc
-            time.sleep(pause)  # backoff between attempts while the server may be starting
+            reason = _reason(failure)
+            permanent = any(
+                s in reason for s in ("authentication failed", "does not exist", "no pg_hba.conf entry", "invalid")
+            )
+            remaining = deadline - time.monotonic()
+            if permanent or remaining <= 0:
+                raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: {reason}") from failure
+            time.sleep(min(pause, remaining))  # backoff between attempts while the server may be starting
             pause = min(pause * 2, OPEN_RETRY_MAX_S)
 
     def open(self, wait_s: float = 10.0) -> None:
+        """Connect and fill the pool; give up with ``StoreUnavailable`` after ``wait_s``."""
         with self._lock:
             if self._pool is not None:
                 return
             deadline = time.monotonic() + wait_s
             self._probe(deadline)
-            pool: ConnectionPool[Any] = ConnectionPool(
+            pool: ConnectionPool[BoundedConnection] = ConnectionPool(
                 self._url,
+                connection_class=BoundedConnection,
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 open=False,
                 configure=self._configure,
-                # Autocommit: a read is one round trip; writes open `conn.transaction()`.
-                kwargs={"connect_timeout": self._connect_timeout, "autocommit": True},
+                # Autocommit: a read is one round trip; writes send their own BEGIN.
+                kwargs={"connect_timeout": self._connect_timeout, "autocommit": True, **self._session},
                 timeout=POOL_GETCONN_TIMEOUT_S,
+                reconnect_timeout=RECONNECT_TIMEOUT_S,
                 name="bloom-runtime",
             )
             try:
-                pool.open(wait=True, timeout=max(deadline - time.monotonic(), 1.0))
+                # The server answered the probe: filling the pool takes moments, unless it
+                # stopped answering since, and then the wait must still end on time.
+                pool.open(wait=True, timeout=max(deadline - time.monotonic(), POOL_FILL_MIN_S))
             except PoolTimeout as exc:
-                pool.close()
+                pool.close(timeout=0)
                 raise StoreUnavailable(f"cannot connect to PostgreSQL at {self._where}: pool did not fill in time") from exc
             self._pool = pool
 
@@ -205,63 +219,78 @@ class PostgresStore(Store):
             pool.close()
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(self, pool_wait_s: float | None = None, deadline: float | None = None) -> Iterator[BoundedConnection]:
+        """A live pooled connection, waited for up to ``pool_wait_s`` (None: the pool's
+        ``POOL_GETCONN_TIMEOUT_S``); ``deadline`` (``time.monotonic()``) bounds its whole use."""
         pool = self._pool
         if pool is None:
             raise StoreUnavailable("the PostgreSQL store is not open")
+        give_up = time.monotonic() + (POOL_GETCONN_TIMEOUT_S if pool_wait_s is None else pool_wait_s)
+        if deadline is not None:
+            give_up = min(give_up, deadline)
         # Dead connections (the server restarted, or terminated their sessions) are
         # dropped here rather than by the pool's check, which pauses a second or more
         # after each failed one; the pool opens replacements in the background.
         for _ in range(self._pool_max + 1):
-            conn = pool.getconn()
-            if self._live(conn):
+            conn = pool.getconn(timeout=max(give_up - time.monotonic(), 0.0))
+            if self._live(conn, give_up):
                 break
             conn.close()
             pool.putconn(conn)
         else:
             raise StoreUnavailable(f"no live PostgreSQL connection to {self._where}")
         try:
-            yield conn
+            with conn, conn.bounded(deadline=deadline):  # as pool.connection(): ends a transaction left open
+                yield conn
         finally:
             # Not the pool's reset hook: with one, the pool returns every connection
             # through its worker thread.
             self._returned_at[conn] = time.monotonic()
-            lost = conn.broken
+            lost = conn.broken and not conn.gave_up
             pool.putconn(conn)
             if lost:
                 # A lost session seldom comes alone (a restart, sessions terminated
-                # together): check the idle ones before the retry takes one.
+                # together): check the idle ones before the retry takes one. Not after
+                # a server that did not answer: each check would wait as long again.
                 pool.check()
 
     @_translating
     def migrate(self) -> list[str]:
         applied: list[str] = []
         with self._conn() as conn:
-            while True:
-                # One migration per transaction, each under the advisory lock; a second
-                # migrator waits here and then finds the work done.
-                with conn.transaction():
-                    conn.execute(Q["migrations_lock"])
-                    present = adopt.first_version_tables(conn)
-                    if present:
-                        # The first version's tables: made 0001's, recorded as 0001, in this transaction.
-                        now = time.time_ns() // 1_000_000
-                        report = adopt.adopt(conn, present, now)
+            # A migration may take long (an index on a large table, adopting the first
+            # version's tables), and so may waiting for another process's: neither is
+            # bounded, by the server or by us.
+            bound, conn.io_timeout_s = conn.io_timeout_s, None
+            try:
+                while True:
+                    # One migration per transaction, each under the advisory lock; a second
+                    # migrator waits here and then finds the work done.
+                    with conn.transaction():
+                        conn.execute(Q["no_statement_timeout"])
+                        conn.execute(Q["migrations_lock"])
+                        present = adopt.first_version_tables(conn)
+                        if present:
+                            # The first version's tables: made 0001's, recorded as 0001, in this transaction.
+                            now = time.time_ns() // 1_000_000
+                            report = adopt.adopt(conn, present, now)
+                            conn.execute(Q["create_schema_migrations"])
+                            conn.execute(Q["record_migration"], {"version": adopt.ADOPTED_AS, "now": now})
+                            conn.execute(Q["insert_audit"], {"rows": encode(report.entries).decode()})
+                            applied.append(f"{adopt.ADOPTED_AS} (adopted from the first version's tables)")
+                            continue
                         conn.execute(Q["create_schema_migrations"])
-                        conn.execute(Q["record_migration"], {"version": adopt.ADOPTED_AS, "now": now})
-                        conn.execute(Q["insert_audit"], {"rows": encode(report.entries).decode()})
-                        applied.append(f"{adopt.ADOPTED_AS} (adopted from the first version's tables)")
-                        continue
-                    conn.execute(Q["create_schema_migrations"])
-                    done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
-                    todo = migrations.pending("postgres", done)
-                    if not todo:
-                        return applied
-                    step = todo[0]
-                    conn.execute(step.sql.encode(), prepare=False)
-                    conn.execute(Q["record_migration"], {"version": step.version, "now": time.time_ns() // 1_000_000})
-                log.info("applied migration %s", step.version)
-                applied.append(step.version)
+                        done = {r[0] for r in conn.execute(Q["applied_migrations"]).fetchall()}
+                        todo = migrations.pending("postgres", done)
+                        if not todo:
+                            return applied
+                        step = todo[0]
+                        conn.execute(step.sql.encode(), prepare=False)
+                        conn.execute(Q["record_migration"], {"version": step.version, "now": time.time_ns() // 1_000_000})
+                    log.info("applied migration %s", step.version)
+                    applied.append(step.version)
+            finally:
+                conn.io_timeout_s = bound
 
     @_translating
     def check_schema(self) -> None:
@@ -279,7 +308,8 @@ class PostgresStore(Store):
 
     @_translating
     def ping(self) -> None:
-        with self._conn() as conn:
+        """``SELECT 1``, answered within ``PING_TIMEOUT_S`` (``StoreTimeout`` otherwise)."""
+        with self._conn(pool_wait_s=PING_TIMEOUT_S, deadline=time.monotonic() + PING_TIMEOUT_S) as conn:
             conn.execute(Q["ping"]).fetchone()
 
     @contextlib.contextmanager
@@ -304,20 +334,21 @@ class PostgresStore(Store):
         """Call ``callback()`` on every ``bloom_tasks`` notification until ``stop_event`` is set.
 
         Blocks: run it on a thread of its own. See ``TaskListener``."""
-        TaskListener(self._url, callback, connect_timeout_s=self._connect_timeout).run(stop_event)
+        TaskListener(self._url, callback, connect_timeout_s=self._connect_timeout, session=self._session).run(stop_event)
 
     # --- reads ---------------------------------------------------------------
 
     def _read(self, name: str, params: dict[str, Any], fetch: Callable[[psycopg.Cursor[Any]], Any]) -> Any:
-        """Run a read; once more on another connection if the session was lost (a read
-        changes nothing, so running it twice is harmless)."""
+        """Run a read, waiting ``READ_POOL_WAIT_S`` at most for a connection; once more on
+        another connection if the session was lost (a read changes nothing, so running it
+        twice is harmless), but not after a server that did not answer in time."""
         try:
-            with self._conn() as conn:
+            with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
                 return fetch(conn.execute(Q[name], params))
         except psycopg.Error as exc:
             if not _session_lost(exc):
                 raise
-        with self._conn() as conn:
+        with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
             return fetch(conn.execute(Q[name], params))
 
     def _read_one(self, name: str, params: dict[str, Any]) -> Any:
@@ -498,79 +529,3 @@ class PostgresStore(Store):
     def history(self, since: int, until: int) -> list[HistoryPoint]:
         rows = self._read_all("history", {"since": since, "until": until})
         return [history_point(r) for r in rows]
-
-
-# --- cross-process wake-ups -----------------------------------------------------------
-
-
-class ListenBackoff:
-    """Reconnect delays of the listener: doubling from ``initial_s`` up to ``max_s``.
-
-    Tests shrink the constants instead of sleeping."""
-
-    initial_s = 0.1
-    max_s = 5.0
-
-    def __init__(self) -> None:
-        self._next = self.initial_s
-
-    def reset(self) -> None:
-        self._next = self.initial_s
-
-    def next_s(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self.max_s)
-        return delay
-
-
-class TaskListener:
-    """Hold a dedicated autocommit connection doing ``LISTEN bloom_tasks``; call
-    ``callback()`` on each notification (any process queued a task).
-
-    After every (re)connect it calls ``callback()`` once as well, since
-    notifications sent while disconnected are lost."""
-
-    POLL_S = 0.2  # how often the loop looks at the stop event while idle
-
-    def __init__(
-        self,
-        url: str,
-        callback: Callable[[], None],
-        *,
-        connect_timeout_s: int = 5,
-        backoff: ListenBackoff | None = None,
-    ) -> None:
-        _, self._where = _parse_url(url)
-        self._url = url
-        self._callback = callback
-        self._connect_timeout = max(2, int(connect_timeout_s))
-        self._backoff = backoff or ListenBackoff()
-        self.connected = threading.Event()  # set while LISTEN is active (tests wait on it)
-
-    def _fire(self) -> None:
-        try:
-            self._callback()
-        except Exception:  # a faulty callback must not stop the wake-ups
-            log.exception("task listener callback failed")
-
-    def run(self, stop_event: threading.Event) -> None:
-        """Listen until ``stop_event`` is set; reconnect with backoff on errors."""
-        while not stop_event.is_set():
-            try:
-                with psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
-                    conn.execute(Q["listen_tasks"])
-                    self._backoff.reset()
-                    self._fire()
-                    self.connected.set()
-                    while not stop_event.is_set():
-                        for _ in conn.notifies(timeout=self.POLL_S):
-                            self._fire()
-                            if stop_event.is_set():
-                                break
-            except psycopg.Error as exc:
-                self.connected.clear()
-                delay = self._backoff.next_s()
-                log.warning("task listener lost PostgreSQL at %s (%s); retrying in %.1f s", self._where, _reason(exc), delay)
-                stop_event.wait(delay)
-            finally:
-                self.connected.clear()

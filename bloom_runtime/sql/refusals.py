@@ -37,6 +37,20 @@ NOT_REQUEUEABLE = "not_requeueable"
 NOT_CANCELLABLE = "not_cancellable"
 
 
+def lease_verdict(status: str | None, not_before: int | None, attempts: int, max_attempts: int, now: int) -> str:
+    """Whether a task in this state may be leased at ``now`` (``status`` None: no such
+    task). PostgreSQL states the same rule in ``grant_leases``."""
+    if status is None:
+        return TASK_NOT_FOUND
+    if status != "queued":
+        return NOT_QUEUED
+    if not_before is not None and not_before > now:
+        return BACKOFF
+    if attempts >= max_attempts:
+        return NO_ATTEMPTS
+    return OK
+
+
 def fence_verdict(status: str | None, lease_id: str | None, worker_id: str | None, fence: Fence) -> str:
     """The fence rule of heartbeat and complete, on the task as it is (``status`` None:
     no such task). PostgreSQL states the same rule in ``fenced_writes``."""

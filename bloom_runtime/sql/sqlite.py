@@ -27,6 +27,8 @@ from bloom_runtime.engine.errors import (
     InvalidInput,
     NotFound,
     OutcomeUnknown,
+    StoreFull,
+    StoreRefused,
     StoreUnavailable,
 )
 from bloom_runtime.engine.models import (
@@ -81,6 +83,7 @@ DEFAULT_ARTIFACT_TYPE = "llm_output"  # when a completion names none
 _NO_CURSOR_TS = 2**63 - 1  # keyset start when no cursor: after every row
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
+_SQLITE_FULL = 13  # the disk (or max_page_count) has no room left
 
 if sqlite3.sqlite_version_info < (3, 35, 0):  # pragma: no cover - depends on the platform
     raise ImportError(f"bloom-runtime needs SQLite >= 3.35 (RETURNING); this Python has {sqlite3.sqlite_version}")
@@ -195,10 +198,14 @@ def _audit(r: Sequence[Any]) -> AuditEntry:
 
 
 def _translate(exc: sqlite3.Error) -> StoreUnavailable:
-    """Our error for a driver error: busy/locked is retryable, anything else is an outage."""
+    """Our error for a driver error: busy/locked is retryable, a full disk says so, anything else is an outage."""
     code = getattr(exc, "sqlite_errorcode", None)
     if (code is not None and (code & 0xFF) in (_SQLITE_BUSY, _SQLITE_LOCKED)) or "database is locked" in str(exc):
         return TransientConflict(f"SQLite database is locked: {exc}")
+    if code is not None and (code & 0xFF) == _SQLITE_FULL:
+        return StoreFull(f"SQLite cannot write: {exc}")
+    if isinstance(exc, (sqlite3.DataError, sqlite3.IntegrityError)):
+        return StoreRefused(f"SQLite refused a value: {exc}")
     return StoreUnavailable(f"SQLite error: {exc}")
 
 
@@ -676,15 +683,7 @@ def _lease_verdict(state: tuple[Any, ...] | None, now: int) -> str:
     """Whether a task (its ``task_state`` row; None: none) may be leased now."""
     if state is None:
         return refusals.TASK_NOT_FOUND
-    status, not_before, *_rest = state
-    attempts, max_attempts = state[4], state[5]
-    if status != "queued":
-        return refusals.NOT_QUEUED
-    if not_before is not None and not_before > now:
-        return refusals.BACKOFF
-    if attempts >= max_attempts:
-        return refusals.NO_ATTEMPTS
-    return refusals.OK
+    return refusals.lease_verdict(state[0], state[1], state[4], state[5], now)
 
 
 # --- the store ---------------------------------------------------------------

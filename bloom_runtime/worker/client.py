@@ -237,11 +237,20 @@ class RuntimeClient:
                 data=encode_body(body),
                 headers={"Content-Type": "application/json"},
                 timeout=timeout_s or self.timeout_s,
+                # Never: requests would carry the API key header to wherever Location points.
+                allow_redirects=False,
             )
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Transient(f"{type(exc).__name__} calling {path}: {exc}") from exc
         except requests.RequestException as exc:  # e.g. a malformed answer from a proxy
             raise Transient(f"{type(exc).__name__} calling {path}: {exc}") from exc
+        if 300 <= resp.status_code < 400:
+            location = resp.headers.get("Location", "nowhere")
+            resp.close()
+            raise WorkerError(
+                f"runtime answered {path} with a redirect ({resp.status_code} to {location}); "
+                "the API key is not sent across redirects: set the runtime URL to the final address"
+            )
         if resp.status_code >= 500 or resp.status_code == 429:
             text = _error_text(resp)
             resp.close()

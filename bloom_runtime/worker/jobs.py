@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ STDERR_TAIL_BYTES = 4096  # how much of stderr an error result carries
 READ_CHUNK_BYTES = 65_536
 PIPE_DRAIN_TIMEOUT_S = 5.0  # after the process group is gone its pipes close at once; this only bounds odd cases
 SHELL = "/bin/sh"
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch.py")
 # The worker's own key never reaches the command it runs.
 SCRUBBED_ENV = ("RUNTIME_API_KEY", "RUNTIME_ADMIN_KEY", "MEMBRIDGE_ADMIN_KEY", "MEMBRIDGE_AGENT_KEY")
 
@@ -89,7 +91,7 @@ def task_environment(task: Mapping[str, Any], lease: Mapping[str, Any], base: Ma
 
 
 class CommandJob:
-    """``/bin/sh -c COMMAND`` in its own process group, prompt on stdin.
+    """``/bin/sh -c COMMAND`` in its own process group, prompt on stdin (see ``command_argv``).
 
     Stdout is kept up to ``max_output_bytes`` (beyond that the job is an error;
     the rest is drained so the command never blocks on a full pipe); stderr
@@ -125,7 +127,7 @@ class CommandJob:
 
     def start(self) -> None:
         proc = subprocess.Popen(
-            [SHELL, "-c", self.command],
+            command_argv(self.command),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -214,6 +216,14 @@ class CommandJob:
             t.join(PIPE_DRAIN_TIMEOUT_S)
         self.done.set()
         self._on_done()
+
+
+def command_argv(command: str) -> list[str]:
+    """``/bin/sh -c COMMAND``, on Linux under ``launch.py`` so it dies with the worker, even by SIGKILL."""
+    shell = [SHELL, "-c", command]
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return shell
+    return [sys.executable, "-I", "-S", LAUNCHER, str(os.getpid()), *shell]
 
 
 def _killpg(pgid: int) -> None:

@@ -85,6 +85,7 @@ class _Slot:
     """One task in flight."""
 
     grant: Grant
+    job: Job | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     reported: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -157,6 +158,10 @@ class Worker:
                 self.request_stop()
             self._drain(claimer)
         finally:
+            # Whatever way we leave (a crash, an interrupt in the drain), no command outlives
+            # us, and no result is retried after we are gone.
+            self._kill_running()
+            self._give_up.set()
             self._client.close()
         if self._fatal is not None:
             raise self._fatal
@@ -248,7 +253,7 @@ class Worker:
         job: Job | None = None
         outcome: Outcome | None = None
         try:
-            job = self._job_factory(task, lease, slot.wake.set)
+            job = slot.job = self._job_factory(task, lease, slot.wake.set)
             try:
                 job.start()
             except OSError as exc:
@@ -365,6 +370,13 @@ class Worker:
         log.log(level, "task %s %s %.0f ms%s", task_id, status, ms, f": {detail}" if detail else "")
 
     # --- stopping ----------------------------------------------------------------
+
+    def _kill_running(self) -> None:
+        self._kill_now.set()
+        with self._cond:
+            jobs = [slot.job for slot in self._slots if slot.job is not None]
+        for job in jobs:
+            job.kill()
 
     def _end_grace(self) -> None:
         self._kill_now.set()

@@ -9,7 +9,7 @@ import pytest
 from bloom_runtime.engine.settings import parse_api_keys
 from bloom_runtime.http.routes import OPS, ROUTES
 
-from .conftest import ADMIN_KEY, CLIENT_KEY, new_task, snapshot, wait_for
+from .conftest import ADMIN_KEY, CLIENT_KEY, OTHER_KEY, new_task, snapshot, wait_for
 
 API = "/api/runtime"
 HEADER = "X-Runtime-API-Key"
@@ -141,3 +141,69 @@ def test_long_polls_have_their_own_budget(make_client):
         t.join()
     assert sorted(results) == [200, 204]
     assert shedder.busy == 0
+
+
+def test_worker_routes_have_a_per_key_total_so_new_ids_do_not_bypass_the_limit(live_server, tmp_path):
+    """A new path id per request used to get a fresh bucket each time: 100 000 heartbeats at 883 req/s passed."""
+    import time
+
+    import requests
+
+    rate, burst, factor = 1.0, 10, 4
+    server = live_server(
+        database_url=f"sqlite:///{tmp_path}/rl.db", api_keys=parse_api_keys(f"fleet={CLIENT_KEY},other={OTHER_KEY}"),
+        rate_limit_per_s=rate, rate_limit_burst=burst, rate_limit_fleet_factor=factor,
+    )
+    s = requests.Session()
+    s.headers[HEADER] = CLIENT_KEY
+    started = time.monotonic()
+    codes = [s.post(f"{server.url}/llm-tasks/minted-{i}/heartbeat", timeout=10).status_code for i in range(150)]
+    elapsed = time.monotonic() - started
+    passed = codes.count(404)
+    assert set(codes) <= {404, 429}
+    assert passed <= burst * factor + rate * factor * elapsed + 1, (passed, elapsed)
+    assert codes.count(429) >= 150 - burst * factor - rate * factor * elapsed - 1
+    r = s.post(f"{server.url}/llm-tasks/minted-x/heartbeat", timeout=10)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and r.json()["error"]
+    # Another key's workers are not held back by this one.
+    assert s.post(f"{server.url}/llm-tasks/minted-y/heartbeat", headers={HEADER: OTHER_KEY}, timeout=10).status_code == 404
+
+
+def test_slow_client_calls_cannot_take_the_slots_heartbeats_need(live_server, tmp_path):
+    """Client calls stuck in the app (here: /stats held on an event) fill up to their share, never the whole server."""
+    import concurrent.futures
+
+    import requests
+
+    server = live_server(database_url=f"sqlite:///{tmp_path}/shed.db", threads=8, max_in_flight=6, rate_limit_per_s=0)
+    s = requests.Session()
+    s.post(server.url + "/workers", json={"name": "w-1", "capabilities": {"max_concurrency": 4}}).raise_for_status()
+    task = s.post(server.url + "/llm-tasks", json=new_task()).json()
+    lease = s.post(server.url + f"/llm-tasks/{task['id']}/lease", json={"worker_id": "w-1"}).json()["lease"]
+
+    release = threading.Event()
+    real_stats = server.engine.stats
+
+    def slow_stats() -> dict:
+        release.wait(30)
+        return real_stats()
+
+    server.engine.stats = slow_stats  # type: ignore[method-assign]
+    shedder = server.app.context.shedder
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        try:
+            slow = [pool.submit(requests.get, server.url + "/stats", timeout=30) for _ in range(8)]
+            # Client calls take what they may; those over their share are refused at once.
+            wait_for(lambda: sum(f.done() for f in slow) + shedder.in_flight >= 8)
+            refused = [f.result() for f in slow if f.done()]
+            assert refused and all(r.status_code == 503 and r.headers["retry-after"] for r in refused)
+            for _ in range(3):
+                beat = s.post(server.url + f"/llm-tasks/{task['id']}/heartbeat", json={"lease_id": lease["id"]}, timeout=10)
+                assert beat.status_code == 200, beat.text
+            done = s.post(server.url + f"/llm-tasks/{task['id']}/complete",
+                          json={"status": "success", "output": "ok", "lease_id": lease["id"]}, timeout=10)
+            assert done.status_code == 200, done.text
+        finally:
+            release.set()
+        held = [f.result() for f in slow if f.result().status_code == 200]
+    assert held, "client calls were refused altogether"

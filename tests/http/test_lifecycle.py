@@ -152,3 +152,12 @@ def test_pagination_link_walk(make_client, db_url, path):
     assert pages == 3
     ids = [e["id"] if path == "llm-tasks" else e["entity_id"] for e in seen]
     assert len(ids) == len(set(ids)) == 7 and set(ids) == created
+
+
+def test_http_lease_of_a_cancelled_task_is_409(make_client, db_url):
+    client = make_client(database_url=db_url)
+    task = client.simulate_post("/api/runtime/llm-tasks", json=new_task()).json
+    client.simulate_post(f"/api/runtime/llm-tasks/{task['id']}/cancel")
+    r = client.simulate_post(f"/api/runtime/llm-tasks/{task['id']}/lease", json={})
+    assert r.status_code == 409 and r.json["error"] == "task is cancelled, not queued", r.text
+    assert "retry-after" not in r.headers

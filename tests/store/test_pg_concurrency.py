@@ -23,7 +23,8 @@ from bloom_runtime.engine.models import (
     WorkerUpsert,
     new_id,
 )
-from bloom_runtime.sql.postgres import PostgresStore, TaskListener
+from bloom_runtime.sql.pg_listener import TaskListener
+from bloom_runtime.sql.postgres import PostgresStore
 
 from ..conftest import run_together
 

@@ -7,7 +7,6 @@ the very session the previous fault touched.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from bloom_runtime.engine.settings import Settings
 from bloom_runtime.sql.postgres import PostgresStore
 from bloom_runtime.sql.store import CreateOp, SessionLost
 
-from ..conftest import run_together, truncate_pg
+from ..conftest import backend_pids, run_together, terminate, truncate_pg, wait_for
 from .test_contract import T0, add_task, new_task
 
 pytestmark = pytest.mark.postgres
@@ -64,28 +63,6 @@ def test_a_write_after_a_rolled_back_one_on_the_same_connection_succeeds(one_con
 
 
 # --- terminated sessions ----------------------------------------------------------
-
-
-def backend_pids(url: str) -> list[int]:
-    """The server processes of every session on the test database but the caller's."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchall()
-    return [r[0] for r in rows]
-
-
-def terminate(url: str, pids: list[int]) -> None:
-    """``pg_terminate_backend`` each session and wait until the server has ended it."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        for pid in pids:
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        for _ in range(500):
-            left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone()
-            if left is not None and left[0] == 0:
-                return
-            time.sleep(0.01)  # the server ends each process asynchronously
-    raise AssertionError(f"sessions {pids} still alive")
 
 
 @pytest.fixture
@@ -162,14 +139,10 @@ def test_a_session_terminated_while_its_commit_is_in_flight_is_reported_unknown(
             return tx.apply([CreateOp(new_task(), new_id())], T0, commit=True)
 
     def terminate_when_waiting(_: int) -> None:
-        for _ in range(1000):
-            if pid and commit_gate.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (pid[0],)
-            ).fetchone() == (1,):
-                terminate(pg_url, pid)
-                return
-            time.sleep(0.01)  # polling the server's view of the session; bounded above
-        raise AssertionError("the commit never waited on the gate")
+        wait_for(lambda: pid and commit_gate.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", (pid[0],)
+        ).fetchone() == (1,), what="the commit waiting on the gate")
+        terminate(pg_url, pid)
 
     result, _ = run_together(2, lambda i: batch() if i == 0 else terminate_when_waiting(i))
     assert isinstance(result, OutcomeUnknown), result

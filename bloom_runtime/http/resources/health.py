@@ -28,9 +28,7 @@ class Health:
         self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        report = self.engine.health()
-        if report.get("storage_error"):
-            report["storage_error"] = "storage unavailable"  # details stay in the server log
+        report = self.engine.health()  # public words only: details stay in the server log
         report["membridge"] = membridge_state(self.engine)
         report["dispatch"] = self.engine.dispatch.state()
         send(resp, report, 200 if report["status"] == "ok" else 503)

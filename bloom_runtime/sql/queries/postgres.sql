@@ -30,6 +30,14 @@ INSERT INTO schema_migrations (version, applied_at) VALUES (%(version)s, %(now)s
 -- name: ping
 SELECT 1
 
+-- name: set_statement_timeout
+-- Bound every statement of this session (milliseconds, as text; '0': no bound).
+SELECT set_config('statement_timeout', %(ms)s, false)
+
+-- name: no_statement_timeout
+-- A migration may run long (an index on a large table): no bound for this transaction.
+SELECT set_config('statement_timeout', '0', true)
+
 -- ---------------------------------------------------------------- notifications
 
 -- name: notify_tasks
