@@ -155,6 +155,16 @@ def test_the_agent_s_error_is_recorded_and_the_task_retried(runtime, agents):
     assert out["task"]["status"] == "queued" and out["task"]["attempts"] == 1  # its complete(error) arrived
 
 
+def test_an_agent_error_holding_nul_is_recorded_with_u_fffd(runtime, agents):
+    rt = runtime()
+    agent = agents(run=Run(exit_code=1, stderr="bad\u0000byte"))
+    vouch(rt, agent)
+    t = create(rt)
+    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
+    assert r.status_code == 200, r.text
+    assert task(rt, t["id"])["delivery"]["detail"] == "bad\ufffdbyte"
+
+
 def test_an_unreachable_agent_costs_no_attempt_and_its_open_breaker_answers_503(runtime, agents):
     rt = runtime()
     agent = agents()

@@ -39,7 +39,7 @@ import pykka
 from bloom_runtime.actors.base import BatchingActor, Record, Write, _fail, audit
 from bloom_runtime.actors.messages import Sighting
 from bloom_runtime.engine.clock import Clock
-from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, Worker
+from bloom_runtime.engine.models import AuditEntry, Delivery, LeaseGrant, Worker, clean_text
 from bloom_runtime.sql.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class Outcome:
     state: str
     agent_status: int | None = None
     detail: str | None = None
+
+    def __post_init__(self) -> None:
+        # The detail is a peer's words: stored as other free text is, so NUL cannot make PostgreSQL refuse the record.
+        if self.detail is not None:
+            object.__setattr__(self, "detail", clean_text(self.detail))
 
 
 @dataclass
