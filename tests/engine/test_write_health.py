@@ -114,11 +114,13 @@ def test_postgres_writes_failing_and_a_hung_audit_writer_show_in_health(proxied_
     fault_proxy.hang()
     try:
         server.engine.record([audit(server.engine.clock.now_ms(), "probe", "test", new_id(), "test")], wait=False)
-        assert s.post(server.url + "/llm-tasks", json={"context_id": "c", "agent_slug": "a", "prompt": "p"}).status_code == 503
+        # 503 when the pool's check of the connection timed out before anything was sent, 504 when the
+        # create's message was sent and never answered: which one depends on the connection's age.
+        assert s.post(server.url + "/llm-tasks", json={"context_id": "c", "agent_slug": "a", "prompt": "p"}).status_code in (503, 504)
         body = wait_for(lambda: (b := s.get(server.url + "/health", timeout=5).json())["audit"]["pending"] and
                         b["audit"]["oldest_age_s"] >= 0.5 and b)
         assert body["status"] == "unhealthy" and body["writes"]["ok"] is False
-        assert body["writes"]["last_error"] == "StoreTimeout: storage did not answer in time"
+        assert body["writes"]["last_error"].split(":")[0] in ("StoreTimeout", "OutcomeUnknown")
     finally:
         fault_proxy.forward()
     wait_for(lambda: s.get(server.url + "/health", timeout=5).json()["audit"]["pending"] == 0, timeout_s=20)
