@@ -67,3 +67,37 @@ def test_set_statements_of_a_batch_use_indexes(analysed_empty: PostgresStore) ->
         scans = _scans(tx._messages.cur, "fenced_writes", {"rows": rows, "now": T0})
     assert not any(s.startswith("Seq Scan") for s in scans), scans
     assert {"llm_tasks", "leases"} <= {s.rsplit(" on ", 1)[1] for s in scans}
+
+
+def _claim_plan(cur: psycopg.Cursor[Any]) -> set[str]:
+    params = {"worker_id": "w-1", "want": 1, "ttl": None, "lease_ids": json.dumps(["lease-x"]), "actor": None,
+              "audit_ids": "[]", "grace": 30, "now": T0}
+    return _scans(cur, "claim_tasks", params)
+
+
+@pytest.fixture
+def queue_grown_since_analyse(analysed_empty: PostgresStore, pg_url: str) -> PostgresStore:
+    # Statistics that say the queue is empty, and 3 000 queued tasks.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO llm_tasks (id, context_id, agent_slug, prompt, created_at, updated_at) "
+            "SELECT 'q-' || n, 'c', 'a', 'p', %(t)s::bigint + n, %(t)s::bigint + n FROM generate_series(1, 3000) n",
+            {"t": T0},
+        )
+        conn.execute("INSERT INTO workers (id, node_id, status, capabilities, registered_at) VALUES ('w-1', 'w-1', 'online', '{}'::jsonb, %(t)s)",
+                     {"t": T0})
+    return analysed_empty
+
+
+def test_a_claim_would_otherwise_read_and_sort_the_whole_queue(queue_grown_since_analyse: PostgresStore, pg_url: str) -> None:
+    # The premise of the test below.
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        assert "Bitmap Heap Scan on llm_tasks" in _claim_plan(conn.cursor())
+
+
+def test_a_claim_walks_the_queue_index_in_order(queue_grown_since_analyse: PostgresStore) -> None:
+    with queue_grown_since_analyse.transaction() as tx:
+        tx._messages.begin()
+        scans = _claim_plan(tx._messages.cur)
+    assert "Index Scan on llm_tasks" in scans and not any(s.startswith(("Seq Scan", "Bitmap")) for s in scans), scans
