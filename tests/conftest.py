@@ -7,6 +7,7 @@ started from the installed binaries.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -154,17 +155,24 @@ def database_url(request, tmp_path) -> str:
     return url
 
 
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[Store]:
+@contextlib.contextmanager
+def fresh_pg_store(pg_url: str, pool_min: int = 2, pool_max: int = 40) -> Iterator[Any]:
+    """An open PostgresStore on the emptied test database, closed afterwards."""
     from bloom_runtime.sql.postgres import PostgresStore
 
     truncate_pg(pg_url)
-    store = PostgresStore(pg_url, pool_min=2, pool_max=40)
+    store = PostgresStore(pg_url, pool_min=pool_min, pool_max=pool_max)
     store.open(wait_s=10)
     try:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[Store]:
+    with fresh_pg_store(pg_url) as store:
+        yield store
 
 
 @pytest.fixture

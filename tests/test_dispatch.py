@@ -142,27 +142,20 @@ def test_a_second_dispatch_while_running_answers_with_the_delivery(runtime, agen
     assert agent.count("POST /execute-task") == 1
 
 
-def test_the_agent_s_error_is_recorded_and_the_task_retried(runtime, agents):
+# An error holding NUL is stored as other free text is (PostgreSQL refused the record before).
+@pytest.mark.parametrize(("stderr", "stored"), [("claude: rate limited", "claude: rate limited"), ("bad\u0000byte", "bad\ufffdbyte")])
+def test_the_agent_s_error_is_recorded_and_the_task_retried(runtime, agents, stderr, stored):
     rt = runtime()
-    agent = agents(run=Run(exit_code=1, stderr="claude: rate limited"))
-    vouch(rt, agent)
-    t = create(rt)
-    r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
-    assert r.status_code == 200
-    out = r.json()
-    assert out["delivery"]["state"] == "agent_error" and out["delivery"]["detail"] == "claude: rate limited"
-    assert out["execution"]["ok"] is False
-    assert out["task"]["status"] == "queued" and out["task"]["attempts"] == 1  # its complete(error) arrived
-
-
-def test_an_agent_error_holding_nul_is_recorded_with_u_fffd(runtime, agents):
-    rt = runtime()
-    agent = agents(run=Run(exit_code=1, stderr="bad\u0000byte"))
+    agent = agents(run=Run(exit_code=1, stderr=stderr))
     vouch(rt, agent)
     t = create(rt)
     r = rt.api("POST", f"/llm-tasks/{t['id']}/dispatch", json={"wait_seconds": 10})
     assert r.status_code == 200, r.text
-    assert task(rt, t["id"])["delivery"]["detail"] == "bad\ufffdbyte"
+    out = r.json()
+    assert out["delivery"]["state"] == "agent_error" and out["delivery"]["detail"] == stored
+    assert task(rt, t["id"])["delivery"]["detail"] == stored
+    assert out["execution"]["ok"] is False
+    assert out["task"]["status"] == "queued" and out["task"]["attempts"] == 1  # its complete(error) arrived
 
 
 def test_an_unreachable_agent_costs_no_attempt_and_its_open_breaker_answers_503(runtime, agents):

@@ -20,7 +20,7 @@ from bloom_runtime.engine.settings import Settings
 from bloom_runtime.sql.postgres import PostgresStore
 from bloom_runtime.sql.store import CreateOp, SessionLost
 
-from ..conftest import backend_pids, run_together, terminate, truncate_pg, wait_for
+from ..conftest import backend_pids, fresh_pg_store, run_together, terminate, truncate_pg, wait_for
 from .test_contract import T0, add_task, new_task
 
 pytestmark = pytest.mark.postgres
@@ -28,13 +28,8 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 def one_conn_store(pg_url: str) -> Iterator[PostgresStore]:
-    truncate_pg(pg_url)
-    store = PostgresStore(pg_url, pool_min=1, pool_max=1)
-    store.open(wait_s=10)
-    try:
+    with fresh_pg_store(pg_url, pool_min=1, pool_max=1) as store:
         yield store
-    finally:
-        store.close()
 
 
 def create_batch(store: PostgresStore, n: int = 1) -> list[str]:
@@ -67,13 +62,8 @@ def test_a_write_after_a_rolled_back_one_on_the_same_connection_succeeds(one_con
 
 @pytest.fixture
 def pool_store(pg_url: str) -> Iterator[PostgresStore]:
-    truncate_pg(pg_url)
-    store = PostgresStore(pg_url, pool_min=4, pool_max=4)
-    store.open(wait_s=10)
-    try:
+    with fresh_pg_store(pg_url, pool_min=4, pool_max=4) as store:
         yield store
-    finally:
-        store.close()
 
 
 def test_the_requests_after_the_sessions_are_terminated_all_succeed(pool_store: PostgresStore, pg_url: str) -> None:
