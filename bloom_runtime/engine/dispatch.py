@@ -49,7 +49,7 @@ from .errors import (
 from .models import DELIVERY_STATES, Delivery, LeaseGrant, Task, Worker, new_id
 from .outgoing import MembridgeResponse, upstream_reason
 from .urls import join, validate_outgoing_url
-from .worker_trust import require_verified
+from .worker_trust import require_verified, with_verification
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -187,8 +187,11 @@ class DispatchService:
         engine = self._engine
         if not engine.running:
             return 0
+        vouched = engine.store.worker_trust()
+        if not vouched and engine.allowed is None:
+            return 0  # no URL is vouched for and no host allowed: no worker can be pushed to
         exclude = self._open_breakers()
-        workers = [w for w in engine.workers.list("online")
+        workers = [w for w in (with_verification(w, vouched, engine.allowed) for w in engine.store.list_workers("online"))
                    if w.url_verified and w.capabilities.claude_cli and w.id not in exclude]
         room = sum(max(0, w.free_capacity) for w in workers)
         room = min(room, engine.settings.dispatch_max_in_flight - self.in_flight)

@@ -532,7 +532,7 @@ class TaskService(_Service):
         # Creates with one idempotency key share a shard, so they serialise in-process.
         key = new.idempotency_key or new_id()
         task, created = self._engine.call("queue", lambda r: CreateTasks([new], actor, r), key=key)
-        self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
+        self._engine.routing_keys.remember(task)
         return task, created
 
     def create_many(self, news: Sequence[NewTask], actor: str = "api") -> builtins.list[tuple[Task, bool]]:
@@ -553,7 +553,7 @@ class TaskService(_Service):
             if isinstance(answer, BloomError):
                 raise answer  # only an id already taken, which fresh ids never are
         for task, _ in answers:
-            self._engine.routing_keys.remember(task.id, task.context_id, task.labels)
+            self._engine.routing_keys.remember(task)
         return answers
 
     def get(self, task_id: str) -> Task:
@@ -595,7 +595,7 @@ class TaskService(_Service):
         if completion.status != "success":
             return completion
         reason = _json_refusal(completion.output)
-        if reason is None or self._engine.store.get_task(task_id).desired_format != "json":
+        if reason is None or self._engine.routing_keys.of(task_id, self._engine.store.get_task).desired_format != "json":
             return completion  # valid JSON needs no look at the task; text is anything
         return msgspec.structs.replace(
             completion, status="error", retryable=True,
@@ -638,12 +638,7 @@ class LeaseService(_Service):
         # single worker, so no two shards ever wait on each other's worker rows.
         if worker_id is not None:
             return engine.call("leases", lambda r: AcquireLease(task_id, [worker_id], ttl, actor, r), key=worker_id)
-        routing = engine.routing_keys.get(task_id)
-        if routing is None:
-            task = engine.store.get_task(task_id)
-            routing = (task.context_id, tuple(task.labels))
-            engine.routing_keys.remember(task_id, *routing)
-        context_id, labels = routing
+        context_id, labels, _ = engine.routing_keys.of(task_id, engine.store.get_task)
         for fresh in (False, True):
             pick = functools.partial(_pick_message, context_id, list(labels), fresh=fresh, push=push, exclude=exclude)
             candidates = engine.call("registry", pick, write=False)

@@ -25,6 +25,7 @@ _SCRIPT_PARAM_TYPES = {
     "now": "bigint", "rows": "json", "ids": "text[]", "leases": "text[]", "keys": "text[]",
     "default_timeout": "integer", "grace": "integer", "worker_id": "text", "want": "integer",
     "ttl": "integer", "lease_ids": "jsonb", "audit_ids": "jsonb", "actor": "text", "limit": "integer",
+    "id": "text", "task_id": "text", "key": "text", "context_id": "text", "status": "text", "labels": "jsonb",
 }
 _PARAM = re.compile(r"%\((\w+)\)s")
 
@@ -59,6 +60,16 @@ SCRIPTED = {
     )
 }
 
+# The reads the write path and the workers' calls make on every operation, prepared as
+# the writes are: parsing and planning one cost the server more than running it. Each
+# finds its rows by key or reads the small workers table.
+PREPARED_READS = frozenset({
+    "get_task", "get_lease", "get_worker", "latest_result", "latest_delivery", "get_task_by_idempotency_key",
+    "due_tasks", "sticky_workers", "worker_candidates", "list_workers", "list_workers_by_status", "worker_trust",
+    "worker_leases",
+})
+SCRIPTED.update({name: _scripted(name) for name in PREPARED_READS})
+
 # Every statement a write transaction runs finds its rows by key. On a young table
 # (empty, or grown since its last ANALYZE) the planner prices a sequential scan as
 # cheaper, and a connection's cached generic plan keeps scanning the whole table until
@@ -67,8 +78,16 @@ SCRIPTED = {
 # Bitmap scans off as well: with statistics that still say the queue is nearly empty, a
 # claim read every queued task through a bitmap scan and sorted them all to take the
 # oldest one (16 ms with 5 000 queued), instead of walking the queue index in order.
-BEGIN_STATEMENTS = (b"BEGIN", b"SET LOCAL enable_seqscan = off", b"SET LOCAL enable_bitmapscan = off")
+# Generic plans always: with these scans off every statement's plan is the same index
+# walk whatever its arguments, and a custom plan cost a lock of tasks by id more to plan
+# (0.2-0.3 ms, on every batch) than to run.
+BEGIN_STATEMENTS = (b"BEGIN", b"SET LOCAL enable_seqscan = off", b"SET LOCAL enable_bitmapscan = off",
+                    b"SET LOCAL plan_cache_mode = force_generic_plan")
 BEGIN = b";\n".join(BEGIN_STATEMENTS)
+
+# A prepared read on an autocommit connection: the scan settings above hold for it too.
+READ_HEAD = b";\n".join(BEGIN_STATEMENTS)
+READ_SKIP = len(BEGIN_STATEMENTS)  # results before the read's own
 
 SCRIPT_MAX_BYTES = 8 << 20  # text one message of several statements carries
 
@@ -189,3 +208,23 @@ class Messages:
             return False
         return failed_at < commit_at or not self.conn.broken
 
+
+
+def read_prepared(conn: psycopg.Connection[Any], prepared: set[str], name: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+    """Run one of ``PREPARED_READS`` in a message of its own; the cursor is left on its rows.
+
+    ``prepared`` is the connection's set of prepared statements (see ``Messages``); a
+    session that lost them (``InvalidSqlStatementName``) prepares them again next time."""
+    cur = psycopg.ClientCursor(conn)
+    statement = SCRIPTED[name]
+    try:
+        if name not in prepared:
+            cur.execute(statement.prepare)
+            prepared.add(name)
+        cur.execute(READ_HEAD + b";\n" + cur.mogrify(statement.execute, params).encode() + b";\nCOMMIT")
+    except psycopg.errors.InvalidSqlStatementName:
+        prepared.clear()
+        raise
+    for _ in range(READ_SKIP):
+        cur.nextset()
+    return cur

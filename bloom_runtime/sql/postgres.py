@@ -43,7 +43,7 @@ from bloom_runtime.sql.pg_errors import session_lost as _session_lost
 from bloom_runtime.sql.pg_errors import translate as _translate
 from bloom_runtime.sql.pg_errors import translating as _translating
 from bloom_runtime.sql.pg_listener import TaskListener
-from bloom_runtime.sql.pg_messages import Q
+from bloom_runtime.sql.pg_messages import PREPARED_READS, Q, read_prepared
 from bloom_runtime.sql.pg_records import (
     RawJsonbLoader,
     artifact_record,
@@ -344,12 +344,20 @@ class PostgresStore(Store):
         twice is harmless), but not after a server that did not answer in time."""
         try:
             with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
-                return fetch(conn.execute(Q[name], params))
+                return fetch(self._execute(conn, name, params))
         except psycopg.Error as exc:
-            if not _session_lost(exc):
+            if not (_session_lost(exc) or isinstance(exc, psycopg.errors.InvalidSqlStatementName)):
                 raise
         with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
-            return fetch(conn.execute(Q[name], params))
+            return fetch(self._execute(conn, name, params))
+
+    def _execute(self, conn: BoundedConnection, name: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        if name not in PREPARED_READS:
+            return conn.execute(Q[name], params)
+        prepared = self._prepared.get(conn)
+        if prepared is None:
+            prepared = self._prepared[conn] = set()
+        return read_prepared(conn, prepared, name, params)
 
     def _read_one(self, name: str, params: dict[str, Any]) -> Any:
         return self._read(name, params, psycopg.Cursor.fetchone)

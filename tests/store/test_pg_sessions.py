@@ -57,6 +57,23 @@ def test_a_write_after_a_rolled_back_one_on_the_same_connection_succeeds(one_con
         assert [store.get_task(i).status for i in made] == ["queued", "queued"]
 
 
+def test_a_read_on_a_session_that_lost_its_statements_prepares_again(one_conn_store: PostgresStore) -> None:
+    """A pooler or an operator's DEALLOCATE ALL empties the session: the next read says
+    nothing of it (it runs once more, prepared again), and the writes after it prepare
+    theirs again too."""
+    store = one_conn_store
+    task = add_task(store)
+    assert store.get_task(task.id).id == task.id  # prepared now, on the only connection
+    create_batch(store)
+    for _ in range(2):
+        with store._conn() as conn:
+            conn.execute("DEALLOCATE ALL")
+        assert store.get_task(task.id).id == task.id
+        assert store.list_workers() == []
+        made = create_batch(store)
+        assert store.get_task(made[0]).status == "queued"
+
+
 # --- terminated sessions ----------------------------------------------------------
 
 
