@@ -1,9 +1,10 @@
 """bloom-runtime over HTTP: its own worker loop (``bloom_runtime.worker.run``) against
 a running server (``--runtime-url``), producers posting tasks over keep-alive.
 
-Consumers are one worker of concurrency ``-c`` (drain, steady) that claims every free
-slot at once; with ``--batch 1`` and drain, ``-c`` workers of concurrency one claim a
-task at a time instead. Every completion is committed before the worker hears back.
+A drain has ``-c`` workers of concurrency ``--batch``, as the embedded driver's
+consumers: each claims its free slots at once (one task at a time with ``--batch 1``),
+and the results finishing together go back in one request. A steady lifecycle has one
+worker of concurrency ``-c``. Every completion is committed before the worker hears back.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def main() -> None:
         ran.ran(task["prompt"])
         return "ok"
 
-    if args.workload == "drain" and args.batch == 1:
-        workers = [(f"w{i}", 1) for i in range(args.c)]
+    if args.workload == "drain":
+        workers = [(f"w{i}", args.batch) for i in range(args.c)]
     else:
         workers = [("w0", args.c)]
     loops = [

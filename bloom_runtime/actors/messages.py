@@ -34,6 +34,15 @@ class CompleteTask:
 
 
 @dataclass
+class CompleteTasks:
+    """Record several results in one transaction; answers the list, refusals as values."""
+
+    items: Sequence[tuple[str, Fence, Completion]]  # (task_id, fence, completion)
+    actor: str
+    reply: pykka.ThreadingFuture
+
+
+@dataclass
 class RequeueTask:
     task_id: str
     actor: str

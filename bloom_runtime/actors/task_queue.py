@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bloom_runtime.actors.base import BatchingActor, Record, Write
-from bloom_runtime.actors.messages import CancelTask, CompleteTask, CreateTasks, RequeueTask
+from bloom_runtime.actors.messages import CancelTask, CompleteTask, CompleteTasks, CreateTasks, RequeueTask
 from bloom_runtime.engine.clock import Clock
 from bloom_runtime.engine.errors import BloomError
 from bloom_runtime.engine.models import Task, new_id
@@ -44,6 +44,18 @@ class TaskQueue(BatchingActor):
         if isinstance(m, CompleteTask):
             op = CompleteOp(m.task_id, m.fence, m.completion, new_id(), new_id(), self.retry_delay)
             return self.change(m.reply, m.actor, op, key=m.task_id, after=lambda out: out.task.status == "queued" and self.on_queued([out.task]))
+
+        if isinstance(m, CompleteTasks):
+
+            def retried(answers: Any) -> None:
+                queued = [a.task for a in answers if not isinstance(a, BloomError) and a.task.status == "queued"]
+                if queued:
+                    self.on_queued(queued)
+
+            done = [CompleteOp(task_id, fence, completion, new_id(), new_id(), self.retry_delay)
+                    for task_id, fence, completion in m.items]
+            return self.change(m.reply, m.actor, *done, many=True, key=min(task_id for task_id, _, _ in m.items),
+                               after=retried)
 
         if isinstance(m, RequeueTask):
             return self.change(m.reply, m.actor, RequeueOp(m.task_id), key=m.task_id, after=lambda task: self.on_queued([task]))

@@ -35,6 +35,7 @@ from bloom_runtime.actors.messages import (
     CancelTask,
     ClaimNext,
     CompleteTask,
+    CompleteTasks,
     CreateTasks,
     FailLease,
     Heartbeat,
@@ -70,6 +71,7 @@ from bloom_runtime.engine.lease_tokens import LeaseTokens
 from bloom_runtime.engine.membridge_service import MembridgeService
 from bloom_runtime.engine.models import (
     MAX_CLAIM_TASKS,
+    MAX_COMPLETE_BATCH,
     MAX_CREATE_BATCH,
     MAX_TTL_SECONDS,
     TASK_STATUSES,
@@ -590,6 +592,32 @@ class TaskService(_Service):
         return self._engine.call(
             "queue", lambda r: CompleteTask(task_id, fence, completion, actor or fence.worker_id or "api", r), key=task_id
         )
+
+    def complete_many(
+        self, items: Sequence[tuple[str, Completion, Fence]], actor: str = "api"
+    ) -> builtins.list[CompletionOutcome | BloomError]:
+        """Record up to ``MAX_COMPLETE_BATCH`` results in one transaction, each as ``complete``
+        would; for each, in order, its outcome or why it was refused (a value, not raised:
+        one stale lease does not hold up the others). A completion or fence no request could
+        make valid raises ``InvalidInput`` naming its index, before anything is recorded."""
+        if not 1 <= len(items) <= MAX_COMPLETE_BATCH:
+            raise InvalidInput(f"a batch holds 1 to {MAX_COMPLETE_BATCH} completions")
+        checked: builtins.list[tuple[str, Fence, Completion] | BloomError] = []
+        for n, (task_id, completion, fence) in enumerate(items):
+            try:
+                completion, fence = validate(completion), validate(fence)
+            except InvalidInput as exc:
+                raise InvalidInput(f"completion {n}: {exc.message}", index=n) from None
+            try:
+                checked.append((task_id, self._engine.leases.prove(task_id, fence), self._checked_format(task_id, completion)))
+            except BloomError as exc:
+                if isinstance(exc, (StoreUnavailable, OutcomeUnknown)):
+                    raise
+                checked.append(exc)  # a token that is not this lease's, or an unknown task
+        runnable = [c for c in checked if not isinstance(c, BloomError)]
+        answers = iter(self._engine.call("queue", lambda r: CompleteTasks(runnable, actor, r),
+                                         key=min(t for t, _, _ in runnable)) if runnable else [])
+        return [c if isinstance(c, BloomError) else next(answers) for c in checked]
 
     def _checked_format(self, task_id: str, completion: Completion) -> Completion:
         if completion.status != "success":

@@ -80,6 +80,7 @@ ArtifactType = Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
 MAX_TTL_SECONDS = 86_400
 MAX_CLAIM_TASKS = 32  # one claim leases at most this many (a worker's capacity is at most 32)
 MAX_CREATE_BATCH = 1000  # tasks one create of several (one transaction) takes
+MAX_COMPLETE_BATCH = 1000  # results one completion of several (one transaction) takes
 LeaseToken = Annotated[str, Meta(max_length=128)]
 # Free-form JSON (metrics) nested deeper than this is refused: it must still encode,
 # decode and display everywhere it goes, and no client needs more.

@@ -180,6 +180,13 @@ ROUTES: tuple[Route, ...] = (
         "POST": Op("Record the result of the active lease", {200: (schemas.CompleteResponse, "recorded")},
                    body=schemas.CompleteRequest, kind="worker"),
     }),
+    Route(f"{BASE}/completions", lambda c: tasks.Completions(c.engine), {
+        "POST": Op("Record up to 1000 results in one transaction, each as /llm-tasks/{task_id}/complete would; "
+                   "answered with a list in the same order, each recorded (ok) or refused with the status and "
+                   "error that call would have answered",
+                   {200: (list[schemas.CompletionAnswer], "one answer per completion")},
+                   body=schemas.CompletionBatch, kind="worker"),
+    }),
     Route(f"{BASE}/llm-tasks/{{task_id}}/requeue", lambda c: tasks.TaskRequeue(c.engine), {
         "POST": Op("failed/dead → queued, attempts reset", {200: (Task, "requeued")}),
     }),

@@ -16,6 +16,7 @@ from msgspec import Meta
 from bloom_runtime.engine.errors import InvalidInput
 from bloom_runtime.engine.models import (
     MAX_CLAIM_TASKS,
+    MAX_COMPLETE_BATCH,
     MAX_CREATE_BATCH,
     NO_NUL,
     Artifact,
@@ -92,6 +93,29 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
         return Fence(lease_id=self.lease_id, worker_id=self.worker_id, lease_token=self.lease_token)
 
 
+class CompletionItem(Completion, frozen=True, kw_only=True):
+    """One result of a batch: the task, the lease it ran under, and the completion."""
+
+    task_id: Id
+    lease_id: Id | None = None
+    lease_token: LeaseToken | None = None
+
+
+class CompletionBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """POST /completions: results recorded in one transaction, by ``worker_id`` when named
+    (every item's fence then names it, as ``complete``'s ``worker_id`` does)."""
+
+    worker_id: Id | None = None
+    completions: Annotated[list[CompletionItem], Meta(min_length=1, max_length=MAX_COMPLETE_BATCH)]
+
+    def items(self) -> list[tuple[str, Completion, Fence]]:
+        return [
+            (c.task_id, Completion(**{f: getattr(c, f) for f in Completion.__struct_fields__}),
+             Fence(lease_id=c.lease_id, worker_id=self.worker_id, lease_token=c.lease_token))
+            for c in self.completions
+        ]
+
+
 class AgentUpdateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """POST /workers/{id}/agent-update: passed on to the agent's /self-update (it defaults to its origin)."""
 
@@ -161,6 +185,20 @@ class CompleteResponse(msgspec.Struct, frozen=True, kw_only=True):
     task: Task
     result: Result
     artifact: Artifact
+
+
+class CompletionAnswer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One item of a batch's answer: recorded (``ok``, with what ``complete`` answers), or
+    refused with the status and error ``complete`` would have answered for it alone."""
+
+    task_id: str
+    ok: bool
+    status: int
+    task: Task | None = None
+    result: Result | None = None
+    artifact: Artifact | None = None
+    error: str | None = None
+    details: dict[str, Any] | None = None
 
 
 class DispatchResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

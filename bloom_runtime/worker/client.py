@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -46,6 +46,15 @@ class Busy(Transient):
 
 class UnknownWorker(Exception):
     """The runtime does not know this worker (it lost its registry, or the worker was deleted)."""
+
+
+class Unbatched(Exception):
+    """The runtime did not take a batch of results as a whole; send them one by one.
+    ``supported`` False: it takes no batch at all (an older runtime)."""
+
+    def __init__(self, message: str, supported: bool) -> None:
+        super().__init__(message)
+        self.supported = supported
 
 
 class Rejected(Exception):
@@ -227,6 +236,22 @@ class RuntimeClient:
             raise Rejected(f"{resp.status_code} {_error_text(resp)}")
         raise self._refusal("complete", resp)
 
+    def complete_many(self, worker_id: str, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+        """Report several results in one request (``POST /completions``); for each item, in
+        order, what ``complete`` returns for it, or the exception it raises, as a value.
+        Raises ``Unbatched`` when the runtime takes no batch (an older one), or refused this
+        one as a whole: then send each on its own."""
+        completions = [{**{k: v for k, v in body.items() if k != "worker_id"}, "task_id": task_id} for task_id, body in items]
+        resp = self._post("/completions", {"worker_id": worker_id, "completions": completions})
+        if resp.status_code in (404, 405, 400, 413, 422):
+            raise Unbatched(f"{resp.status_code} {_error_text(resp)}", supported=resp.status_code not in (404, 405))
+        if resp.status_code != 200:
+            raise self._refusal("complete", resp)
+        answers = _json(resp)
+        if not isinstance(answers, list) or len(answers) != len(items) or not all(isinstance(a, dict) for a in answers):
+            raise Transient("completions answered 200 without one answer per result")
+        return [_item_answer(a) for a in answers]
+
     # --- plumbing --------------------------------------------------------------
 
     def _post(self, path: str, body: Mapping[str, Any], *, timeout_s: float | None = None) -> requests.Response:
@@ -262,3 +287,18 @@ class RuntimeClient:
         if resp.status_code in (401, 403):
             return WorkerError(f"runtime refused the API key on {call} ({resp.status_code}: {_error_text(resp)})")
         return WorkerError(f"runtime refused {call} ({resp.status_code}: {_error_text(resp)})")
+
+
+def _item_answer(answer: dict[str, Any]) -> Any:
+    """One item of a batch's answer, as ``complete`` would have returned or raised it."""
+    if answer.get("ok") is True:
+        return answer
+    status = answer.get("status")
+    text = str(answer.get("error") or "refused")
+    if status in (404, 409):
+        return None
+    if status in (400, 413, 422):
+        return Rejected(f"{status} {text}")
+    if status in (401, 403):
+        return WorkerError(f"runtime refused the result ({status}: {text})")
+    return Transient(f"{status} from /completions: {text}")

@@ -32,6 +32,7 @@ from bloom_runtime.worker.client import (
     WorkerError,
     encode_body,
 )
+from bloom_runtime.worker.completions import CompletionSender
 from bloom_runtime.worker.jobs import Job, Outcome, check_format
 
 log = logging.getLogger("bloom_runtime.worker")
@@ -43,6 +44,9 @@ LEASE_GRACE_S = 30  # the runtime's default TTL is timeout + this
 MIN_HEARTBEAT_S = 0.2  # never heartbeat faster than this, whatever the TTL
 FINAL_REPORT_S = 10.0  # after the grace, how long results may still try to reach the runtime
 MAX_POLL_WAIT_S = 30
+# A claim waits this long at most for the results being sent, whose slots free together
+# when the answer comes: one claim then takes them all, not one claim per freed slot.
+REPORTS_WAIT_S = 0.5
 STOP_CHECK_S = 0.5  # longest the main thread blocks at once, so signal handlers and inside stops run promptly
 
 JobFactory = Callable[[Mapping[str, Any], Mapping[str, Any], Callable[[], None]], Job]
@@ -88,6 +92,7 @@ class _Slot:
     job: Job | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     reported: threading.Event = field(default_factory=threading.Event)
+    reporting: bool = False  # its result is being sent
     thread: threading.Thread | None = None
 
 
@@ -114,6 +119,8 @@ class Worker:
         self._clock = clock
         # a connection per task thread plus the claimer's long poll
         self._client = RuntimeClient(config.runtime_url, config.api_key, max_connections=config.concurrency + 2)
+        # Results finishing together share a request (one transaction on the runtime).
+        self._completions = CompletionSender(self._client, config.name, max_batch=config.concurrency)
         self._cond = threading.Condition()
         self._slots: set[_Slot] = set()  # running or reporting; a slot frees when its job has ended
         self._stop = threading.Event()  # no more claims
@@ -194,6 +201,9 @@ class Worker:
                     self._cond.wait_for(lambda: self._stop.is_set() or len(self._slots) < self.config.concurrency)
                     if self._stop.is_set():
                         break
+                    if self.config.concurrency > 1:
+                        self._cond.wait_for(lambda: self._stop.is_set() or not any(s.reporting for s in self._slots),
+                                            REPORTS_WAIT_S)
                     free = self.config.concurrency - len(self._slots)
                 try:
                     # One claim for every free slot: the runtime leases them in one transaction.
@@ -299,6 +309,7 @@ class Worker:
                     slot.wake.clear()
             assert outcome is not None
             outcome = check_format(outcome, str(task.get("desired_format") or "text"))
+            slot.reporting = True  # read under the lock by the claimer; it frees with the slot
             self._report(task_id, lease_id, slot.grant.token, outcome, started, lease_deadline)
         except WorkerError as exc:  # e.g. the key was revoked mid-task
             log.error("task %s abandoned: %s", task_id, exc.message)
@@ -327,7 +338,7 @@ class Worker:
         backoff = self._new_backoff()
         while True:
             try:
-                accepted = self._client.complete(task_id, body)
+                accepted = self._completions.complete(task_id, body)
             except Transient as exc:
                 delay = exc.retry_after_s if exc.retry_after_s is not None else backoff.next_delay()
                 if self._clock() + delay > lease_deadline or self._give_up.is_set():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bloom_runtime.engine.models import MAX_CLAIM_TASKS, MAX_CREATE_BATCH
+from bloom_runtime.engine.models import MAX_CLAIM_TASKS, MAX_COMPLETE_BATCH, MAX_CREATE_BATCH
 
 from .conftest import new_task, snapshot
 
@@ -106,3 +106,76 @@ def test_the_openapi_document_describes_both_shapes(client):
     claim = doc["paths"][f"{API}/workers/{{worker_id}}/claim"]["post"]
     assert any(s.get("type") == "array" for s in claim["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"])
     assert "504" in create["responses"] and "504" not in doc["paths"][f"{API}/llm-tasks"]["get"]["responses"]
+
+
+def _claimed(c, n: int, worker: str = "puller") -> list[dict]:
+    c.simulate_post(f"{API}/workers", json={"name": worker, "capabilities": {"max_concurrency": n}})
+    c.simulate_post(f"{API}/llm-tasks", json=[new_task(prompt=f"p{k}") for k in range(n)])
+    r = c.simulate_post(f"{API}/workers/{worker}/claim", json={"max_tasks": n})
+    assert r.status_code == 200, r.text
+    return r.json
+
+
+def test_results_of_several_leases_are_recorded_together_with_one_answer_each(make_client, db_url):
+    c = make_client(database_url=db_url)
+    grants = _claimed(c, 4)
+    ok, failed, stale, forged = grants
+    c.simulate_post(f"{API}/llm-tasks/{stale['task']['id']}/cancel")  # its lease ends before the batch
+    body = {"worker_id": "puller", "completions": [
+        {"task_id": ok["task"]["id"], "lease_id": ok["lease"]["id"], "lease_token": ok["lease_token"],
+         "status": "success", "output": "done", "metrics": {"duration_ms": 3}},
+        {"task_id": failed["task"]["id"], "lease_id": failed["lease"]["id"], "status": "error",
+         "error_message": "boom", "retryable": False},
+        {"task_id": stale["task"]["id"], "lease_id": stale["lease"]["id"], "status": "success", "output": "late"},
+        {"task_id": forged["task"]["id"], "lease_token": ok["lease_token"], "status": "success", "output": "x"},
+    ]}
+    r = c.simulate_post(f"{API}/completions", json=body)
+    assert r.status_code == 200, r.text
+    answers = r.json
+    assert [a["task_id"] for a in answers] == [g["task"]["id"] for g in grants]
+    assert [(a["ok"], a["status"]) for a in answers] == [(True, 200), (True, 200), (False, 409), (False, 409)]
+    assert answers[0]["task"]["status"] == "completed" and answers[0]["result"]["output"] == "done"
+    assert answers[0]["artifact"]["task_id"] == ok["task"]["id"]
+    assert answers[1]["task"]["status"] == "failed" and answers[1]["result"]["error_message"] == "boom"
+    assert "error" in answers[2] and "task" not in answers[2]
+    assert ok["lease_token"] not in r.text  # a token is never echoed
+    # As four single calls would have left them: the refused ones unchanged, each recorded one audited.
+    assert c.simulate_get(f"{API}/llm-tasks/{stale['task']['id']}").json["status"] == "cancelled"
+    assert c.simulate_get(f"{API}/llm-tasks/{forged['task']['id']}").json["status"] == "leased"
+    audit = c.simulate_get(f"{API}/audit", params={"action": "task_completed"}).json
+    assert [(e["entity_id"], e["actor"]) for e in audit] == [(ok["task"]["id"], "puller")]
+    assert len(c.simulate_get(f"{API}/audit", params={"action": "task_failed"}).json) == 1
+
+
+def test_a_result_sent_twice_in_one_batch_is_recorded_once(make_client, db_url):
+    c = make_client(database_url=db_url)
+    (g,) = _claimed(c, 1)
+    item = {"task_id": g["task"]["id"], "lease_id": g["lease"]["id"], "status": "success", "output": "x"}
+    r = c.simulate_post(f"{API}/completions", json={"completions": [item, item]})
+    assert r.status_code == 200, r.text
+    assert [a["ok"] for a in r.json] == [True, False]
+    assert len(c.simulate_get(f"{API}/llm-tasks/{g['task']['id']}/result").json) > 0
+    assert len(c.simulate_get(f"{API}/audit", params={"action": "task_completed"}).json) == 1
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"completions": []}, "length >= 1"),
+        ({}, "completions"),
+        ([{"status": "success"}], "object"),
+        ({"completions": [{"task_id": "t", "status": "success"}] * (MAX_COMPLETE_BATCH + 1)}, f"length <= {MAX_COMPLETE_BATCH}"),
+        ({"completions": [{"task_id": "t", "status": "bogus"}]}, "$.completions[0].status"),
+        ({"completions": [{"status": "success"}]}, "task_id"),
+    ],
+    ids=["empty", "missing", "a-list", "too-long", "bad-status", "no-task"],
+)
+def test_a_bad_batch_of_results_is_refused_whole(client, body, needle):
+    (g,) = _claimed(client, 1)
+    if isinstance(body, dict) and body.get("completions") and body["completions"][0].get("task_id") == "t":
+        body = {"completions": [{**item, "task_id": g["task"]["id"]} for item in body["completions"]]}
+    before = snapshot(client.engine)
+    r = client.simulate_post(f"{API}/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert needle in r.json["error"], r.json
+    assert snapshot(client.engine) == before

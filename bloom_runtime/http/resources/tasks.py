@@ -6,9 +6,10 @@ import falcon
 import msgspec
 
 from bloom_runtime.engine.engine import Engine
-from bloom_runtime.engine.errors import InvalidInput
-from bloom_runtime.engine.models import Fence, NewTask
+from bloom_runtime.engine.errors import BloomError, InvalidInput
+from bloom_runtime.engine.models import CompletionOutcome, Fence, NewTask
 from bloom_runtime.http import schemas
+from bloom_runtime.http.errors import status_for
 from bloom_runtime.http.util import actor, body, path_id, query_int, query_name, query_str, send, send_page
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -94,6 +95,27 @@ class TaskComplete:
         done: schemas.CompleteRequest = body(req, schemas.CompleteRequest)
         out = self.engine.tasks.complete(task_id, done.completion(), done.fence(), actor=done.worker_id or actor(req))
         send(resp, schemas.CompleteResponse(task=out.task, result=out.result, artifact=out.artifact))
+
+
+class Completions:
+    """Several results in one transaction: one answer per item, in order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        batch: schemas.CompletionBatch = body(req, schemas.CompletionBatch)
+        items = batch.items()
+        answers = self.engine.tasks.complete_many(items, actor=batch.worker_id or actor(req))
+        send(resp, [_completion_answer(task_id, answer) for (task_id, _, _), answer in zip(items, answers, strict=True)])
+
+
+def _completion_answer(task_id: str, answer: CompletionOutcome | BloomError) -> schemas.CompletionAnswer:
+    if isinstance(answer, BloomError):
+        details = {k: v for k, v in answer.details.items() if k != "fence"}  # the item names its own lease
+        return schemas.CompletionAnswer(task_id=task_id, ok=False, status=status_for(answer), error=answer.message,
+                                        details=details or None)
+    return schemas.CompletionAnswer(task_id=task_id, ok=True, status=200, task=answer.task, result=answer.result, artifact=answer.artifact)
 
 
 class TaskRequeue:
