@@ -77,8 +77,10 @@ class WorkerRegistry(BatchingActor):
         inline_audit: bool = True,
         allowed: AllowList | None = None,
         probed: bool = False,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(store, clock, audit_sink, batch_max, inline_audit)
+        self.on_change = on_change  # told after a committed change of a worker
         self.health = health
         self.offline_after_ms = offline_after_ms
         self.probed = probed  # the runtime probes workers with a verified URL: their silence counts too
@@ -135,6 +137,7 @@ class WorkerRegistry(BatchingActor):
 
     def _changed(self, value: Any) -> None:
         self._loaded_at = float("-inf")
+        self.on_change()
 
     def _changed_if(self, changes: int) -> None:
         if changes:

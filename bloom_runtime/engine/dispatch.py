@@ -66,6 +66,7 @@ PROBE_TIMEOUT_S = 5.0  # a round waits for its slowest probe before the next sta
 MAX_PLAN_SCAN = 500  # queued tasks one plan looks at, at most
 PLAN_SCAN_FACTOR = 4  # ... and at most this many per free slot (some may need labels no push worker has)
 PLAN_CONCURRENCY = 16  # leases a plan asks for at once
+TRUST_RECHECK_S = 1.0  # with no URL vouched for, how often a plan reads that again
 # Delivery states in which the agent took the task (dispatched: true).
 TAKEN = frozenset({"sent", "answered", "agent_error", "callback_missing", "unknown"})
 
@@ -87,6 +88,10 @@ class DispatchService:
         self._answers: dict[str, Any] = {}  # delivery id → the agent's answer, for waiting callers
         self._in_flight = 0
         self._outcomes: dict[str, int] = dict.fromkeys(DELIVERY_STATES[1:], 0)  # recorded here, since start
+        # When no URL was vouched for, the planner looks again only after this (monotonic),
+        # or once this process changed a worker: a plan per queued task reads nothing then.
+        self._untrusted_until = float("-inf")
+        self._worker_changes = 0
 
     # --- the facade ----------------------------------------------------------------
 
@@ -187,9 +192,15 @@ class DispatchService:
         engine = self._engine
         if not engine.running:
             return 0
+        if engine.allowed is None and time.monotonic() < self._untrusted_until:
+            return 0
+        changes = self._worker_changes
         vouched = engine.store.worker_trust()
-        if not vouched and engine.allowed is None:
-            return 0  # no URL is vouched for and no host allowed: no worker can be pushed to
+        if not vouched and engine.allowed is None and changes == self._worker_changes:
+            # No URL is vouched for and no host allowed: no worker can be pushed to. Another
+            # process's vouching is seen within TRUST_RECHECK_S, this one's at once.
+            self._untrusted_until = time.monotonic() + TRUST_RECHECK_S
+            return 0
         exclude = self._open_breakers()
         workers = [w for w in (with_verification(w, vouched, engine.allowed) for w in engine.store.list_workers("online"))
                    if w.url_verified and w.capabilities.claude_cli and w.id not in exclude]
@@ -207,6 +218,11 @@ class DispatchService:
         # supervisor and the dispatcher then write them in shared transactions.
         with ThreadPoolExecutor(max_workers=min(len(chosen), PLAN_CONCURRENCY), thread_name_prefix="auto-dispatch-push") as pool:
             return sum(pool.map(lambda task: self._push(task, exclude), chosen))
+
+    def workers_changed(self) -> None:
+        """A worker was registered, updated or removed here: its URL may be vouched for now."""
+        self._worker_changes += 1
+        self._untrusted_until = float("-inf")
 
     def _push(self, task: Task, exclude: frozenset[str]) -> bool:
         """Lease one due task to a push worker and send it; False when it went elsewhere."""

@@ -265,6 +265,7 @@ class Engine:
                 store, clock, sink, health=self.jobs["worker_liveness"],
                 offline_after_ms=int(s.worker_offline_after_s * 1000), batch_max=s.write_batch_max,
                 inline_audit=s.audit_group_commit, allowed=self.allowed, probed=bool(s.agent_probe_interval_s),
+                on_change=lambda: self.dispatch.workers_changed(),
             ),
         )
         # Writes may be spread over shards so several transactions run at once: task
