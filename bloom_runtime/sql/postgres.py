@@ -346,7 +346,7 @@ class PostgresStore(Store):
             with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
                 return fetch(self._execute(conn, name, params))
         except psycopg.Error as exc:
-            if not (_session_lost(exc) or isinstance(exc, psycopg.errors.InvalidSqlStatementName)):
+            if not _session_lost(exc):  # a lost session, or one that lost its prepared statements
                 raise
         with self._conn(pool_wait_s=READ_POOL_WAIT_S) as conn:
             return fetch(self._execute(conn, name, params))
