@@ -79,6 +79,11 @@ class LeaseRequest(msgspec.Struct, frozen=True, kw_only=True):
     ttl_seconds: TtlSeconds | None = None
 
 
+def completion_of(body: Completion) -> Completion:
+    """The ``Completion`` fields of a request body that extends it."""
+    return Completion(**{f: getattr(body, f) for f in Completion.__struct_fields__})
+
+
 class CompleteRequest(Completion, frozen=True, kw_only=True):
     """A completion plus the optional fence naming the lease or worker (``Fence``'s fields)."""
 
@@ -87,7 +92,7 @@ class CompleteRequest(Completion, frozen=True, kw_only=True):
     lease_token: LeaseToken | None = None
 
     def completion(self) -> Completion:
-        return Completion(**{f: getattr(self, f) for f in Completion.__struct_fields__})
+        return completion_of(self)
 
     def fence(self) -> Fence:
         return Fence(lease_id=self.lease_id, worker_id=self.worker_id, lease_token=self.lease_token)
@@ -110,7 +115,7 @@ class CompletionBatch(msgspec.Struct, frozen=True, kw_only=True):
 
     def items(self) -> list[tuple[str, Completion, Fence]]:
         return [
-            (c.task_id, Completion(**{f: getattr(c, f) for f in Completion.__struct_fields__}),
+            (c.task_id, completion_of(c),
              Fence(lease_id=c.lease_id, worker_id=self.worker_id, lease_token=c.lease_token))
             for c in self.completions
         ]

@@ -85,9 +85,9 @@ BEGIN_STATEMENTS = (b"BEGIN", b"SET LOCAL enable_seqscan = off", b"SET LOCAL ena
                     b"SET LOCAL plan_cache_mode = force_generic_plan")
 BEGIN = b";\n".join(BEGIN_STATEMENTS)
 
-# A prepared read on an autocommit connection: the scan settings above hold for it too.
-READ_HEAD = b";\n".join(BEGIN_STATEMENTS)
-READ_SKIP = len(BEGIN_STATEMENTS)  # results before the read's own
+# A prepared read on an autocommit connection runs after BEGIN: the scan settings above
+# hold for it too. Its rows are the result after BEGIN's.
+READ_SKIP = len(BEGIN_STATEMENTS)
 
 SCRIPT_MAX_BYTES = 8 << 20  # text one message of several statements carries
 
@@ -209,7 +209,6 @@ class Messages:
         return failed_at < commit_at or not self.conn.broken
 
 
-
 def read_prepared(conn: psycopg.Connection[Any], prepared: set[str], name: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
     """Run one of ``PREPARED_READS`` in a message of its own; the cursor is left on its rows.
 
@@ -221,7 +220,7 @@ def read_prepared(conn: psycopg.Connection[Any], prepared: set[str], name: str, 
         if name not in prepared:
             cur.execute(statement.prepare)
             prepared.add(name)
-        cur.execute(READ_HEAD + b";\n" + cur.mogrify(statement.execute, params).encode() + b";\nCOMMIT")
+        cur.execute(BEGIN + b";\n" + cur.mogrify(statement.execute, params).encode() + b";\nCOMMIT")
     except psycopg.errors.InvalidSqlStatementName:
         prepared.clear()
         raise

@@ -316,10 +316,7 @@ class PostgresStore(Store):
     def transaction(self) -> Iterator[PostgresTransaction]:
         try:
             with self._conn() as conn:
-                prepared = self._prepared.get(conn)
-                if prepared is None:
-                    prepared = self._prepared[conn] = set()
-                tx = PostgresTransaction(conn, self._where, prepared)
+                tx = PostgresTransaction(conn, self._where, self._prepared.setdefault(conn, set()))
                 try:
                     yield tx
                     tx.commit()
@@ -354,10 +351,7 @@ class PostgresStore(Store):
     def _execute(self, conn: BoundedConnection, name: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
         if name not in PREPARED_READS:
             return conn.execute(Q[name], params)
-        prepared = self._prepared.get(conn)
-        if prepared is None:
-            prepared = self._prepared[conn] = set()
-        return read_prepared(conn, prepared, name, params)
+        return read_prepared(conn, self._prepared.setdefault(conn, set()), name, params)
 
     def _read_one(self, name: str, params: dict[str, Any]) -> Any:
         return self._read(name, params, psycopg.Cursor.fetchone)

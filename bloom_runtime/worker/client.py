@@ -230,11 +230,10 @@ class RuntimeClient:
         resp = self._post(f"/llm-tasks/{quote(task_id, safe='')}/complete", body)
         if resp.status_code == 200:
             return _json(resp)
-        if resp.status_code in (404, 409):
+        refusal = _completion_refusal(resp.status_code, _error_text(resp))
+        if refusal is None:
             return None
-        if resp.status_code in (400, 413, 422):
-            raise Rejected(f"{resp.status_code} {_error_text(resp)}")
-        raise self._refusal("complete", resp)
+        raise refusal
 
     def complete_many(self, worker_id: str, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Any]:
         """Report several results in one request (``POST /completions``); for each item, in
@@ -250,7 +249,8 @@ class RuntimeClient:
         answers = _json(resp)
         if not isinstance(answers, list) or len(answers) != len(items) or not all(isinstance(a, dict) for a in answers):
             raise Transient("completions answered 200 without one answer per result")
-        return [_item_answer(a) for a in answers]
+        return [a if a.get("ok") is True else _completion_refusal(a.get("status"), str(a.get("error") or "refused"))
+                for a in answers]
 
     # --- plumbing --------------------------------------------------------------
 
@@ -284,21 +284,22 @@ class RuntimeClient:
 
     @staticmethod
     def _refusal(call: str, resp: requests.Response) -> WorkerError:
-        if resp.status_code in (401, 403):
-            return WorkerError(f"runtime refused the API key on {call} ({resp.status_code}: {_error_text(resp)})")
-        return WorkerError(f"runtime refused {call} ({resp.status_code}: {_error_text(resp)})")
+        return _refused(call, resp.status_code, _error_text(resp))
 
 
-def _item_answer(answer: dict[str, Any]) -> Any:
-    """One item of a batch's answer, as ``complete`` would have returned or raised it."""
-    if answer.get("ok") is True:
-        return answer
-    status = answer.get("status")
-    text = str(answer.get("error") or "refused")
+def _refused(call: str, status: Any, text: str) -> WorkerError:
+    if status in (401, 403):
+        return WorkerError(f"runtime refused the API key on {call} ({status}: {text})")
+    return WorkerError(f"runtime refused {call} ({status}: {text})")
+
+
+def _completion_refusal(status: Any, text: str) -> Exception | None:
+    """What a completion the runtime did not take means, alone or as an item of a batch:
+    None when the lease is stale (the result is dropped), else the exception to raise."""
     if status in (404, 409):
         return None
     if status in (400, 413, 422):
         return Rejected(f"{status} {text}")
-    if status in (401, 403):
-        return WorkerError(f"runtime refused the result ({status}: {text})")
-    return Transient(f"{status} from /completions: {text}")
+    if status == 429 or (isinstance(status, int) and status >= 500):
+        return Transient(f"{status} from complete: {text}")
+    return _refused("complete", status, text)
